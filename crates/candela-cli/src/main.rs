@@ -1,0 +1,2 @@
+//! The `candela` binary.
+fn main() {}

@@ -1,0 +1,205 @@
+//! The engine's public contract: what a caller (the server, the CLI, a batch job) submits and
+//! what it gets back. Plain data only; no HTTP, no serde. The server converts OpenAI JSON into
+//! these types by hand, so the engine's types never become a wire-compatibility promise.
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+/// A token id in the model's vocabulary.
+pub type TokenId = u32;
+
+/// Engine-assigned id of one submitted request (all of its `n` choices).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// How the next token is chosen for one request. Defaults follow the OpenAI API
+/// (temperature 1, top_p 1, no penalties).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus sampling mass in (0, 1].
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; `None` keeps all.
+    pub top_k: Option<NonZeroU32>,
+    /// Drop tokens whose probability is below `min_p` times the top token's, in [0, 1].
+    pub min_p: f32,
+    /// Multiplicative penalty (> 0) on logits of tokens in prompt or output; 1 is none.
+    pub repetition_penalty: f32,
+    /// Subtracted from a logit once per occurrence of the token in the output, in [-2, 2].
+    pub frequency_penalty: f32,
+    /// Subtracted from a logit once if the token occurs in the output, in [-2, 2].
+    pub presence_penalty: f32,
+    /// Added to the logits of the given tokens before sampling.
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// Seed of this request's own RNG; the same seed and request give the same output whatever
+    /// else is in the batch. `None` draws a seed from the engine's RNG.
+    pub seed: Option<u64>,
+    /// Most tokens to generate; `None` means up to the model's context length.
+    pub max_tokens: Option<NonZeroU32>,
+    /// Stop strings: generation ends when one appears in the output; it is never emitted.
+    pub stop: Vec<String>,
+    /// Stop token ids, besides the model's EOS tokens.
+    pub stop_token_ids: Vec<TokenId>,
+    /// Keep generating past EOS (vLLM's extension).
+    pub ignore_eos: bool,
+    /// `Some(k)`: report the sampled token's log-probability and the top `k` alternatives.
+    pub logprobs: Option<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            max_tokens: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+        }
+    }
+}
+
+/// One generation request, already tokenized.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The full prompt, chat template already applied.
+    pub prompt_token_ids: Vec<TokenId>,
+    /// Sampling for every choice; choice `i` seeds its RNG with `seed + i`.
+    pub sampling: SamplingParams,
+    /// Number of choices; they share the prompt's KV blocks.
+    pub n: NonZeroU32,
+    /// Higher runs first when the scheduler is in priority mode.
+    pub priority: i32,
+    /// When the request reached the server (for queue time and TTFT).
+    pub arrival: Instant,
+}
+
+/// Log-probability of one emitted token and its top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The emitted token.
+    pub token_id: TokenId,
+    /// Its log-probability under the model's distribution (after temperature 1, before
+    /// penalties and truncation, as the OpenAI API reports it).
+    pub logprob: f32,
+    /// The `k` most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(TokenId, f32)>,
+}
+
+/// Why a choice stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop(StopCause),
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The request was aborted (client gone, shutdown).
+    Abort,
+    /// The engine could not run it (it can never fit in the KV cache, a model error).
+    Error(String),
+}
+
+/// What exactly ended a choice with [`FinishReason::Stop`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum StopCause {
+    /// One of the model's EOS tokens.
+    Eos(TokenId),
+    /// One of the request's `stop_token_ids`.
+    StopToken(TokenId),
+    /// One of the request's stop strings (which was not emitted).
+    StopString(String),
+}
+
+/// Token counts of one choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated for this choice.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_prompt_tokens: u32,
+}
+
+/// Timings of one choice, all in milliseconds or tokens per second.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// Arrival to first scheduled step.
+    pub queue_ms: f64,
+    /// Arrival to first emitted token.
+    pub ttft_ms: f64,
+    /// Prompt tokens over the time from first schedule to first token.
+    pub prompt_tokens_per_s: f64,
+    /// Generated tokens after the first, over the time from first to last token.
+    pub generation_tokens_per_s: f64,
+    /// Arrival to finish.
+    pub total_ms: f64,
+}
+
+/// What the engine sends back on a request's channel.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// New output for choice `index`. `text` is the UTF-8-safe, stop-string-filtered text
+    /// that became final with these tokens (it may be empty while a stop string could
+    /// still match, or while a multi-byte character is incomplete).
+    Delta {
+        /// Choice index in `0..n`.
+        index: u32,
+        /// Tokens generated this step for this choice (usually one).
+        token_ids: Vec<TokenId>,
+        /// Text released by this delta.
+        text: String,
+        /// One entry per token in `token_ids` when logprobs were requested.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// Choice `index` is done; no more events for it.
+    Finished {
+        /// Choice index in `0..n`.
+        index: u32,
+        /// Why it stopped.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+        /// Timings.
+        timings: Timings,
+    },
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    /// The waiting queue is full; try again later (HTTP 429).
+    #[error("the waiting queue is full ({queue_waiting_max} requests)")]
+    QueueFull {
+        /// The configured bound.
+        queue_waiting_max: usize,
+    },
+    /// `prompt + max_tokens` exceeds the model's context (HTTP 400).
+    #[error("prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context length of {model_len_max} tokens")]
+    PromptTooLong {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Requested output tokens.
+        max_tokens: usize,
+        /// The limit.
+        model_len_max: usize,
+    },
+    /// Empty prompt or a token id outside the vocabulary (HTTP 400).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// Not warmed up yet (HTTP 503).
+    #[error("the engine is not ready")]
+    NotReady,
+    /// The engine is draining for shutdown or has stopped (HTTP 503).
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}

@@ -1,0 +1,2 @@
+//! candela-kernels: see ARCHITECTURE.md.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! candela-models: see ARCHITECTURE.md.
+#![deny(missing_docs)]

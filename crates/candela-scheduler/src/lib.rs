@@ -1,0 +1,2 @@
+//! candela-scheduler: see ARCHITECTURE.md.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! candela-server: see ARCHITECTURE.md.
+#![deny(missing_docs)]
