@@ -1,2 +1,10 @@
 //! candela-kernels: see ARCHITECTURE.md.
 #![deny(missing_docs)]
+
+pub mod attention;
+pub mod error;
+pub mod kv_cache;
+
+pub use attention::{paged_attention, write_kv, AttentionMetadata};
+pub use error::KernelError;
+pub use kv_cache::PagedKvCache;

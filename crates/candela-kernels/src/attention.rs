@@ -1,0 +1,1346 @@
+//! Paged attention and the KV-cache write, as candle custom ops.
+//!
+//! One step of the engine flattens every scheduled token of every sequence into one batch of
+//! `T` tokens (no padding). Sequence `i` owns query rows `cu_seqlens_q[i]..cu_seqlens_q[i+1]`
+//! and, after this step's [`write_kv`], `context_lens[i]` keys/values in the paged cache:
+//!
+//! ```text
+//! flat batch (T = 6):   | s0: 4-token prefill chunk | s1: decode | s2: decode |
+//! cu_seqlens_q:         0                           4            5            6
+//!
+//! s0, context_len 7, block_size 4, block table [5, 2]: the chunk is positions 3..=6
+//!   block 5: pos 0 1 2 3      query 0 (pos 3) sees 0..=3
+//!   block 2: pos 4 5 6 .      query 3 (pos 6) sees 0..=6; the slot after 6 is never read
+//! ```
+//!
+//! Query `j` of a sequence with `n_q` query tokens sits at absolute position
+//! `context_len - n_q + j` and attends to KV positions `0..=` that position. That one rule
+//! covers prefill (`n_q == context_len`), chunked prefill or a prefix-cache hit
+//! (`n_q < context_len`) and decode (`n_q == 1`).
+//!
+//! Cache layout, per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`, so the slot
+//! `block_id * block_size + offset` is one contiguous `[num_kv_heads, head_dim]` row.
+//!
+//! The CPU kernel is the reference the CUDA kernels are tested against. It runs one rayon task
+//! per (sequence, KV head, chunk of query tokens): all query heads that share a KV head are
+//! processed together so each K/V row is read once per task, the cache is read in place, and
+//! the softmax is online at block granularity (one rescale of the accumulators per KV block,
+//! not per key), so a task's scratch is a few KiB whatever the context length.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Result, Shape, Storage, Tensor,
+};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+use crate::error::KernelError;
+
+const WRITE_KV: &str = "write_kv";
+const PAGED_ATTENTION: &str = "paged_attention";
+
+/// Query rows (query tokens x query heads of one KV head) per CPU task: 32 rows of 64 f32
+/// keep a task's queries and accumulators (2 x 8 KiB) in L1 next to the K/V rows it streams.
+const CPU_TASK_ROWS_MAX: usize = 32;
+
+/// Per-step attention inputs, built once per step by the engine, shared by all layers.
+///
+/// All tensors are `u32` and contiguous, on the device of the KV cache.
+#[derive(Debug, Clone)]
+pub struct AttentionMetadata {
+    /// `[T]`: for each token of this step, `block_id * block_size + offset`, where its key and
+    /// value are stored by [`write_kv`].
+    pub slot_mapping: Tensor,
+    /// `[B, max_blocks_per_seq]`: the KV blocks of each sequence, in position order. Rows are
+    /// padded; only the first `ceil(context_len / block_size)` entries of a row are read.
+    pub block_tables: Tensor,
+    /// `[B]`: KV length of each sequence after this step's write.
+    pub context_lens: Tensor,
+    /// `[B + 1]`: offsets of each sequence's query tokens in the flat batch; starts at 0 and
+    /// ends at `T`.
+    pub cu_seqlens_q: Tensor,
+    /// Largest `cu_seqlens_q[i + 1] - cu_seqlens_q[i]` (host-side; kernels size launches from it).
+    pub max_seqlen_q: usize,
+    /// Largest `context_lens[i]` (host-side; kernels size launches from it).
+    pub max_context_len: usize,
+}
+
+/// Stores this step's keys/values in place: `key_cache[slot / bs, slot % bs] = k[t]` (same for
+/// `v`), with `slot = slot_mapping[t]`.
+///
+/// `k`, `v`: `[T, num_kv_heads, head_dim]` (the last dimension contiguous; other strides are
+/// free, so a narrow of a fused QKV projection works); caches:
+/// `[num_blocks, block_size, num_kv_heads, head_dim]`, contiguous, same dtype as `k`/`v`
+/// (f32, f16 or bf16); `slot_mapping`: `[T]` u32.
+///
+/// Every argument, and every slot, is checked before anything is written, so an `Err` leaves
+/// both caches untouched. Two tokens with the same slot are not detected: the later one wins.
+pub fn write_kv(
+    k: &Tensor,
+    v: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slot_mapping: &Tensor,
+) -> Result<()> {
+    let cache = check_cache_pair(WRITE_KV, key_cache, value_cache)?;
+    let num_tokens = check_write_kv_args(k, v, key_cache, slot_mapping, cache)?;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let op = WriteKvOp { cache };
+    key_cache.inplace_op3(k, slot_mapping, &op)?;
+    value_cache.inplace_op3(v, slot_mapping, &op)
+}
+
+/// Attention of each query token over its own sequence's paged keys/values, causal.
+///
+/// `q`: `[T, num_heads, head_dim]` (last dimension contiguous) -> `[T, num_heads, head_dim]`,
+/// contiguous, in `q`'s dtype. GQA: query head `h` reads KV head
+/// `h / (num_heads / num_kv_heads)`. `scale` is usually `1 / sqrt(head_dim)`.
+///
+/// Shapes, dtypes and devices are checked up front; on the CPU every metadata value
+/// (`cu_seqlens_q` monotone and ending at `T`, `n_q <= context_len`, block ids in range, the
+/// host-side maxima) is checked before any work.
+pub fn paged_attention(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    meta: &AttentionMetadata,
+    scale: f32,
+) -> Result<Tensor> {
+    let dims = check_attention_args(q, key_cache, value_cache, meta, scale)?;
+    if dims.num_tokens == 0 {
+        return Tensor::zeros((0, dims.num_heads, dims.head_dim), q.dtype(), q.device());
+    }
+    let op = PagedAttentionOp {
+        block_tables: meta.block_tables.clone(),
+        context_lens: meta.context_lens.clone(),
+        cu_seqlens_q: meta.cu_seqlens_q.clone(),
+        max_seqlen_q: meta.max_seqlen_q,
+        max_context_len: meta.max_context_len,
+        scale,
+        dims,
+    };
+    q.apply_op3_no_bwd(key_cache, value_cache, &op)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (device independent: shapes, dtypes, layouts, devices).
+
+/// Shape of one layer's paged cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CacheDims {
+    pub(crate) num_blocks: usize,
+    pub(crate) block_size: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+/// Every size a paged-attention launch needs, checked against each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AttentionDims {
+    pub(crate) num_tokens: usize,
+    pub(crate) num_heads: usize,
+    pub(crate) num_seqs: usize,
+    pub(crate) max_blocks_per_seq: usize,
+    pub(crate) cache: CacheDims,
+    pub(crate) head_dim: usize,
+}
+
+fn check_rank<'t>(
+    op: &'static str,
+    tensor: &'static str,
+    t: &'t Tensor,
+    expected: usize,
+) -> std::result::Result<&'t [usize], KernelError> {
+    let dims = t.dims();
+    if dims.len() != expected {
+        return Err(KernelError::Rank {
+            op,
+            tensor,
+            expected,
+            got: dims.len(),
+            shape: dims.to_vec(),
+        });
+    }
+    Ok(dims)
+}
+
+fn check_dtype(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    expected: DType,
+) -> std::result::Result<(), KernelError> {
+    if t.dtype() != expected {
+        return Err(KernelError::DType {
+            op,
+            tensor,
+            expected: format!("{expected:?}"),
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
+fn check_device(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    expected: &Device,
+) -> std::result::Result<(), KernelError> {
+    if !t.device().same_device(expected) {
+        return Err(KernelError::Device {
+            op,
+            tensor,
+            expected: format!("{:?}", expected.location()),
+            got: format!("{:?}", t.device().location()),
+        });
+    }
+    Ok(())
+}
+
+fn layout_error(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    expected: &'static str,
+) -> KernelError {
+    KernelError::Layout {
+        op,
+        tensor,
+        expected,
+        shape: t.dims().to_vec(),
+        stride: t.stride().to_vec(),
+        offset: t.layout().start_offset(),
+    }
+}
+
+fn check_contiguous(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+) -> std::result::Result<(), KernelError> {
+    if !t.is_contiguous() {
+        return Err(layout_error(op, tensor, t, "contiguous"));
+    }
+    Ok(())
+}
+
+/// `[T, heads, head_dim]` activations may be strided (a narrow of a fused projection), but each
+/// head's vector must be contiguous.
+fn check_rows_contiguous(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+) -> std::result::Result<(), KernelError> {
+    if t.dim(2).map_or(0, |d| d) > 1 && t.stride()[2] != 1 {
+        return Err(layout_error(
+            op,
+            tensor,
+            t,
+            "contiguous in its last dimension (stride 1)",
+        ));
+    }
+    Ok(())
+}
+
+/// A u32, contiguous metadata tensor of the given shape.
+fn check_meta(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    device: &Device,
+    expected_shape: &[Option<usize>],
+) -> std::result::Result<(), KernelError> {
+    let dims = check_rank(op, tensor, t, expected_shape.len())?;
+    check_dtype(op, tensor, t, DType::U32)?;
+    check_device(op, tensor, t, device)?;
+    let fits = dims
+        .iter()
+        .zip(expected_shape)
+        .all(|(got, want)| want.is_none_or(|w| w == *got));
+    if !fits {
+        let expected = expected_shape
+            .iter()
+            .map(|d| d.map_or_else(|| "_".to_string(), |d| d.to_string()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(KernelError::Shape {
+            op,
+            tensor,
+            expected: format!("[{expected}]"),
+            got: dims.to_vec(),
+        });
+    }
+    check_contiguous(op, tensor, t)
+}
+
+fn is_cache_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+pub(crate) fn check_cache_pair(
+    op: &'static str,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+) -> std::result::Result<CacheDims, KernelError> {
+    let dims = check_rank(op, "key_cache", key_cache, 4)?;
+    if !is_cache_dtype(key_cache.dtype()) {
+        return Err(KernelError::DType {
+            op,
+            tensor: "key_cache",
+            expected: "F32, F16 or BF16".to_string(),
+            got: key_cache.dtype(),
+        });
+    }
+    check_contiguous(op, "key_cache", key_cache)?;
+    if dims.contains(&0) {
+        return Err(KernelError::Shape {
+            op,
+            tensor: "key_cache",
+            expected: "[num_blocks, block_size, num_kv_heads, head_dim], all > 0".to_string(),
+            got: dims.to_vec(),
+        });
+    }
+    check_rank(op, "value_cache", value_cache, 4)?;
+    if value_cache.dims() != dims {
+        return Err(KernelError::Shape {
+            op,
+            tensor: "value_cache",
+            expected: format!("{dims:?} (the key cache's)"),
+            got: value_cache.dims().to_vec(),
+        });
+    }
+    check_dtype(op, "value_cache", value_cache, key_cache.dtype())?;
+    check_device(op, "value_cache", value_cache, key_cache.device())?;
+    check_contiguous(op, "value_cache", value_cache)?;
+    Ok(CacheDims {
+        num_blocks: dims[0],
+        block_size: dims[1],
+        num_kv_heads: dims[2],
+        head_dim: dims[3],
+    })
+}
+
+/// Returns `T`.
+fn check_write_kv_args(
+    k: &Tensor,
+    v: &Tensor,
+    key_cache: &Tensor,
+    slot_mapping: &Tensor,
+    cache: CacheDims,
+) -> std::result::Result<usize, KernelError> {
+    let op = WRITE_KV;
+    let device = key_cache.device();
+    let k_dims = check_rank(op, "k", k, 3)?;
+    let num_tokens = k_dims[0];
+    for (name, t) in [("k", k), ("v", v)] {
+        let dims = check_rank(op, name, t, 3)?;
+        check_dtype(op, name, t, key_cache.dtype())?;
+        check_device(op, name, t, device)?;
+        if dims != [num_tokens, cache.num_kv_heads, cache.head_dim] {
+            return Err(KernelError::Shape {
+                op,
+                tensor: name,
+                expected: format!(
+                    "[{num_tokens}, {}, {}] ([T, num_kv_heads, head_dim] of the cache and `k`)",
+                    cache.num_kv_heads, cache.head_dim
+                ),
+                got: dims.to_vec(),
+            });
+        }
+        check_rows_contiguous(op, name, t)?;
+    }
+    check_meta(op, "slot_mapping", slot_mapping, device, &[Some(num_tokens)])?;
+    Ok(num_tokens)
+}
+
+fn check_attention_args(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    meta: &AttentionMetadata,
+    scale: f32,
+) -> std::result::Result<AttentionDims, KernelError> {
+    let op = PAGED_ATTENTION;
+    let cache = check_cache_pair(op, key_cache, value_cache)?;
+    let device = key_cache.device();
+    let q_dims = check_rank(op, "q", q, 3)?;
+    check_dtype(op, "q", q, key_cache.dtype())?;
+    check_device(op, "q", q, device)?;
+    let (num_tokens, num_heads, head_dim) = (q_dims[0], q_dims[1], q_dims[2]);
+    if head_dim != cache.head_dim
+        || num_heads == 0
+        || num_heads < cache.num_kv_heads
+        || num_heads % cache.num_kv_heads != 0
+    {
+        return Err(KernelError::Shape {
+            op,
+            tensor: "q",
+            expected: format!(
+                "[T, num_heads, {}] with num_heads a non-zero multiple of num_kv_heads = {}",
+                cache.head_dim, cache.num_kv_heads
+            ),
+            got: q_dims.to_vec(),
+        });
+    }
+    check_rows_contiguous(op, "q", q)?;
+    let bt_dims = check_rank(op, "block_tables", &meta.block_tables, 2)?;
+    let (num_seqs, max_blocks_per_seq) = (bt_dims[0], bt_dims[1]);
+    check_meta(op, "block_tables", &meta.block_tables, device, &[None, None])?;
+    check_meta(
+        op,
+        "context_lens",
+        &meta.context_lens,
+        device,
+        &[Some(num_seqs)],
+    )?;
+    check_meta(
+        op,
+        "cu_seqlens_q",
+        &meta.cu_seqlens_q,
+        device,
+        &[Some(num_seqs + 1)],
+    )?;
+    if !scale.is_finite() {
+        return Err(KernelError::Param {
+            op,
+            param: "scale",
+            expected: "must be finite".to_string(),
+            got: scale.to_string(),
+        });
+    }
+    Ok(AttentionDims {
+        num_tokens,
+        num_heads,
+        num_seqs,
+        max_blocks_per_seq,
+        cache,
+        head_dim,
+    })
+}
+
+/// Checks the values of the metadata, read on the host: what the kernels index with must be in
+/// range, so that a bad batch is an `Err` and never an out-of-bounds read.
+pub(crate) fn check_metadata_values(
+    dims: &AttentionDims,
+    cu_seqlens_q: &[u32],
+    context_lens: &[u32],
+    block_tables: &[u32],
+    max_seqlen_q: usize,
+    max_context_len: usize,
+) -> std::result::Result<(), KernelError> {
+    let op = PAGED_ATTENTION;
+    let bs = dims.cache.block_size;
+    debug_assert_eq!(cu_seqlens_q.len(), dims.num_seqs + 1);
+    debug_assert_eq!(context_lens.len(), dims.num_seqs);
+    debug_assert_eq!(block_tables.len(), dims.num_seqs * dims.max_blocks_per_seq);
+    let out_of_range = |tensor, index, value: u32, expected: String| KernelError::OutOfRange {
+        op,
+        tensor,
+        index,
+        value: u64::from(value),
+        expected,
+    };
+    if cu_seqlens_q[0] != 0 {
+        return Err(out_of_range(
+            "cu_seqlens_q",
+            0,
+            cu_seqlens_q[0],
+            "must be 0".to_string(),
+        ));
+    }
+    for (i, pair) in cu_seqlens_q.windows(2).enumerate() {
+        if pair[1] < pair[0] {
+            return Err(out_of_range(
+                "cu_seqlens_q",
+                i + 1,
+                pair[1],
+                format!("must be >= cu_seqlens_q[{i}] = {}", pair[0]),
+            ));
+        }
+    }
+    let last = cu_seqlens_q[dims.num_seqs];
+    if last as usize != dims.num_tokens {
+        return Err(out_of_range(
+            "cu_seqlens_q",
+            dims.num_seqs,
+            last,
+            format!("must equal the number of query tokens T = {}", dims.num_tokens),
+        ));
+    }
+    for seq in 0..dims.num_seqs {
+        let n_q = cu_seqlens_q[seq + 1] - cu_seqlens_q[seq];
+        let context_len = context_lens[seq];
+        if n_q > context_len {
+            return Err(out_of_range(
+                "context_lens",
+                seq,
+                context_len,
+                format!("must be >= the sequence's {n_q} query tokens (they are in the cache)"),
+            ));
+        }
+        if n_q as usize > max_seqlen_q {
+            return Err(out_of_range(
+                "cu_seqlens_q",
+                seq + 1,
+                cu_seqlens_q[seq + 1],
+                format!("sequence {seq} has {n_q} query tokens > max_seqlen_q = {max_seqlen_q}"),
+            ));
+        }
+        if context_len as usize > max_context_len {
+            return Err(out_of_range(
+                "context_lens",
+                seq,
+                context_len,
+                format!("must be <= max_context_len = {max_context_len}"),
+            ));
+        }
+        let blocks_used = (context_len as usize).div_ceil(bs);
+        if blocks_used > dims.max_blocks_per_seq {
+            return Err(out_of_range(
+                "context_lens",
+                seq,
+                context_len,
+                format!(
+                    "must be <= max_blocks_per_seq * block_size = {} * {bs}",
+                    dims.max_blocks_per_seq
+                ),
+            ));
+        }
+        let row = seq * dims.max_blocks_per_seq;
+        for (j, &block) in block_tables[row..row + blocks_used].iter().enumerate() {
+            if block as usize >= dims.cache.num_blocks {
+                return Err(out_of_range(
+                    "block_tables",
+                    row + j,
+                    block,
+                    format!("must be < num_blocks = {}", dims.cache.num_blocks),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The KV write.
+
+/// In-place op on one cache tensor: `(cache, k or v, slot_mapping)`.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteKvOp {
+    pub(crate) cache: CacheDims,
+}
+
+/// A contiguous CPU tensor's elements.
+fn contiguous_slice<'s, T>(
+    op: &'static str,
+    tensor: &'static str,
+    data: &'s [T],
+    layout: &Layout,
+) -> Result<&'s [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => Err(KernelError::Layout {
+            op,
+            tensor,
+            expected: "contiguous",
+            shape: layout.dims().to_vec(),
+            stride: layout.stride().to_vec(),
+            offset: layout.start_offset(),
+        }
+        .into()),
+    }
+}
+
+fn check_slots(slots: &[u32], cache: CacheDims) -> std::result::Result<(), KernelError> {
+    let capacity = cache.num_blocks * cache.block_size;
+    match slots.iter().position(|&s| s as usize >= capacity) {
+        Some(t) => Err(KernelError::OutOfRange {
+            op: WRITE_KV,
+            tensor: "slot_mapping",
+            index: t,
+            value: u64::from(slots[t]),
+            expected: format!(
+                "must be < num_blocks * block_size = {} * {}",
+                cache.num_blocks, cache.block_size
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn scatter_rows<T: Copy>(
+    cache: &mut [T],
+    cache_layout: &Layout,
+    src: &[T],
+    src_layout: &Layout,
+    slots: &[u32],
+    dims: CacheDims,
+) -> Result<()> {
+    let (start, end) = match cache_layout.contiguous_offsets() {
+        Some(range) => range,
+        None => candle_core::bail!("{WRITE_KV}: the cache must be contiguous"),
+    };
+    let cache = &mut cache[start..end];
+    let d = dims.head_dim;
+    let row_len = dims.num_kv_heads * d;
+    let stride = src_layout.stride();
+    let offset = src_layout.start_offset();
+    for (t, &slot) in slots.iter().enumerate() {
+        let dst = &mut cache[slot as usize * row_len..][..row_len];
+        for (h, dst_head) in dst.chunks_exact_mut(d).enumerate() {
+            let from = offset + t * stride[0] + h * stride[1];
+            dst_head.copy_from_slice(&src[from..from + d]);
+        }
+    }
+    Ok(())
+}
+
+impl InplaceOp3 for WriteKvOp {
+    fn name(&self) -> &'static str {
+        WRITE_KV
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_layout: &Layout,
+        src: &CpuStorage,
+        src_layout: &Layout,
+        slots: &CpuStorage,
+        slots_layout: &Layout,
+    ) -> Result<()> {
+        let slots = contiguous_slice(WRITE_KV, "slot_mapping", slots.as_slice()?, slots_layout)?;
+        check_slots(slots, self.cache)?;
+        if src_layout.dims() != [slots.len(), self.cache.num_kv_heads, self.cache.head_dim] {
+            candle_core::bail!(
+                "{WRITE_KV}: source shape {:?} does not match the checked shape",
+                src_layout.dims()
+            );
+        }
+        match (cache, src) {
+            (CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                scatter_rows(c, cache_layout, s, src_layout, slots, self.cache)
+            }
+            (CpuStorage::F16(c), CpuStorage::F16(s)) => {
+                scatter_rows(c, cache_layout, s, src_layout, slots, self.cache)
+            }
+            (CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
+                scatter_rows(c, cache_layout, s, src_layout, slots, self.cache)
+            }
+            (c, s) => candle_core::bail!(
+                "{WRITE_KV}: cache and source must share one of F32, F16, BF16, got {:?} and {:?}",
+                c.dtype(),
+                s.dtype()
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged attention.
+
+/// Custom op `(q, key_cache, value_cache) -> out`, with the step's metadata held in the op
+/// (as candle-flash-attn's varlen op holds its `seqlens`).
+#[derive(Debug, Clone)]
+pub struct PagedAttentionOp {
+    pub(crate) block_tables: Tensor,
+    pub(crate) context_lens: Tensor,
+    pub(crate) cu_seqlens_q: Tensor,
+    pub(crate) max_seqlen_q: usize,
+    pub(crate) max_context_len: usize,
+    pub(crate) scale: f32,
+    pub(crate) dims: AttentionDims,
+}
+
+/// Holds the read guard of a metadata tensor's storage while its slice is used.
+fn with_cpu_u32<R>(
+    tensor: &'static str,
+    t: &Tensor,
+    f: impl FnOnce(&[u32]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous_slice(
+            PAGED_ATTENTION,
+            tensor,
+            cpu.as_slice::<u32>()?,
+            layout,
+        )?),
+        _ => candle_core::bail!("{PAGED_ATTENTION}: `{tensor}` must be on the CPU like `q`"),
+    }
+}
+
+impl CustomOp3 for PagedAttentionOp {
+    fn name(&self) -> &'static str {
+        PAGED_ATTENTION
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = self.dims;
+        if q_layout.dims() != [dims.num_tokens, dims.num_heads, dims.head_dim] {
+            candle_core::bail!(
+                "{PAGED_ATTENTION}: q shape {:?} does not match the checked shape",
+                q_layout.dims()
+            );
+        }
+        let shape = Shape::from((dims.num_tokens, dims.num_heads, dims.head_dim));
+        with_cpu_u32("cu_seqlens_q", &self.cu_seqlens_q, |cu| {
+            with_cpu_u32("context_lens", &self.context_lens, |context_lens| {
+                with_cpu_u32("block_tables", &self.block_tables, |block_tables| {
+                    check_metadata_values(
+                        &dims,
+                        cu,
+                        context_lens,
+                        block_tables,
+                        self.max_seqlen_q,
+                        self.max_context_len,
+                    )?;
+                    let meta = SeqMeta {
+                        cu_seqlens_q: cu,
+                        context_lens,
+                        block_tables,
+                    };
+                    let storage = match (q, k, v) {
+                        (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                            CpuStorage::F32(self.run_cpu(q, q_layout, k, k_layout, v, v_layout, meta)?)
+                        }
+                        (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                            CpuStorage::F16(self.run_cpu(q, q_layout, k, k_layout, v, v_layout, meta)?)
+                        }
+                        (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                            CpuStorage::BF16(self.run_cpu(q, q_layout, k, k_layout, v, v_layout, meta)?)
+                        }
+                        (q, k, v) => candle_core::bail!(
+                            "{PAGED_ATTENTION}: q, key_cache, value_cache must share one of F32, F16, BF16, got {:?}, {:?}, {:?}",
+                            q.dtype(),
+                            k.dtype(),
+                            v.dtype()
+                        ),
+                    };
+                    Ok((storage, shape))
+                })
+            })
+        })
+    }
+}
+
+/// The step's metadata, read on the host and already checked.
+#[derive(Clone, Copy)]
+struct SeqMeta<'a> {
+    cu_seqlens_q: &'a [u32],
+    context_lens: &'a [u32],
+    block_tables: &'a [u32],
+}
+
+/// One CPU task: query tokens `tok_begin..tok_end` (0-based within the sequence) of sequence
+/// `seq`, all query heads of KV head `kv_head`.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    seq: usize,
+    kv_head: usize,
+    tok_begin: usize,
+    tok_end: usize,
+}
+
+/// Everything a CPU task reads, for one dtype.
+struct CpuArgs<'a, T> {
+    q: &'a [T],
+    q_offset: usize,
+    q_stride_token: usize,
+    q_stride_head: usize,
+    k_cache: &'a [T],
+    v_cache: &'a [T],
+    meta: SeqMeta<'a>,
+    dims: AttentionDims,
+    /// Query heads per KV head.
+    group: usize,
+    scale: f32,
+}
+
+/// Where the tasks write their disjoint pieces of the output.
+#[derive(Clone, Copy)]
+struct OutPtr<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: the pointer is only used to write disjoint ranges (see `OutPtr::range`) of a buffer
+// that outlives the parallel loop; `T: Send` makes moving those writes across threads sound.
+unsafe impl<T: Send> Send for OutPtr<T> {}
+// SAFETY: as above; no two tasks ever touch the same element.
+unsafe impl<T: Send> Sync for OutPtr<T> {}
+
+impl<T> OutPtr<T> {
+    /// # Safety
+    /// `start + len <= self.len`, the buffer is alive, and no other live slice overlaps this one.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "output range out of bounds");
+        // SAFETY: in bounds (asserted), alive and unaliased (caller's contract).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
+/// Per-thread scratch of a CPU task, reused across tasks.
+#[derive(Default)]
+struct Scratch {
+    /// `[rows, head_dim]`: the task's queries, scaled, in f32.
+    q: Vec<f32>,
+    /// `[rows, head_dim]`: un-normalised outputs.
+    acc: Vec<f32>,
+    /// `[rows]`: running maximum of the scores.
+    max: Vec<f32>,
+    /// `[rows]`: running sum of `exp(score - max)`.
+    sum: Vec<f32>,
+    /// `[rows, block_size]`: one KV block's scores, then its softmax weights.
+    scores: Vec<f32>,
+    /// One K or V row converted to f32 (unused for f32 caches).
+    row: Vec<f32>,
+}
+
+impl Scratch {
+    fn prepare(&mut self, rows: usize, head_dim: usize, block_size: usize) {
+        self.q.clear();
+        self.q.resize(rows * head_dim, 0.0);
+        self.acc.clear();
+        self.acc.resize(rows * head_dim, 0.0);
+        self.max.clear();
+        self.max.resize(rows, f32::NEG_INFINITY);
+        self.sum.clear();
+        self.sum.resize(rows, 0.0);
+        self.scores.clear();
+        self.scores.resize(rows * block_size, 0.0);
+        self.row.clear();
+        self.row.resize(head_dim, 0.0);
+    }
+}
+
+/// Cache element types: the kernel computes in f32 and converts rows on the fly.
+pub(crate) trait KvElem: candle_core::WithDType {
+    fn to_f32_into(src: &[Self], dst: &mut [f32]);
+    fn from_f32_into(src: &[f32], dst: &mut [Self]);
+    /// The row as f32: borrowed as is for f32, converted into `buf` otherwise.
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        Self::to_f32_into(src, buf);
+        buf
+    }
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn to_f32_into(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn from_f32_into(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElem for f16 {
+    #[inline(always)]
+    fn to_f32_into(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn from_f32_into(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn to_f32_into(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn from_f32_into(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+impl PagedAttentionOp {
+    #[allow(clippy::too_many_arguments)]
+    fn run_cpu<T: KvElem>(
+        &self,
+        q: &[T],
+        q_layout: &Layout,
+        k: &[T],
+        k_layout: &Layout,
+        v: &[T],
+        v_layout: &Layout,
+        meta: SeqMeta<'_>,
+    ) -> Result<Vec<T>> {
+        let dims = self.dims;
+        let group = dims.num_heads / dims.cache.num_kv_heads;
+        let args = CpuArgs {
+            q,
+            q_offset: q_layout.start_offset(),
+            q_stride_token: q_layout.stride()[0],
+            q_stride_head: q_layout.stride()[1],
+            k_cache: contiguous_slice(PAGED_ATTENTION, "key_cache", k, k_layout)?,
+            v_cache: contiguous_slice(PAGED_ATTENTION, "value_cache", v, v_layout)?,
+            meta,
+            dims,
+            group,
+            scale: self.scale,
+        };
+        let tokens_per_task = (CPU_TASK_ROWS_MAX / group).max(1);
+        let mut tasks = Vec::new();
+        for seq in 0..dims.num_seqs {
+            let n_q = (meta.cu_seqlens_q[seq + 1] - meta.cu_seqlens_q[seq]) as usize;
+            for tok_begin in (0..n_q).step_by(tokens_per_task) {
+                let tok_end = (tok_begin + tokens_per_task).min(n_q);
+                for kv_head in 0..dims.cache.num_kv_heads {
+                    tasks.push(Task {
+                        seq,
+                        kv_head,
+                        tok_begin,
+                        tok_end,
+                    });
+                }
+            }
+        }
+        let mut out = vec![T::from_f64(0.0); dims.num_tokens * dims.num_heads * dims.head_dim];
+        let out_ptr = OutPtr {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        let simd = Simd::detect();
+        tasks
+            .par_iter()
+            .for_each_init(Scratch::default, |scratch, task| {
+                simd.attend(&args, task, scratch, out_ptr);
+            });
+        Ok(out)
+    }
+}
+
+/// The instruction set the CPU kernel was compiled for, picked once per call.
+#[derive(Clone, Copy)]
+enum Simd {
+    /// Whatever the build target allows (SSE2 on a default x86_64 build).
+    Baseline,
+    /// AVX2 + FMA (+ F16C for half caches), detected at run time.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return Simd::Avx2Fma;
+        }
+        Simd::Baseline
+    }
+
+    fn attend<T: KvElem>(
+        self,
+        args: &CpuArgs<'_, T>,
+        task: &Task,
+        scratch: &mut Scratch,
+        out: OutPtr<T>,
+    ) {
+        match self {
+            Simd::Baseline => attend::<T, false>(args, task, scratch, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` saw avx2, fma and f16c on this CPU.
+            Simd::Avx2Fma => unsafe { attend_avx2_fma(args, task, scratch, out) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_avx2_fma<T: KvElem>(
+    args: &CpuArgs<'_, T>,
+    task: &Task,
+    scratch: &mut Scratch,
+    out: OutPtr<T>,
+) {
+    attend::<T, true>(args, task, scratch, out);
+}
+
+/// One task: a flash-attention pass over the sequence's KV blocks, one block at a time.
+///
+/// Rows are `(token, head)` pairs, row `r` = token `r / group`, head `r % group` of the KV
+/// head's group. Tokens are in position order, so at KV position `p` the rows that may see it
+/// are a suffix: those of tokens at positions `>= p`.
+#[inline(always)]
+fn attend<T: KvElem, const FMA: bool>(
+    args: &CpuArgs<'_, T>,
+    task: &Task,
+    scratch: &mut Scratch,
+    out: OutPtr<T>,
+) {
+    let d = args.dims.head_dim;
+    let g = args.group;
+    let bs = args.dims.cache.block_size;
+    let kv_row = args.dims.cache.num_kv_heads * d;
+    let q_begin = args.meta.cu_seqlens_q[task.seq] as usize;
+    let n_q = args.meta.cu_seqlens_q[task.seq + 1] as usize - q_begin;
+    let context_len = args.meta.context_lens[task.seq] as usize;
+    let n_tok = task.tok_end - task.tok_begin;
+    let rows = n_tok * g;
+    // Checked up front: n_q <= context_len, so positions are non-negative.
+    let first_pos = context_len - n_q + task.tok_begin;
+    let last_pos = first_pos + n_tok - 1;
+
+    scratch.prepare(rows, d, bs);
+    let Scratch {
+        q,
+        acc,
+        max,
+        sum,
+        scores,
+        row: row_buf,
+    } = scratch;
+
+    for (r, q_row) in q.chunks_exact_mut(d).enumerate() {
+        let token = q_begin + task.tok_begin + r / g;
+        let head = task.kv_head * g + r % g;
+        let from = args.q_offset + token * args.q_stride_token + head * args.q_stride_head;
+        T::to_f32_into(&args.q[from..from + d], q_row);
+        for x in q_row.iter_mut() {
+            *x *= args.scale;
+        }
+    }
+
+    let blocks_used = last_pos / bs + 1;
+    let table = &args.meta.block_tables[task.seq * args.dims.max_blocks_per_seq..][..blocks_used];
+    for (b, &block) in table.iter().enumerate() {
+        let p0 = b * bs;
+        let len = (last_pos + 1 - p0).min(bs);
+        let block_base = block as usize * bs * kv_row + task.kv_head * d;
+
+        for i in 0..len {
+            let from = block_base + i * kv_row;
+            let k_row = T::as_f32(&args.k_cache[from..from + d], row_buf);
+            let r_min = (p0 + i).saturating_sub(first_pos) * g;
+            for r in r_min..rows {
+                scores[r * bs + i] = dot::<FMA>(&q[r * d..(r + 1) * d], k_row);
+            }
+        }
+
+        for r in 0..rows {
+            let pos = first_pos + r / g;
+            if pos < p0 {
+                continue;
+            }
+            let n_valid = (pos + 1 - p0).min(len);
+            let s = &mut scores[r * bs..r * bs + n_valid];
+            let max_new = max[r].max(max_of(s));
+            let block_sum = exp_sub_in_place::<FMA>(s, max_new);
+            if max_new > max[r] {
+                // exp(-inf) = 0 on the first block: the empty accumulators stay empty.
+                let correction = (max[r] - max_new).exp();
+                sum[r] = sum[r] * correction + block_sum;
+                for x in &mut acc[r * d..(r + 1) * d] {
+                    *x *= correction;
+                }
+                max[r] = max_new;
+            } else {
+                sum[r] += block_sum;
+            }
+        }
+
+        for i in 0..len {
+            let from = block_base + i * kv_row;
+            let v_row = T::as_f32(&args.v_cache[from..from + d], row_buf);
+            let r_min = (p0 + i).saturating_sub(first_pos) * g;
+            for r in r_min..rows {
+                axpy::<FMA>(scores[r * bs + i], v_row, &mut acc[r * d..(r + 1) * d]);
+            }
+        }
+    }
+
+    for t in 0..n_tok {
+        let token = q_begin + task.tok_begin + t;
+        let start = (token * args.dims.num_heads + task.kv_head * g) * d;
+        // SAFETY: tasks partition (token, KV head) pairs, and the heads of one KV head are
+        // adjacent in a token's output row, so this range is written by this task alone;
+        // `out` lives until every task has returned.
+        let dst = unsafe { out.range(start, g * d) };
+        for (h, dst_head) in dst.chunks_exact_mut(d).enumerate() {
+            let r = t * g + h;
+            // Every row sees at least position 0, so sum[r] >= 1.
+            let inv = 1.0 / sum[r];
+            let acc_row = &mut acc[r * d..(r + 1) * d];
+            for x in acc_row.iter_mut() {
+                *x *= inv;
+            }
+            T::from_f32_into(acc_row, dst_head);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector helpers, written so the compiler vectorises them (fixed-width lane accumulators: a
+// plain float reduction cannot be reordered, so it would stay scalar).
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    // mul_add is one instruction with FMA and a slow libm call without it.
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn hsum<const N: usize>(mut lanes: [f32; N]) -> f32 {
+    let mut width = N / 2;
+    while width > 0 {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
+#[inline(always)]
+pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .fold(0.0, |s, (x, y)| madd::<FMA>(*x, *y, s));
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..LANES {
+            lanes[i] = madd::<FMA>(x[i], y[i], lanes[i]);
+        }
+    }
+    hsum(lanes) + tail
+}
+
+#[inline(always)]
+fn axpy<const FMA: bool>(w: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = madd::<FMA>(w, *x, *y);
+    }
+}
+
+#[inline(always)]
+fn max_of(s: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = s.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] = lanes[i].max(c[i]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
+}
+
+/// `s[i] = exp(s[i] - m)`; returns the sum.
+#[inline(always)]
+fn exp_sub_in_place<const FMA: bool>(s: &mut [f32], m: f32) -> f32 {
+    for x in s.iter_mut() {
+        *x = fast_exp::<FMA>(*x - m);
+    }
+    const LANES: usize = 8;
+    let mut lanes = [0f32; LANES];
+    let chunks = s.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..LANES {
+            lanes[i] += c[i];
+        }
+    }
+    hsum(lanes) + tail
+}
+
+/// `exp(x)` for `x <= 0` (softmax arguments), within 2 ulp, branch-free so it vectorises
+/// (libm's `expf` does not). Cephes' `expf`: `exp(x) = 2^k e^r` with `k = round(x / ln 2)`,
+/// `|r| <= ln(2) / 2`, and a degree-7 polynomial for `e^r`. Inputs below -87 give ~1e-38
+/// instead of a denormal or 0, which is nothing next to the row's maximum term, `exp(0) = 1`.
+#[inline(always)]
+pub(crate) fn fast_exp<const FMA: bool>(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = madd::<FMA>(x, std::f32::consts::LOG2_E, ROUND);
+    let k = t - ROUND;
+    let r = madd::<FMA>(k, -LN2_HI, x);
+    let r = madd::<FMA>(k, -LN2_LO, r);
+    let mut p = 1.987_569_1e-4_f32;
+    p = madd::<FMA>(p, r, 1.398_199_9e-3);
+    p = madd::<FMA>(p, r, 8.333_452e-3);
+    p = madd::<FMA>(p, r, 4.166_579_6e-2);
+    p = madd::<FMA>(p, r, 1.666_666_5e-1);
+    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let e_r = madd::<FMA>(p, r * r, r) + 1.0;
+    let k_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    e_r * f32::from_bits(((k_int + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(
+        device: &Device,
+        cu: &[u32],
+        context_lens: &[u32],
+        tables: &[u32],
+        max_blocks: usize,
+    ) -> AttentionMetadata {
+        let num_seqs = context_lens.len();
+        let num_tokens = cu.last().copied().unwrap_or(0) as usize;
+        AttentionMetadata {
+            slot_mapping: Tensor::zeros(num_tokens, DType::U32, device).unwrap(),
+            block_tables: Tensor::from_slice(tables, (num_seqs, max_blocks), device).unwrap(),
+            context_lens: Tensor::from_slice(context_lens, num_seqs, device).unwrap(),
+            cu_seqlens_q: Tensor::from_slice(cu, num_seqs + 1, device).unwrap(),
+            max_seqlen_q: cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0),
+            max_context_len: context_lens.iter().copied().max().unwrap_or(0) as usize,
+        }
+    }
+
+    #[test]
+    fn fast_exp_matches_libm() {
+        let mut worst = 0f32;
+        for i in 0..=20_000 {
+            let x = -87.0 * i as f32 / 20_000.0;
+            let want = x.exp();
+            for got in [fast_exp::<false>(x), fast_exp::<true>(x)] {
+                worst = worst.max(((got - want) / want).abs());
+            }
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp::<false>(0.0), 1.0);
+        assert!(fast_exp::<false>(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn dot_and_reductions_match_plain_loops() {
+        for len in [1usize, 7, 16, 64, 67, 128] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot::<false>(&a, &b) - want).abs() < 1e-4);
+            assert!((dot::<true>(&a, &b) - want).abs() < 1e-4);
+            let want_max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&a), want_max);
+            let mut s = a.clone();
+            let total = exp_sub_in_place::<false>(&mut s, want_max);
+            let want_total: f32 = a.iter().map(|x| (x - want_max).exp()).sum();
+            assert!((total - want_total).abs() < 1e-4 * want_total);
+        }
+    }
+
+    #[test]
+    fn metadata_values_are_checked() {
+        let dims = AttentionDims {
+            num_tokens: 5,
+            num_heads: 2,
+            num_seqs: 2,
+            max_blocks_per_seq: 2,
+            cache: CacheDims {
+                num_blocks: 4,
+                block_size: 4,
+                num_kv_heads: 1,
+                head_dim: 8,
+            },
+            head_dim: 8,
+        };
+        let ok = |cu: &[u32], ctx: &[u32], bt: &[u32]| check_metadata_values(&dims, cu, ctx, bt, 4, 8);
+        assert_eq!(ok(&[0, 4, 5], &[6, 1], &[3, 0, 2, 9]), Ok(()));
+        let tensor_of = |r: std::result::Result<(), KernelError>| match r {
+            Err(KernelError::OutOfRange { tensor, index, .. }) => (tensor, index),
+            other => panic!("expected OutOfRange, got {other:?}"),
+        };
+        assert_eq!(tensor_of(ok(&[1, 4, 5], &[6, 1], &[3, 0, 2, 9])), ("cu_seqlens_q", 0));
+        assert_eq!(tensor_of(ok(&[0, 4, 3], &[6, 1], &[3, 0, 2, 9])), ("cu_seqlens_q", 2));
+        assert_eq!(tensor_of(ok(&[0, 4, 4], &[6, 1], &[3, 0, 2, 9])), ("cu_seqlens_q", 2));
+        // More query tokens than the context holds.
+        assert_eq!(tensor_of(ok(&[0, 4, 5], &[3, 1], &[3, 0, 2, 9])), ("context_lens", 0));
+        // Context longer than the block table's row (2 blocks of 4).
+        assert_eq!(tensor_of(ok(&[0, 4, 5], &[9, 1], &[3, 0, 2, 9])), ("context_lens", 0));
+        // A block id that is read (sequence 1's first) is out of range; padding is not read.
+        assert_eq!(tensor_of(ok(&[0, 4, 5], &[6, 1], &[3, 0, 4, 9])), ("block_tables", 2));
+        // Host-side maxima too small for the batch.
+        assert!(check_metadata_values(&dims, &[0, 4, 5], &[6, 1], &[3, 0, 2, 9], 3, 8).is_err());
+        assert!(check_metadata_values(&dims, &[0, 4, 5], &[6, 1], &[3, 0, 2, 9], 4, 5).is_err());
+    }
+
+    #[test]
+    fn argument_errors_name_the_tensor() {
+        let dev = Device::Cpu;
+        let cache = Tensor::zeros((4, 4, 1, 8), DType::F32, &dev).unwrap();
+        let m = meta(&dev, &[0, 1], &[1], &[0, 0], 2);
+        let q = Tensor::zeros((1, 3, 8), DType::F32, &dev).unwrap();
+        match check_attention_args(&q, &cache, &cache, &m, 1.0) {
+            Ok(_) => {}
+            Err(e) => panic!("valid arguments rejected: {e}"),
+        }
+        let q_bad = Tensor::zeros((1, 3, 4), DType::F32, &dev).unwrap();
+        assert!(matches!(
+            check_attention_args(&q_bad, &cache, &cache, &m, 1.0),
+            Err(KernelError::Shape { tensor: "q", .. })
+        ));
+        let q_f16 = q.to_dtype(DType::F16).unwrap();
+        assert!(matches!(
+            check_attention_args(&q_f16, &cache, &cache, &m, 1.0),
+            Err(KernelError::DType { tensor: "q", .. })
+        ));
+        assert!(matches!(
+            check_attention_args(&q, &cache, &cache, &m, f32::NAN),
+            Err(KernelError::Param { param: "scale", .. })
+        ));
+        let strided = Tensor::zeros((1, 8, 3), DType::F32, &dev).unwrap().transpose(1, 2).unwrap();
+        assert!(matches!(
+            check_attention_args(&strided, &cache, &cache, &m, 1.0),
+            Err(KernelError::Layout { tensor: "q", .. })
+        ));
+    }
+
+    #[test]
+    fn write_then_attend_single_token_returns_its_value() {
+        // One key: the softmax weight is 1, so the output is exactly v (for every GQA head).
+        let dev = Device::Cpu;
+        let kc = Tensor::zeros((3, 4, 1, 8), DType::F32, &dev).unwrap();
+        let vc = kc.zeros_like().unwrap();
+        let k = Tensor::ones((1, 1, 8), DType::F32, &dev).unwrap();
+        let v = Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((1, 1, 8)).unwrap();
+        let slots = Tensor::from_slice(&[8u32], 1, &dev).unwrap();
+        write_kv(&k, &v, &kc, &vc, &slots).unwrap();
+        let m = meta(&dev, &[0, 1], &[1], &[2, 0], 2);
+        let q = Tensor::ones((1, 2, 8), DType::F32, &dev).unwrap();
+        let out = paged_attention(&q, &kc, &vc, &m, 0.125).unwrap();
+        let want: Vec<f32> = (0..8).chain(0..8).map(|x| x as f32).collect();
+        assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+}
