@@ -301,3 +301,29 @@ fn tiny_gpt2_vocabulary_merges_by_rank() {
     );
     assert_eq!(tokenizer.eos_token_ids(), [0]);
 }
+
+#[test]
+fn incremental_decoder_does_not_hold_invalid_bytes_forever() {
+    let (content, _) = spm_fixture();
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&content).expect("SPM tokenizer"));
+    let continuation_byte = tokenizer.piece_to_id("<0x80>").expect("byte piece");
+    let mut decoder = IncrementalDecoder::new(Arc::clone(&tokenizer), &[], true);
+    let mut text = String::new();
+    let mut pushes_before_output = None;
+    for i in 0..20 {
+        let delta = decoder.push(continuation_byte).expect("push");
+        if !delta.is_empty() && pushes_before_output.is_none() {
+            pushes_before_output = Some(i + 1);
+        }
+        text.push_str(&delta);
+    }
+    text.push_str(&decoder.flush().expect("flush"));
+    // A lone continuation byte never completes a character: after a bounded wait the
+    // replacement characters come out, and nothing is lost.
+    assert!(
+        pushes_before_output.is_some_and(|n| n <= 8),
+        "{pushes_before_output:?}"
+    );
+    assert_eq!(text, "\u{FFFD}".repeat(20));
+    assert_eq!(decoder.flush().expect("flush"), "");
+}
