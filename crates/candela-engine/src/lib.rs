@@ -1,4 +1,21 @@
 //! candela-engine: the step loop that owns the model and the KV cache. See ARCHITECTURE.md.
+//!
+//! Start an engine with [`EngineHandle::start`], submit [`api::GenerateRequest`]s, read
+//! [`api::GenerateEvent`]s from the per-request channel. One dedicated thread owns the model,
+//! the KV cache and the scheduler; the handle only validates, enqueues and answers tokenizer
+//! and metrics questions.
 #![deny(missing_docs)]
 
 pub mod api;
+mod config;
+mod engine;
+mod error;
+mod handle;
+pub mod metrics;
+pub mod sampler;
+pub mod stop;
+mod text;
+
+pub use config::{EngineConfig, EngineDevice};
+pub use error::EngineError;
+pub use handle::{ChatMessage, EngineHandle};

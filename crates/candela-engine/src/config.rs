@@ -1,0 +1,90 @@
+//! Engine configuration: the model to load, the device, and a limit on everything (KV memory,
+//! running sequences, tokens per step, waiting requests, context length).
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineDevice {
+    /// The host CPU.
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal (needs the `cuda` feature).
+    Cuda(usize),
+}
+
+/// How to build an engine. `Default` gives the CLI's defaults for the default model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// A path (GGUF file, or a directory with safetensors) or a Hugging Face model id.
+    pub model: String,
+    /// The name reported by `model_name()`; `None` uses the file stem or model id.
+    pub served_model_name: Option<String>,
+    /// Where to run.
+    pub device: EngineDevice,
+    /// Memory for the paged KV cache (K and V, all layers), in bytes.
+    pub kv_cache_memory_bytes: u64,
+    /// Tokens per KV block.
+    pub kv_block_size_tokens: usize,
+    /// Most sequences (choices) in one step.
+    pub seqs_running_max: usize,
+    /// Most tokens (prefill chunks plus decode tokens) in one step.
+    pub batch_tokens_max: usize,
+    /// Most requests submitted but not yet scheduled; beyond it `submit` answers `QueueFull`.
+    pub queue_waiting_max: usize,
+    /// Context length (prompt plus output); `None` uses the model's own.
+    pub model_len_max: Option<usize>,
+    /// Reuse KV blocks of identical prompt prefixes across requests.
+    pub enable_prefix_caching: bool,
+    /// Seed of the engine's RNG, which draws seeds for requests that carry none.
+    pub seed: u64,
+    /// A Jinja chat template that replaces the model's own (vLLM's `--chat-template`).
+    pub chat_template: Option<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            served_model_name: None,
+            device: EngineDevice::Cpu,
+            kv_cache_memory_bytes: 512 << 20,
+            kv_block_size_tokens: 16,
+            seqs_running_max: 64,
+            batch_tokens_max: 2048,
+            queue_waiting_max: 256,
+            model_len_max: None,
+            enable_prefix_caching: true,
+            seed: 0,
+            chat_template: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks the limits that do not depend on the model.
+    pub fn validate(&self) -> Result<(), crate::EngineError> {
+        let positive = [
+            ("kv_block_size_tokens", self.kv_block_size_tokens),
+            ("seqs_running_max", self.seqs_running_max),
+            ("batch_tokens_max", self.batch_tokens_max),
+            ("queue_waiting_max", self.queue_waiting_max),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(crate::EngineError::Config(format!(
+                    "{name} must be positive"
+                )));
+            }
+        }
+        if self.model_len_max == Some(0) {
+            return Err(crate::EngineError::Config(
+                "model_len_max must be positive".into(),
+            ));
+        }
+        if self.kv_cache_memory_bytes == 0 {
+            return Err(crate::EngineError::Config(
+                "kv_cache_memory_bytes must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,920 @@
+//! The engine thread: owns the model, the KV cache and the scheduler, and runs the step loop.
+//!
+//! ```text
+//! loop {
+//!     take commands (Add / Abort / Shutdown); block only when there is nothing to run
+//!     drop requests whose event receiver is closed (their blocks are freed at once)
+//!     batch  = scheduler.schedule()                  who runs, how many tokens, which slots
+//!     inputs = BatchInputs (flattened tokens, positions, cu_seqlens, block tables, slots)
+//!     logits = model.forward(&inputs, &mut kv)       [num_sampled, vocab], copied to host once
+//!     per sampled sequence: sample -> detokenize -> EOS / stop / length -> send events
+//!     scheduler.update_after_step(outputs)           append tokens, free finished sequences
+//! }
+//! ```
+//!
+//! All mutable state lives on this thread: no locks around the model or the scheduler. The
+//! handle shares only atomics (readiness, the waiting-request count) and the metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candela_kernels::kv_cache::PagedKvCache;
+use candela_models::tokenizer::IncrementalDecoder;
+use candela_models::{BatchInputs, Model, SeqChunk};
+use candela_scheduler::{
+    Policy, ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats, SeqId, StepOutput,
+};
+use candle_core::{DType, Device, Storage, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
+
+use crate::api::{
+    FinishReason, GenerateEvent, RequestId, StopCause, Timings, TokenId, TokenLogprob, Usage,
+};
+use crate::config::{EngineConfig, EngineDevice};
+use crate::error::EngineError;
+use crate::handle::{AdmittedRequest, EngineCommand, ModelInfo, SharedState};
+use crate::sampler::{ChoiceSampler, SamplerScratch};
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::text::TextTools;
+
+/// Tokens of the warm-up sequence: enough to run every kernel of a prefill.
+const WARMUP_TOKENS: usize = 8;
+
+/// What `spawn` hands back to the handle.
+pub(crate) struct Started {
+    pub(crate) info: ModelInfo,
+    pub(crate) text: Arc<TextTools>,
+    pub(crate) thread: JoinHandle<()>,
+}
+
+/// Loads the model on a new engine thread (so a model that is not `Sync` never leaves it),
+/// waits for the load to finish, and lets the thread warm up and run its loop.
+pub(crate) fn spawn(
+    config: EngineConfig,
+    shared: Arc<SharedState>,
+    commands: Receiver<EngineCommand>,
+) -> Result<Started, EngineError> {
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("candela-engine".into())
+        .spawn(move || {
+            let mut core = match EngineCore::load(&config, Arc::clone(&shared)) {
+                Ok(core) => {
+                    // The receiver waits in `spawn`; it cannot be gone.
+                    let _ = loaded_tx.send(Ok((core.info.clone(), Arc::clone(&core.text))));
+                    core
+                }
+                Err(error) => {
+                    let _ = loaded_tx.send(Err(error));
+                    return;
+                }
+            };
+            match core.warm_up() {
+                Ok(()) => shared.ready.store(true, Ordering::Release),
+                Err(error) => {
+                    tracing::error!(%error, "engine warm-up failed");
+                    if let Ok(mut slot) = shared.warmup_error.lock() {
+                        *slot = Some(error.to_string());
+                    }
+                    shared.accepting.store(false, Ordering::Release);
+                    return;
+                }
+            }
+            core.run(&commands);
+            shared.ready.store(false, Ordering::Release);
+            shared.accepting.store(false, Ordering::Release);
+        })
+        .map_err(|e| EngineError::Stopped(format!("spawning the engine thread: {e}")))?;
+    match loaded_rx.recv() {
+        Ok(Ok((info, text))) => Ok(Started { info, text, thread }),
+        Ok(Err(error)) => {
+            let _ = thread.join();
+            Err(error)
+        }
+        Err(_) => {
+            let _ = thread.join();
+            Err(EngineError::Stopped(
+                "the engine thread died while loading".into(),
+            ))
+        }
+    }
+}
+
+/// Per-choice state on the engine thread.
+struct Choice {
+    index: u32,
+    seq_id: SeqId,
+    sampler: ChoiceSampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    /// Most tokens this choice may generate (clamped to the context at admission).
+    tokens_max: u32,
+    tokens_generated: u32,
+    cached_prompt_tokens: u32,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    finished: bool,
+}
+
+/// Per-request state on the engine thread.
+struct RequestState {
+    events: tokio::sync::mpsc::UnboundedSender<GenerateEvent>,
+    arrival: Instant,
+    prompt_tokens: u32,
+    stop_token_ids: Vec<TokenId>,
+    ignore_eos: bool,
+    /// Still counted in `SharedState::waiting_requests` (not yet scheduled).
+    counted_waiting: bool,
+    choices: Vec<Choice>,
+    choices_unfinished: u32,
+}
+
+/// Everything the engine thread owns.
+struct EngineCore {
+    model: Box<dyn Model>,
+    kv: PagedKvCache,
+    scheduler: Scheduler,
+    device: Device,
+    block_size: usize,
+    info: ModelInfo,
+    text: Arc<TextTools>,
+    shared: Arc<SharedState>,
+    requests: HashMap<RequestId, RequestState>,
+    /// Which request and choice each scheduler sequence belongs to.
+    seq_owner: HashMap<SeqId, (RequestId, usize)>,
+    next_seq_id: u64,
+    /// Draws seeds for requests that bring none.
+    seed_rng: ChaCha12Rng,
+    /// When shutdown was asked for: stop taking requests, abort what is left at the deadline.
+    shutdown_deadline: Option<Instant>,
+    /// All handles dropped: no more commands will come.
+    commands_closed: bool,
+    /// Scheduler counters already exported (the metrics are monotonic counters).
+    stats_exported: SchedulerStats,
+    // Host buffers reused between steps (allocation-light steady state).
+    scratch: SamplerScratch,
+    logits_host: Vec<f32>,
+    block_tables_host: Vec<u32>,
+    step_outputs: Vec<StepOutput>,
+}
+
+impl EngineCore {
+    fn load(config: &EngineConfig, shared: Arc<SharedState>) -> Result<Self, EngineError> {
+        let device = match config.device {
+            EngineDevice::Cpu => Device::Cpu,
+            EngineDevice::Cuda(ordinal) => Device::new_cuda(ordinal)
+                .map_err(|e| EngineError::Load(format!("CUDA device {ordinal}: {e}")))?,
+        };
+        let files = candela_models::hub::resolve(&config.model)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let text = Arc::new(TextTools::load(&files, config.chat_template.as_deref())?);
+        let loaded = candela_models::load_files(files, &device)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let model_config = loaded.config().clone();
+        let model = loaded.model;
+
+        let vocab_size = model_config.vocab_size;
+        let model_len_max = match config.model_len_max {
+            Some(limit) => limit.min(model_config.max_position),
+            None => model_config.max_position,
+        };
+        let block_size = config.kv_block_size_tokens;
+        let dtype = model.dtype();
+        let num_blocks = PagedKvCache::num_blocks_for_bytes(
+            config.kv_cache_memory_bytes,
+            model_config.num_layers,
+            block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype,
+        );
+        if num_blocks == 0 {
+            return Err(EngineError::Config(format!(
+                "kv_cache_memory_bytes ({}) is too small for one KV block",
+                config.kv_cache_memory_bytes
+            )));
+        }
+        let to_u32 = |name: &str, value: usize| {
+            u32::try_from(value)
+                .map_err(|_| EngineError::Config(format!("{name} ({value}) is too large")))
+        };
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_seqs: to_u32("seqs_running_max", config.seqs_running_max)?,
+            max_num_batched_tokens: to_u32("batch_tokens_max", config.batch_tokens_max)?,
+            block_size: to_u32("kv_block_size_tokens", block_size)?,
+            num_blocks: to_u32("KV blocks", num_blocks)?,
+            policy: Policy::Priority,
+            enable_prefix_caching: config.enable_prefix_caching,
+        })
+        .map_err(|e| EngineError::Config(e.to_string()))?;
+        let kv = PagedKvCache::new(
+            model_config.num_layers,
+            num_blocks,
+            block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype,
+            &device,
+        )
+        .map_err(|e| EngineError::Load(format!("allocating the KV cache: {e}")))?;
+        tracing::info!(
+            model = %config.model,
+            num_blocks,
+            block_size,
+            kv_cache_tokens = num_blocks * block_size,
+            model_len_max,
+            "engine loaded"
+        );
+
+        let mut eos_token_ids = text.eos_token_ids();
+        for id in &model_config.eos_token_ids {
+            if !eos_token_ids.contains(id) {
+                eos_token_ids.push(*id);
+            }
+        }
+        let name = config.served_model_name.clone().unwrap_or_else(|| {
+            std::path::Path::new(&config.model).file_stem().map_or_else(
+                || config.model.clone(),
+                |s| s.to_string_lossy().into_owned(),
+            )
+        });
+        Ok(Self {
+            model,
+            kv,
+            scheduler,
+            device,
+            block_size,
+            info: ModelInfo {
+                name,
+                model_len_max,
+                vocab_size,
+                eos_token_ids,
+            },
+            text,
+            shared,
+            requests: HashMap::new(),
+            seq_owner: HashMap::new(),
+            next_seq_id: 0,
+            seed_rng: ChaCha12Rng::seed_from_u64(config.seed),
+            shutdown_deadline: None,
+            commands_closed: false,
+            stats_exported: SchedulerStats::default(),
+            scratch: SamplerScratch::default(),
+            logits_host: Vec::new(),
+            block_tables_host: Vec::new(),
+            step_outputs: Vec::new(),
+        })
+    }
+
+    /// One real forward on a short dummy prefill, so the first request does not pay for lazy
+    /// initialisation (thread pools, kernel compilation, allocator growth). It writes block 0
+    /// of the cache, which holds no sequence yet (every block is free before the loop starts),
+    /// and allocates nothing in the scheduler, so nothing is left to free.
+    fn warm_up(&mut self) -> Result<(), EngineError> {
+        assert_eq!(self.scheduler.block_manager().num_used(), 0);
+        let tokens = WARMUP_TOKENS.min(self.block_size).min(self.info.vocab_size);
+        let token_ids: Vec<u32> = (0..tokens as u32).collect();
+        let chunk = SeqChunk {
+            token_ids: &token_ids,
+            tokens_cached: 0,
+            block_table: &[0],
+            sample: true,
+        };
+        let inputs = BatchInputs::from_seqs(&[chunk], self.block_size, &self.device)
+            .map_err(|e| EngineError::Warmup(e.to_string()))?;
+        let logits = self
+            .model
+            .forward(&inputs, &mut self.kv)
+            .map_err(|e| EngineError::Warmup(e.to_string()))?;
+        let dims = logits.dims().to_vec();
+        if dims != [1, self.info.vocab_size] {
+            return Err(EngineError::Warmup(format!(
+                "the model returned logits of shape {dims:?}, expected [1, {}]",
+                self.info.vocab_size
+            )));
+        }
+        copy_logits_to_host(&logits, &mut self.logits_host)
+            .map_err(|e| EngineError::Warmup(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The step loop; returns when shut down (or every handle is gone) and nothing is left.
+    fn run(&mut self, commands: &Receiver<EngineCommand>) {
+        loop {
+            if !self.scheduler.has_unfinished() {
+                if self.shutdown_deadline.is_some() || self.commands_closed {
+                    break;
+                }
+                // Idle: block until a command arrives.
+                match commands.recv() {
+                    Ok(command) => self.handle_command(command),
+                    Err(_) => self.commands_closed = true,
+                }
+            }
+            self.drain_commands(commands);
+            self.drop_closed_requests();
+            if let Some(deadline) = self.shutdown_deadline {
+                if Instant::now() >= deadline {
+                    self.abort_all();
+                    break;
+                }
+            }
+            if self.scheduler.has_unfinished() {
+                self.step();
+            }
+            self.export_stats();
+        }
+        self.abort_all();
+        self.export_stats();
+    }
+
+    fn drain_commands(&mut self, commands: &Receiver<EngineCommand>) {
+        loop {
+            match commands.try_recv() {
+                Ok(command) => self.handle_command(command),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.commands_closed = true;
+                    break;
+                }
+            }
+        }
+        let overflow = match self.shared.aborts_overflow.lock() {
+            Ok(mut guard) => std::mem::take(&mut *guard),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for id in overflow {
+            self.abort_request(id, true);
+        }
+    }
+
+    fn handle_command(&mut self, command: EngineCommand) {
+        match command {
+            EngineCommand::Add(admitted) => self.add_request(*admitted),
+            EngineCommand::Abort(id) => self.abort_request(id, true),
+            EngineCommand::Shutdown { deadline } => {
+                // The earliest deadline wins if shutdown is asked for twice.
+                self.shutdown_deadline = Some(match self.shutdown_deadline {
+                    Some(earlier) => earlier.min(deadline),
+                    None => deadline,
+                });
+            }
+        }
+    }
+
+    fn add_request(&mut self, admitted: AdmittedRequest) {
+        let AdmittedRequest {
+            id,
+            request,
+            events,
+        } = admitted;
+        let prompt_tokens = request.prompt_token_ids.len();
+        // `submit` checked prompt + max(max_tokens, 1) <= model_len_max.
+        let room = self.info.model_len_max.saturating_sub(prompt_tokens).max(1);
+        let tokens_max = request
+            .sampling
+            .max_tokens
+            .map_or(room, |m| (m.get() as usize).min(room));
+        let tokens_max = u32::try_from(tokens_max).unwrap_or(u32::MAX);
+        let n = request.n.get();
+        let seed = request
+            .sampling
+            .seed
+            .unwrap_or_else(|| self.seed_rng.random::<u64>());
+        let seq_ids: Vec<SeqId> = (0..n)
+            .map(|_| {
+                let seq_id = SeqId(self.next_seq_id);
+                self.next_seq_id += 1;
+                seq_id
+            })
+            .collect();
+        let choices: Vec<Choice> = seq_ids
+            .iter()
+            .zip(0u32..)
+            .map(|(&seq_id, index)| Choice {
+                index,
+                seq_id,
+                sampler: ChoiceSampler::new(
+                    request.sampling.clone(),
+                    seed.wrapping_add(u64::from(index)),
+                    &request.prompt_token_ids,
+                ),
+                decoder: IncrementalDecoder::new(
+                    Arc::clone(&self.text.tokenizer),
+                    &request.prompt_token_ids,
+                    true,
+                ),
+                stop: StopMatcher::new(&request.sampling.stop),
+                tokens_max,
+                tokens_generated: 0,
+                cached_prompt_tokens: 0,
+                first_scheduled: None,
+                first_token: None,
+                last_token: None,
+                finished: false,
+            })
+            .collect();
+        let mut state = RequestState {
+            events,
+            arrival: request.arrival,
+            prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            stop_token_ids: request.sampling.stop_token_ids.clone(),
+            ignore_eos: request.sampling.ignore_eos,
+            counted_waiting: true,
+            choices,
+            choices_unfinished: n,
+        };
+        if self.shutdown_deadline.is_some() {
+            // Accepted just before shutdown began; it would never be scheduled in time.
+            self.uncount_waiting(&mut state);
+            finish_all(&mut state, &FinishReason::Abort, &self.shared);
+            return;
+        }
+        match self.scheduler.add_group(
+            &seq_ids,
+            request.prompt_token_ids,
+            tokens_max,
+            request.priority,
+        ) {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .prompt_tokens_total
+                    .inc_by(u64::from(state.prompt_tokens));
+                for (index, seq_id) in seq_ids.into_iter().enumerate() {
+                    self.seq_owner.insert(seq_id, (id, index));
+                }
+                self.requests.insert(id, state);
+            }
+            Err(error) => {
+                self.uncount_waiting(&mut state);
+                finish_all(
+                    &mut state,
+                    &FinishReason::Error(error.to_string()),
+                    &self.shared,
+                );
+            }
+        }
+    }
+
+    fn uncount_waiting(&self, state: &mut RequestState) {
+        if state.counted_waiting {
+            state.counted_waiting = false;
+            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Aborts every unfinished choice of request `id` and frees its blocks now. With `notify`
+    /// each choice gets a `Finished { reason: Abort }` event.
+    fn abort_request(&mut self, id: RequestId, notify: bool) {
+        let Some(mut state) = self.requests.remove(&id) else {
+            return;
+        };
+        for choice in &state.choices {
+            self.seq_owner.remove(&choice.seq_id);
+            if !choice.finished {
+                self.scheduler.abort(choice.seq_id);
+            }
+        }
+        self.uncount_waiting(&mut state);
+        if notify {
+            finish_all(&mut state, &FinishReason::Abort, &self.shared);
+        } else {
+            // Nobody is listening: count the aborted choices without sending events.
+            for _ in state.choices.iter().filter(|c| !c.finished) {
+                self.shared.metrics.count_finished(&FinishReason::Abort);
+            }
+        }
+    }
+
+    fn abort_all(&mut self) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.abort_request(id, true);
+        }
+    }
+
+    /// Requests whose receiver is gone (client disconnected) are aborted without events.
+    fn drop_closed_requests(&mut self) {
+        let closed: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, state)| state.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in closed {
+            self.abort_request(id, false);
+        }
+    }
+
+    /// Runs one step: schedule, forward, sample, emit, update.
+    fn step(&mut self) {
+        let batch = self.scheduler.schedule();
+        let now = Instant::now();
+        for (seq_id, error) in &batch.failed {
+            self.finish_seq(*seq_id, FinishReason::Error(error.to_string()));
+        }
+        self.mark_scheduled(&batch, now);
+        if batch.is_empty() {
+            if let Err(error) = self.scheduler.update_after_step(&[]) {
+                tracing::error!(%error, "scheduler rejected an empty step");
+            }
+            return;
+        }
+        let logits = self.run_model(&batch);
+        let mut outputs = std::mem::take(&mut self.step_outputs);
+        outputs.clear();
+        match logits {
+            Ok(()) => self.sample_batch(&batch, &mut outputs),
+            Err(message) => {
+                tracing::error!(%message, "model step failed");
+                for seq in &batch.seqs {
+                    if seq.sample {
+                        outputs.push(StepOutput {
+                            seq_id: seq.seq_id,
+                            new_token: None,
+                            finished: true,
+                        });
+                    }
+                }
+                if let Err(error) = self.scheduler.update_after_step(&outputs) {
+                    tracing::error!(%error, "scheduler rejected the outputs of a failed step");
+                }
+                for seq in &batch.seqs {
+                    // Unsampled chunks are still queued in the scheduler: remove them too.
+                    self.scheduler.abort(seq.seq_id);
+                    self.finish_seq(seq.seq_id, FinishReason::Error(message.clone()));
+                }
+                self.step_outputs = outputs;
+                return;
+            }
+        }
+        if let Err(error) = self.scheduler.update_after_step(&outputs) {
+            // A bug in this loop: the outputs do not match the batch. Fail the batch's
+            // sequences rather than leave the scheduler with a step in flight.
+            tracing::error!(%error, "scheduler rejected the step outputs");
+            for output in outputs.iter_mut() {
+                output.new_token = None;
+                output.finished = true;
+            }
+            let _ = self.scheduler.update_after_step(&outputs);
+            for output in &outputs {
+                self.finish_seq(output.seq_id, FinishReason::Error(error.to_string()));
+            }
+        }
+        self.step_outputs = outputs;
+    }
+
+    /// First-schedule bookkeeping: queue time, cached prompt tokens, the waiting count.
+    fn mark_scheduled(&mut self, batch: &ScheduledBatch, now: Instant) {
+        for seq in &batch.seqs {
+            let Some(&(request_id, index)) = self.seq_owner.get(&seq.seq_id) else {
+                continue;
+            };
+            let Some(state) = self.requests.get_mut(&request_id) else {
+                continue;
+            };
+            if state.counted_waiting {
+                state.counted_waiting = false;
+                self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+            }
+            let choice = &mut state.choices[index];
+            if choice.first_scheduled.is_none() {
+                choice.first_scheduled = Some(now);
+                choice.cached_prompt_tokens = seq.num_cached_tokens.min(state.prompt_tokens);
+                self.shared
+                    .metrics
+                    .request_queue_time_seconds
+                    .observe(now.saturating_duration_since(state.arrival).as_secs_f64());
+            }
+        }
+    }
+
+    /// Builds the step's inputs, runs the forward pass and copies the logits to the host
+    /// buffer (`[num_sampled, vocab]`, row-major).
+    fn run_model(&mut self, batch: &ScheduledBatch) -> Result<(), String> {
+        // Block tables as u32, one after another; chunks borrow slices of this buffer.
+        self.block_tables_host.clear();
+        let mut table_ranges = Vec::with_capacity(batch.seqs.len());
+        for seq in &batch.seqs {
+            let start = self.block_tables_host.len();
+            self.block_tables_host
+                .extend(batch.block_table(seq).iter().map(|block| block.0));
+            table_ranges.push(start..self.block_tables_host.len());
+        }
+        let chunks: Vec<SeqChunk<'_>> = batch
+            .seqs
+            .iter()
+            .zip(&table_ranges)
+            .map(|(seq, range)| SeqChunk {
+                token_ids: batch.input_ids(seq),
+                tokens_cached: seq.positions.start as usize,
+                block_table: &self.block_tables_host[range.clone()],
+                sample: seq.sample,
+            })
+            .collect();
+        let inputs = BatchInputs::from_seqs(&chunks, self.block_size, &self.device)
+            .map_err(|e| e.to_string())?;
+        let num_sampled = inputs.num_sampled();
+        if num_sampled == 0 {
+            // Only non-final prefill chunks: their KV still has to be written.
+            self.model
+                .forward(&inputs, &mut self.kv)
+                .map_err(|e| e.to_string())?;
+            self.logits_host.clear();
+            return Ok(());
+        }
+        let logits = self
+            .model
+            .forward(&inputs, &mut self.kv)
+            .map_err(|e| e.to_string())?;
+        let dims = logits.dims();
+        if dims != [num_sampled, self.info.vocab_size] {
+            return Err(format!(
+                "the model returned logits of shape {dims:?}, expected [{num_sampled}, {}]",
+                self.info.vocab_size
+            ));
+        }
+        copy_logits_to_host(&logits, &mut self.logits_host).map_err(|e| e.to_string())
+    }
+
+    /// Samples every sampled sequence of the batch, emits its events and fills `outputs`.
+    fn sample_batch(&mut self, batch: &ScheduledBatch, outputs: &mut Vec<StepOutput>) {
+        let vocab_size = self.info.vocab_size;
+        let mut row = 0usize;
+        for seq in batch.seqs.iter().filter(|s| s.sample) {
+            let logits = &mut self.logits_host[row * vocab_size..(row + 1) * vocab_size];
+            row += 1;
+            let Some(&(request_id, index)) = self.seq_owner.get(&seq.seq_id) else {
+                // Aborted after scheduling: the scheduler ignores outputs of unknown sequences.
+                continue;
+            };
+            let Some(state) = self.requests.get_mut(&request_id) else {
+                continue;
+            };
+            let now = Instant::now();
+            let decision = step_choice(
+                state,
+                index,
+                logits,
+                &mut self.scratch,
+                &self.info.eos_token_ids,
+                now,
+                &self.shared,
+            );
+            outputs.push(StepOutput {
+                seq_id: seq.seq_id,
+                new_token: Some(decision.token),
+                finished: decision.finished.is_some(),
+            });
+            if let Some(reason) = decision.finished {
+                finish_choice(state, index, &reason, &self.shared);
+                self.seq_owner.remove(&seq.seq_id);
+                if state.choices_unfinished == 0 {
+                    self.requests.remove(&request_id);
+                }
+            }
+        }
+    }
+
+    /// Ends one choice (its sequence already left the scheduler) with `reason`.
+    fn finish_seq(&mut self, seq_id: SeqId, reason: FinishReason) {
+        let Some((request_id, index)) = self.seq_owner.remove(&seq_id) else {
+            return;
+        };
+        let Some(state) = self.requests.get_mut(&request_id) else {
+            return;
+        };
+        if state.counted_waiting {
+            state.counted_waiting = false;
+            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+        }
+        finish_choice(state, index, &reason, &self.shared);
+        if state.choices_unfinished == 0 {
+            self.requests.remove(&request_id);
+        }
+    }
+
+    /// Publishes the scheduler's counters as metrics.
+    fn export_stats(&mut self) {
+        let stats = self.scheduler.stats();
+        let metrics = &self.shared.metrics;
+        metrics
+            .num_requests_running
+            .set(i64::from(stats.num_running));
+        metrics
+            .num_requests_waiting
+            .set(i64::from(stats.num_waiting));
+        if stats.blocks_total > 0 {
+            metrics
+                .kv_cache_usage_perc
+                .set(f64::from(stats.blocks_used) / f64::from(stats.blocks_total));
+        }
+        let last = self.stats_exported;
+        metrics.prefix_cache_queries_total.inc_by(
+            stats
+                .prefix_cache_queries_tokens
+                .saturating_sub(last.prefix_cache_queries_tokens),
+        );
+        metrics.prefix_cache_hits_total.inc_by(
+            stats
+                .prefix_cache_hits_tokens
+                .saturating_sub(last.prefix_cache_hits_tokens),
+        );
+        metrics.num_preemptions_total.inc_by(
+            stats
+                .preemptions_total
+                .saturating_sub(last.preemptions_total),
+        );
+        self.stats_exported = stats;
+    }
+}
+
+/// The outcome of sampling one choice in one step.
+struct ChoiceStep {
+    token: TokenId,
+    finished: Option<FinishReason>,
+}
+
+/// Samples, detokenizes and checks the stop conditions of one choice, and sends its `Delta`.
+fn step_choice(
+    state: &mut RequestState,
+    index: usize,
+    logits: &mut [f32],
+    scratch: &mut SamplerScratch,
+    eos_token_ids: &[TokenId],
+    now: Instant,
+    shared: &SharedState,
+) -> ChoiceStep {
+    let choice = &mut state.choices[index];
+    let (token, logprob) = choice.sampler.sample(logits, scratch);
+    choice.sampler.record_output(token);
+    choice.tokens_generated += 1;
+    let metrics = &shared.metrics;
+    metrics.generation_tokens_total.inc();
+    match choice.last_token {
+        None => {
+            choice.first_token = Some(now);
+            metrics
+                .time_to_first_token_seconds
+                .observe(now.saturating_duration_since(state.arrival).as_secs_f64());
+        }
+        Some(last) => metrics
+            .inter_token_latency_seconds
+            .observe(now.saturating_duration_since(last).as_secs_f64()),
+    }
+    choice.last_token = Some(now);
+
+    // Token stops first: their text is never emitted (as vLLM without
+    // `include_stop_str_in_output`).
+    let mut finished = if !state.ignore_eos && eos_token_ids.contains(&token) {
+        Some(FinishReason::Stop(StopCause::Eos(token)))
+    } else if state.stop_token_ids.contains(&token) {
+        Some(FinishReason::Stop(StopCause::StopToken(token)))
+    } else {
+        None
+    };
+    let mut text = String::new();
+    if finished.is_none() {
+        match choice.decoder.push(token) {
+            Ok(piece) => match choice.stop.push(&piece) {
+                StopOutcome::Continue(released) => text = released,
+                StopOutcome::Stopped {
+                    text: released,
+                    stop,
+                } => {
+                    text = released;
+                    finished = Some(FinishReason::Stop(StopCause::StopString(stop)));
+                }
+            },
+            Err(error) => finished = Some(FinishReason::Error(format!("detokenizing: {error}"))),
+        }
+    }
+    if finished.is_none() && choice.tokens_generated >= choice.tokens_max {
+        finished = Some(FinishReason::Length);
+    }
+    if matches!(
+        finished,
+        Some(
+            FinishReason::Length | FinishReason::Stop(StopCause::Eos(_) | StopCause::StopToken(_))
+        )
+    ) {
+        // Release what the decoder and the stop matcher held back; a stop string may still
+        // complete inside the decoder's tail.
+        let tail = choice.decoder.flush().unwrap_or_default();
+        match choice.stop.push(&tail) {
+            StopOutcome::Continue(released) => {
+                text.push_str(&released);
+                text.push_str(&choice.stop.flush());
+            }
+            StopOutcome::Stopped {
+                text: released,
+                stop,
+            } => {
+                text.push_str(&released);
+                finished = Some(FinishReason::Stop(StopCause::StopString(stop)));
+            }
+        }
+    }
+    let logprobs: Vec<TokenLogprob> = logprob.into_iter().collect();
+    // A send fails only when the receiver is gone; the request is dropped next step.
+    let _ = state.events.send(GenerateEvent::Delta {
+        index: choice.index,
+        token_ids: vec![token],
+        text,
+        logprobs,
+    });
+    ChoiceStep { token, finished }
+}
+
+/// Sends `Finished` for one choice and counts it.
+fn finish_choice(
+    state: &mut RequestState,
+    index: usize,
+    reason: &FinishReason,
+    shared: &SharedState,
+) {
+    let now = Instant::now();
+    let arrival = state.arrival;
+    let prompt_tokens = state.prompt_tokens;
+    let choice = &mut state.choices[index];
+    if choice.finished {
+        return;
+    }
+    choice.finished = true;
+    state.choices_unfinished -= 1;
+    let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1e3;
+    let first_token = choice.first_token;
+    let timings = Timings {
+        queue_ms: choice.first_scheduled.map_or(0.0, |t| ms(arrival, t)),
+        ttft_ms: first_token.map_or(0.0, |t| ms(arrival, t)),
+        prompt_tokens_per_s: match (choice.first_scheduled, first_token) {
+            (Some(scheduled), Some(first)) if first > scheduled => {
+                f64::from(prompt_tokens) / first.duration_since(scheduled).as_secs_f64()
+            }
+            _ => 0.0,
+        },
+        generation_tokens_per_s: match (first_token, choice.last_token) {
+            (Some(first), Some(last)) if last > first && choice.tokens_generated > 1 => {
+                f64::from(choice.tokens_generated - 1) / last.duration_since(first).as_secs_f64()
+            }
+            _ => 0.0,
+        },
+        total_ms: ms(arrival, now),
+    };
+    let usage = Usage {
+        prompt_tokens,
+        completion_tokens: choice.tokens_generated,
+        cached_prompt_tokens: choice.cached_prompt_tokens,
+    };
+    shared.metrics.count_finished(reason);
+    shared
+        .metrics
+        .e2e_request_latency_seconds
+        .observe(timings.total_ms / 1e3);
+    let _ = state.events.send(GenerateEvent::Finished {
+        index: choice.index,
+        reason: reason.clone(),
+        usage,
+        timings,
+    });
+}
+
+/// Finishes every unfinished choice of a request with `reason`.
+fn finish_all(state: &mut RequestState, reason: &FinishReason, shared: &SharedState) {
+    for index in 0..state.choices.len() {
+        finish_choice(state, index, reason, shared);
+    }
+}
+
+/// Copies `[rows, vocab]` f32 logits into `host` (resized), reusing its allocation on CPU.
+fn copy_logits_to_host(logits: &Tensor, host: &mut Vec<f32>) -> candle_core::Result<()> {
+    let logits = if logits.dtype() == DType::F32 {
+        logits.clone()
+    } else {
+        logits.to_dtype(DType::F32)?
+    };
+    let logits = logits.contiguous()?;
+    let (storage, layout) = logits.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>()?;
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("logits are not contiguous".into()))?;
+            host.clear();
+            host.extend_from_slice(&data[start..end]);
+        }
+        _ => {
+            drop(storage);
+            *host = logits.flatten_all()?.to_vec1::<f32>()?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! [`EngineHandle`]: the cheap, cloneable, thread-safe front of an engine. It validates and
+//! admits requests, hands them to the engine thread over a bounded channel, and answers the
+//! synchronous questions a server needs (tokenizer, chat template, limits, readiness, metrics)
+//! without a round trip to that thread.
+//!
+//! **API Boundary:** this and [`crate::api`] are all a caller sees; the scheduler, the model and
+//! the KV cache live on the engine thread only.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::api::{GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId};
+use crate::config::EngineConfig;
+use crate::engine;
+use crate::error::EngineError;
+use crate::metrics::EngineMetrics;
+use crate::text::TextTools;
+
+/// One chat message for [`EngineHandle::apply_chat_template`]: a role and its text
+/// (multi-part contents are joined by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from a role and its text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What the engine thread receives.
+pub(crate) enum EngineCommand {
+    /// A new request, already validated.
+    Add(Box<AdmittedRequest>),
+    /// Abort a request (all its choices); unknown or finished ids are ignored.
+    Abort(RequestId),
+    /// Stop accepting, finish what is in flight (aborting what is left at `deadline`), exit.
+    Shutdown {
+        /// When to give up on in-flight requests.
+        deadline: Instant,
+    },
+}
+
+/// A request that passed `submit`'s checks, with its event channel.
+pub(crate) struct AdmittedRequest {
+    pub(crate) id: RequestId,
+    pub(crate) request: GenerateRequest,
+    /// Unbounded, but bounded in practice: the engine sends at most one `Delta` per generated
+    /// token and one `Finished` per choice, so at most `n * (max_tokens + 1)` events, and
+    /// `max_tokens` is capped by the context length at submit.
+    pub(crate) events: UnboundedSender<GenerateEvent>,
+}
+
+/// Facts about the loaded model, fixed for the engine's life.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelInfo {
+    pub(crate) name: String,
+    pub(crate) model_len_max: usize,
+    pub(crate) vocab_size: usize,
+    pub(crate) eos_token_ids: Vec<TokenId>,
+}
+
+/// State shared between handles and the engine thread.
+pub(crate) struct SharedState {
+    /// Requests submitted and not yet scheduled for the first time (admission control).
+    pub(crate) waiting_requests: AtomicUsize,
+    /// Warmed up and accepting.
+    pub(crate) ready: AtomicBool,
+    /// False once shutdown began (or the engine thread stopped).
+    pub(crate) accepting: AtomicBool,
+    /// Aborts that did not fit in the full command channel; the engine drains them every step.
+    pub(crate) aborts_overflow: Mutex<Vec<RequestId>>,
+    /// Why warm-up failed, if it did.
+    pub(crate) warmup_error: Mutex<Option<String>>,
+    pub(crate) metrics: EngineMetrics,
+}
+
+struct Inner {
+    config: EngineConfig,
+    info: ModelInfo,
+    text: Arc<TextTools>,
+    commands: SyncSender<EngineCommand>,
+    shared: Arc<SharedState>,
+    next_request_id: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A running engine. Clone it freely; every clone talks to the same engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("model", &self.inner.info.name)
+            .field("ready", &self.is_ready())
+            .finish()
+    }
+}
+
+impl EngineHandle {
+    /// Loads the model, tokenizer and chat template, sizes the KV cache from
+    /// `config.kv_cache_memory_bytes`, and starts the engine thread. Blocks while loading
+    /// (seconds); returns before the warm-up step finishes: see [`Self::is_ready`] and
+    /// [`Self::wait_ready`].
+    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        config.validate()?;
+        let metrics = EngineMetrics::new()
+            .map_err(|e| EngineError::Config(format!("metrics registry: {e}")))?;
+        let shared = Arc::new(SharedState {
+            waiting_requests: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
+            aborts_overflow: Mutex::new(Vec::new()),
+            warmup_error: Mutex::new(None),
+            metrics,
+        });
+        let (commands, receiver) = std::sync::mpsc::sync_channel(config.queue_waiting_max);
+        let started = engine::spawn(config.clone(), Arc::clone(&shared), receiver)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                info: started.info,
+                text: started.text,
+                commands,
+                shared,
+                next_request_id: AtomicU64::new(0),
+                thread: Mutex::new(Some(started.thread)),
+            }),
+        })
+    }
+
+    /// Blocks until the warm-up step is done (or failed, or `timeout` passed).
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), EngineError> {
+        let started = Instant::now();
+        // Polling keeps the shared state two flags; readiness is awaited once per process.
+        loop {
+            if self.is_ready() {
+                return Ok(());
+            }
+            if let Some(error) = self.warmup_error() {
+                return Err(EngineError::Warmup(error));
+            }
+            if !self.inner.shared.accepting.load(Ordering::Acquire) {
+                return Err(EngineError::Stopped(
+                    "shut down before becoming ready".into(),
+                ));
+            }
+            if started.elapsed() >= timeout {
+                return Err(EngineError::ReadyTimeout {
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn warmup_error(&self) -> Option<String> {
+        match self.inner.shared.warmup_error.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Validates and enqueues a request. Never blocks: a full queue is `QueueFull`.
+    ///
+    /// The returned channel carries `Delta` and `Finished` events for each of the `n` choices;
+    /// it is unbounded, but the engine sends at most `n * (max_tokens + 1)` events on it.
+    /// Dropping the receiver aborts the request at the next step.
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(RequestId, UnboundedReceiver<GenerateEvent>), SubmitError> {
+        let shared = &self.inner.shared;
+        if !shared.accepting.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if !shared.ready.load(Ordering::Acquire) {
+            return Err(SubmitError::NotReady);
+        }
+        self.validate(&request)?;
+        let queue_waiting_max = self.inner.config.queue_waiting_max;
+        // Reserve a waiting slot first so concurrent submits cannot overshoot the bound.
+        let reserved =
+            shared
+                .waiting_requests
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
+                    (waiting < queue_waiting_max).then_some(waiting + 1)
+                });
+        if reserved.is_err() {
+            return Err(SubmitError::QueueFull { queue_waiting_max });
+        }
+        let id = RequestId(self.inner.next_request_id.fetch_add(1, Ordering::Relaxed));
+        let (events, receiver) = unbounded_channel();
+        let command = EngineCommand::Add(Box::new(AdmittedRequest {
+            id,
+            request,
+            events,
+        }));
+        match self.inner.commands.try_send(command) {
+            Ok(()) => Ok((id, receiver)),
+            Err(error) => {
+                shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+                match error {
+                    TrySendError::Full(_) => Err(SubmitError::QueueFull { queue_waiting_max }),
+                    TrySendError::Disconnected(_) => Err(SubmitError::ShuttingDown),
+                }
+            }
+        }
+    }
+
+    fn validate(&self, request: &GenerateRequest) -> Result<(), SubmitError> {
+        let info = &self.inner.info;
+        let prompt_tokens = request.prompt_token_ids.len();
+        if prompt_tokens == 0 {
+            return Err(SubmitError::Invalid("the prompt is empty".into()));
+        }
+        if let Some(&bad) = request
+            .prompt_token_ids
+            .iter()
+            .find(|&&t| t as usize >= info.vocab_size)
+        {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                info.vocab_size
+            )));
+        }
+        let max_tokens = request.sampling.max_tokens.map_or(0, |m| m.get() as usize);
+        // Without max_tokens the prompt must leave room for at least one token.
+        if prompt_tokens + max_tokens.max(1) > info.model_len_max {
+            return Err(SubmitError::PromptTooLong {
+                prompt_tokens,
+                max_tokens,
+                model_len_max: info.model_len_max,
+            });
+        }
+        let sampling = &request.sampling;
+        let checks: [(bool, &str); 7] = [
+            (
+                sampling.temperature.is_finite() && sampling.temperature >= 0.0,
+                "temperature must be a finite number >= 0",
+            ),
+            (
+                sampling.top_p > 0.0 && sampling.top_p <= 1.0,
+                "top_p must be in (0, 1]",
+            ),
+            (
+                (0.0..=1.0).contains(&sampling.min_p),
+                "min_p must be in [0, 1]",
+            ),
+            (
+                sampling.repetition_penalty.is_finite() && sampling.repetition_penalty > 0.0,
+                "repetition_penalty must be > 0",
+            ),
+            (
+                (-2.0..=2.0).contains(&sampling.frequency_penalty),
+                "frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                (-2.0..=2.0).contains(&sampling.presence_penalty),
+                "presence_penalty must be in [-2, 2]",
+            ),
+            (
+                sampling.logit_bias.iter().all(|(_, b)| b.is_finite()),
+                "logit_bias values must be finite",
+            ),
+        ];
+        if let Some((_, message)) = checks.iter().find(|(ok, _)| !ok) {
+            return Err(SubmitError::Invalid((*message).into()));
+        }
+        if let Some((bad, _)) = sampling
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= info.vocab_size)
+        {
+            return Err(SubmitError::Invalid(format!(
+                "logit_bias token id {bad} is outside the vocabulary (size {})",
+                info.vocab_size
+            )));
+        }
+        if let Some(k) = sampling.logprobs {
+            if k as usize > info.vocab_size {
+                return Err(SubmitError::Invalid(format!(
+                    "logprobs ({k}) exceeds the vocabulary size"
+                )));
+            }
+        }
+        let n = request.n.get() as usize;
+        if n > self.inner.config.seqs_running_max {
+            return Err(SubmitError::Invalid(format!(
+                "n ({n}) exceeds the most sequences the engine runs at once ({})",
+                self.inner.config.seqs_running_max
+            )));
+        }
+        Ok(())
+    }
+
+    /// Aborts a request: its choices finish with `FinishReason::Abort` and their KV blocks are
+    /// freed at the next step. Unknown or finished ids are ignored. Never blocks.
+    pub fn abort(&self, id: RequestId) {
+        match self.inner.commands.try_send(EngineCommand::Abort(id)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                let mut overflow = match self.inner.shared.aborts_overflow.lock() {
+                    Ok(guard) => guard,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                overflow.push(id);
+            }
+        }
+    }
+
+    /// Tokenizes `text`. `add_special_tokens` adds the model's BOS if it has one; special tokens
+    /// written in the text are parsed as such.
+    pub fn tokenize(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenId>, EngineError> {
+        self.inner.text.tokenize(text, add_special_tokens)
+    }
+
+    /// Decodes token ids to text, special tokens included.
+    pub fn detokenize(&self, ids: &[TokenId]) -> Result<String, EngineError> {
+        self.inner.text.detokenize(ids)
+    }
+
+    /// The bytes of each token on its own (for logprobs' `bytes`); a byte-level token may
+    /// hold an incomplete UTF-8 sequence.
+    pub fn token_bytes(&self, ids: &[TokenId]) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.inner.text.token_bytes(ids)
+    }
+
+    /// Ids that end generation unless `ignore_eos` (EOS, then end-of-turn tokens).
+    pub fn eos_token_ids(&self) -> &[TokenId] {
+        &self.inner.info.eos_token_ids
+    }
+
+    /// Renders the model's chat template over `messages`. A template that raises (for example
+    /// on an unsupported role) gives [`EngineError::Template`]: a client error.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        self.inner
+            .text
+            .apply_chat_template(messages, add_generation_prompt)
+    }
+
+    /// The served model name.
+    pub fn model_name(&self) -> &str {
+        &self.inner.info.name
+    }
+
+    /// Context length in tokens (prompt plus output).
+    pub fn model_len_max(&self) -> usize {
+        self.inner.info.model_len_max
+    }
+
+    /// Number of token ids; valid ids are `0..vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.info.vocab_size
+    }
+
+    /// The configuration the engine was started with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// True once warmed up, until shutdown begins.
+    pub fn is_ready(&self) -> bool {
+        let shared = &self.inner.shared;
+        shared.ready.load(Ordering::Acquire) && shared.accepting.load(Ordering::Acquire)
+    }
+
+    /// The engine's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.inner.shared.metrics.render()
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish until `deadline` (then aborts
+    /// them), and waits for the engine thread to exit. Blocks: call it off async threads.
+    /// Calling it again (or from another clone) just waits for the same exit.
+    pub fn shutdown(&self, deadline: Instant) {
+        self.inner.shared.accepting.store(false, Ordering::Release);
+        // A blocking send: the engine drains its channel every step, so this waits at most
+        // a step when the queue is full. An error means the thread is already gone.
+        let _ = self
+            .inner
+            .commands
+            .send(EngineCommand::Shutdown { deadline });
+        let thread = match self.inner.thread.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("the engine thread panicked");
+            }
+        }
+    }
+}

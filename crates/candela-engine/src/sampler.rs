@@ -1,0 +1,493 @@
+//! Token sampling for one choice: logit processing (bias, penalties), greedy or seeded random
+//! selection with temperature, top-k, top-p and min-p, and log-probabilities.
+//!
+//! Sampling runs on a host row of the step's logits (`&mut [f32]`, one vocabulary row), which the
+//! engine copies from the device once per step. Each choice owns its RNG (ChaCha12 seeded from
+//! `seed + choice_index`) and draws exactly one number per sampled token, so its output does not
+//! depend on what else is in the batch. Scratch buffers live in [`SamplerScratch`], shared by all
+//! choices of a step, so steady-state sampling does not allocate.
+//!
+//! Order of operations (as vLLM): log-probabilities from the raw logits (temperature 1, before
+//! any processing, as the OpenAI API reports them); then logit bias; repetition penalty (prompt
+//! and output tokens); frequency and presence penalties (output tokens); then greedy argmax when
+//! the temperature is 0, else temperature, top-k, top-p, min-p and a draw.
+
+use std::collections::HashMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
+
+use crate::api::{SamplingParams, TokenId, TokenLogprob};
+
+/// Below this temperature sampling is greedy: dividing by it would overflow, and every client
+/// means argmax by it.
+const TEMPERATURE_GREEDY_MAX: f32 = 1e-5;
+
+/// Buffers reused across sampling calls (one per engine).
+#[derive(Debug, Default)]
+pub struct SamplerScratch {
+    /// Candidate token ids after truncation.
+    candidates: Vec<u32>,
+    /// Probabilities, indexed like the vocabulary row.
+    probs: Vec<f32>,
+}
+
+/// The sampling state of one choice: its parameters, RNG and the token counts penalties need.
+#[derive(Debug)]
+pub struct ChoiceSampler {
+    params: SamplingParams,
+    rng: ChaCha12Rng,
+    /// Distinct prompt tokens, sorted; only filled when a repetition penalty is set.
+    prompt_tokens_distinct: Vec<TokenId>,
+    /// How often each token occurs in this choice's output (frequency/presence penalties and the
+    /// output half of the repetition penalty).
+    output_counts: HashMap<TokenId, u32>,
+}
+
+impl ChoiceSampler {
+    /// A sampler for one choice. `seed` is the choice's own seed (the request's seed plus the
+    /// choice index); `prompt` is read only when a repetition penalty is set.
+    pub fn new(params: SamplingParams, seed: u64, prompt: &[TokenId]) -> Self {
+        let mut prompt_tokens_distinct = Vec::new();
+        if params.repetition_penalty != 1.0 {
+            prompt_tokens_distinct.extend_from_slice(prompt);
+            prompt_tokens_distinct.sort_unstable();
+            prompt_tokens_distinct.dedup();
+        }
+        Self {
+            params,
+            rng: ChaCha12Rng::seed_from_u64(seed),
+            prompt_tokens_distinct,
+            output_counts: HashMap::new(),
+        }
+    }
+
+    /// The parameters this sampler was built with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Whether sampling is greedy (argmax).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature < TEMPERATURE_GREEDY_MAX
+    }
+
+    /// Records a token appended to this choice's output (for the penalties). Tokens that were
+    /// generated before a preemption stay recorded: the output continues seamlessly.
+    pub fn record_output(&mut self, token: TokenId) {
+        if self.params.frequency_penalty != 0.0
+            || self.params.presence_penalty != 0.0
+            || self.params.repetition_penalty != 1.0
+        {
+            *self.output_counts.entry(token).or_insert(0) += 1;
+        }
+    }
+
+    /// Picks the next token from one row of raw logits, which it overwrites with the processed
+    /// logits. Returns the token and, when requested, its log-probability entry.
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        scratch: &mut SamplerScratch,
+    ) -> (TokenId, Option<TokenLogprob>) {
+        assert!(!logits.is_empty(), "an empty logits row");
+        let raw = self.params.logprobs.map(|k| {
+            let normalizer = log_sum_exp(logits);
+            (normalizer, top_k_logprobs(logits, k as usize, normalizer))
+        });
+        // Processing changes only the logits of biased and penalized tokens: remember their raw
+        // values so the chosen token's raw logprob can be recovered without copying the row.
+        // (`Vec::new` does not allocate until a push.)
+        let mut changed: Vec<(TokenId, f32)> = Vec::new();
+        self.apply_processors(logits, raw.is_some().then_some(&mut changed));
+        let token = if self.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits, scratch)
+        };
+        let logprob = raw.map(|(normalizer, top)| {
+            let raw_logit = changed
+                .iter()
+                .find(|(t, _)| *t == token)
+                .map_or(logits[token as usize], |(_, raw)| *raw);
+            TokenLogprob {
+                token_id: token,
+                logprob: raw_logit - normalizer,
+                top,
+            }
+        });
+        (token, logprob)
+    }
+
+    /// Logit bias, then the repetition, frequency and presence penalties, in place. When
+    /// `changed` is given, the first raw value of every modified logit is pushed to it.
+    fn apply_processors(&self, logits: &mut [f32], mut changed: Option<&mut Vec<(TokenId, f32)>>) {
+        let vocab_size = logits.len();
+        let mut remember = |token: TokenId, raw: f32| {
+            if let Some(changed) = changed.as_deref_mut() {
+                if !changed.iter().any(|(t, _)| *t == token) {
+                    changed.push((token, raw));
+                }
+            }
+        };
+        for &(token, bias) in &self.params.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                remember(token, *logit);
+                *logit += bias;
+            }
+        }
+        let repetition = self.params.repetition_penalty;
+        if repetition != 1.0 {
+            // Prompt and output tokens, each penalized once (the CTRL rule vLLM uses: divide
+            // positive logits, multiply negative ones).
+            let output_only = self
+                .output_counts
+                .keys()
+                .filter(|t| self.prompt_tokens_distinct.binary_search(t).is_err());
+            for &token in self.prompt_tokens_distinct.iter().chain(output_only) {
+                if (token as usize) < vocab_size {
+                    let logit = &mut logits[token as usize];
+                    remember(token, *logit);
+                    *logit = if *logit > 0.0 {
+                        *logit / repetition
+                    } else {
+                        *logit * repetition
+                    };
+                }
+            }
+        }
+        let frequency = self.params.frequency_penalty;
+        let presence = self.params.presence_penalty;
+        if frequency != 0.0 || presence != 0.0 {
+            for (&token, &count) in &self.output_counts {
+                if (token as usize) < vocab_size {
+                    let logit = &mut logits[token as usize];
+                    remember(token, *logit);
+                    *logit -= frequency * count as f32 + presence;
+                }
+            }
+        }
+    }
+
+    /// Temperature, top-k, top-p and min-p, then one draw from the RNG.
+    fn draw(&mut self, logits: &[f32], scratch: &mut SamplerScratch) -> TokenId {
+        let inv_temperature = 1.0 / self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            // Every token masked (or NaN logits): nothing to draw from; fall back to argmax so
+            // the choice still ends (on length) rather than failing the batch.
+            return argmax(logits);
+        }
+        let probs = &mut scratch.probs;
+        probs.clear();
+        probs.extend(logits.iter().map(|&l| ((l - max) * inv_temperature).exp()));
+        // exp(NaN) is NaN: treat it as impossible.
+        for p in probs.iter_mut() {
+            if p.is_nan() {
+                *p = 0.0;
+            }
+        }
+
+        let top_k = self.params.top_k.map(|k| k.get() as usize);
+        let truncate_by_rank = top_k.is_some_and(|k| k < probs.len()) || self.params.top_p < 1.0;
+        let min_p = self.params.min_p;
+        // One uniform draw per token, taken up front so the RNG stream does not depend on the
+        // path below.
+        let u: f32 = self.rng.random::<f32>();
+
+        if !truncate_by_rank {
+            let threshold = if min_p > 0.0 { min_p } else { 0.0 };
+            // The top token has probability weight exp(0) = 1 before normalization, so min-p
+            // compares unnormalized weights with min_p directly.
+            let total: f32 = probs.iter().filter(|&&p| p >= threshold).sum();
+            return inverse_cdf(
+                probs
+                    .iter()
+                    .copied()
+                    .enumerate()
+                    .filter(|(_, p)| *p >= threshold),
+                u * total,
+            )
+            .unwrap_or_else(|| argmax(logits));
+        }
+
+        // Rank-based truncation: sort candidates by probability (descending, then by id so ties
+        // are deterministic).
+        let candidates = &mut scratch.candidates;
+        candidates.clear();
+        candidates.extend((0..probs.len() as u32).filter(|&i| probs[i as usize] > 0.0));
+        let by_prob_desc = |a: &u32, b: &u32| {
+            probs[*b as usize]
+                .total_cmp(&probs[*a as usize])
+                .then(a.cmp(b))
+        };
+        if let Some(k) = top_k {
+            if k < candidates.len() {
+                candidates.select_nth_unstable_by(k.saturating_sub(1), by_prob_desc);
+                candidates.truncate(k);
+            }
+        }
+        candidates.sort_unstable_by(by_prob_desc);
+        if min_p > 0.0 {
+            // Weights are relative to the top token's (which is 1).
+            let keep = candidates
+                .iter()
+                .take_while(|&&i| probs[i as usize] >= min_p)
+                .count()
+                .max(1);
+            candidates.truncate(keep);
+        }
+        let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
+        if self.params.top_p < 1.0 {
+            let mass_max = self.params.top_p * total;
+            let mut mass = 0.0f32;
+            let mut keep = 0;
+            for &i in candidates.iter() {
+                keep += 1;
+                mass += probs[i as usize];
+                if mass >= mass_max {
+                    break;
+                }
+            }
+            candidates.truncate(keep.max(1));
+        }
+        let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
+        inverse_cdf(
+            candidates.iter().map(|&i| (i as usize, probs[i as usize])),
+            u * total,
+        )
+        .or_else(|| candidates.first().map(|&i| i as usize as u32))
+        .unwrap_or_else(|| argmax(logits))
+    }
+}
+
+/// The first index whose cumulative weight passes `target` (the last one on rounding).
+fn inverse_cdf(weights: impl Iterator<Item = (usize, f32)>, target: f32) -> Option<TokenId> {
+    let mut cumulative = 0.0f32;
+    let mut last = None;
+    for (i, w) in weights {
+        cumulative += w;
+        last = Some(i as TokenId);
+        if cumulative > target {
+            return last;
+        }
+    }
+    last
+}
+
+/// Index of the largest value, the first one on ties; NaNs are never chosen unless everything is
+/// NaN (then 0).
+pub fn argmax(values: &[f32]) -> TokenId {
+    let mut best_index = 0usize;
+    let mut best = f32::NEG_INFINITY;
+    let mut found = false;
+    for (i, &v) in values.iter().enumerate() {
+        if v > best || (!found && v == best) {
+            best = v;
+            best_index = i;
+            found = true;
+        }
+    }
+    best_index as TokenId
+}
+
+/// `log(sum(exp(x)))`, computed stably.
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// The `k` largest raw logits as `(token, logprob)`, most likely first (lower id first on ties).
+fn top_k_logprobs(logits: &[f32], k: usize, log_normalizer: f32) -> Vec<(TokenId, f32)> {
+    let k = k.min(logits.len());
+    let mut top: Vec<(TokenId, f32)> = Vec::with_capacity(k + 1);
+    if k == 0 {
+        return top;
+    }
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() || (top.len() == k && l <= top[k - 1].1) {
+            continue;
+        }
+        // Insertion keeps `top` sorted descending; ties keep the earlier (lower) id first.
+        let position = top.iter().position(|&(_, v)| l > v).unwrap_or(top.len());
+        top.insert(position, (i as TokenId, l));
+        top.truncate(k);
+    }
+    for entry in &mut top {
+        entry.1 -= log_normalizer;
+    }
+    top
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Draws `draws` tokens from fresh copies of `logits` and counts each token.
+    fn histogram(sampler: &mut ChoiceSampler, logits: &[f32], draws: usize) -> Vec<usize> {
+        let mut scratch = SamplerScratch::default();
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..draws {
+            let mut row = logits.to_vec();
+            let (token, _) = sampler.sample(&mut row, &mut scratch);
+            counts[token as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn greedy_is_argmax_first_on_ties() {
+        let mut sampler = ChoiceSampler::new(params(0.0), 7, &[]);
+        let mut scratch = SamplerScratch::default();
+        let mut row = vec![0.5, 2.0, -1.0, 2.0, 1.9];
+        assert_eq!(sampler.sample(&mut row, &mut scratch).0, 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 1.0]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[-3.0, -2.0, -2.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_different_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut sampler = ChoiceSampler::new(params(1.0), seed, &[]);
+            let mut scratch = SamplerScratch::default();
+            (0..64)
+                .map(|_| sampler.sample(&mut logits.clone(), &mut scratch).0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+    }
+
+    #[test]
+    fn top_k_keeps_only_the_k_best() {
+        let logits = [1.0, 3.0, 2.0, 0.0, 2.5];
+        let mut p = params(1.0);
+        p.top_k = NonZeroU32::new(2);
+        let counts = histogram(&mut ChoiceSampler::new(p, 1, &[]), &logits, 400);
+        assert_eq!(counts[0] + counts[2] + counts[3], 0, "{counts:?}");
+        assert!(counts[1] > 0 && counts[4] > 0, "{counts:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_the_mass() {
+        // Probabilities ~ [0.665, 0.245, 0.090]: top_p 0.8 keeps the first two.
+        let logits = [2.0, 1.0, 0.0];
+        let mut p = params(1.0);
+        p.top_p = 0.8;
+        let counts = histogram(&mut ChoiceSampler::new(p.clone(), 3, &[]), &logits, 500);
+        assert_eq!(counts[2], 0, "{counts:?}");
+        assert!(counts[0] > counts[1] && counts[1] > 0, "{counts:?}");
+        p.top_p = 0.5;
+        let counts = histogram(&mut ChoiceSampler::new(p, 3, &[]), &logits, 100);
+        assert_eq!(counts, vec![100, 0, 0]);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_fraction_of_the_top() {
+        // Relative weights: 1, e^-1 = 0.37, e^-3 = 0.05.
+        let logits = [5.0, 4.0, 2.0];
+        let mut p = params(1.0);
+        p.min_p = 0.2;
+        let counts = histogram(&mut ChoiceSampler::new(p.clone(), 5, &[]), &logits, 500);
+        assert_eq!(counts[2], 0, "{counts:?}");
+        assert!(counts[1] > 0);
+        // Through the rank path too (top_k set).
+        p.top_k = NonZeroU32::new(3);
+        let counts = histogram(&mut ChoiceSampler::new(p, 5, &[]), &logits, 500);
+        assert_eq!(counts[2], 0, "{counts:?}");
+    }
+
+    #[test]
+    fn temperature_sharpens_and_flattens() {
+        let logits = [1.0, 0.0];
+        let cold = histogram(&mut ChoiceSampler::new(params(0.1), 9, &[]), &logits, 1000);
+        let hot = histogram(&mut ChoiceSampler::new(params(10.0), 9, &[]), &logits, 1000);
+        // At T=0.1 token 1 has probability e^-10; at T=10 it has ~0.475.
+        assert!(cold[1] < 5, "{cold:?}");
+        assert!(hot[1] > 350, "{hot:?}");
+    }
+
+    #[test]
+    fn logit_bias_can_force_and_ban() {
+        let mut p = params(0.0);
+        p.logit_bias = vec![(2, 100.0), (99, 5.0)];
+        let mut scratch = SamplerScratch::default();
+        let mut sampler = ChoiceSampler::new(p.clone(), 0, &[]);
+        assert_eq!(sampler.sample(&mut vec![3.0, 1.0, 0.0], &mut scratch).0, 2);
+        p.logit_bias = vec![(0, -100.0)];
+        p.temperature = 1.0;
+        let counts = histogram(&mut ChoiceSampler::new(p, 0, &[]), &[3.0, 1.0, 0.0], 200);
+        assert_eq!(counts[0], 0);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        let mut p = params(0.0);
+        p.repetition_penalty = 2.0;
+        let sampler = ChoiceSampler::new(p, 0, &[0, 1]);
+        let mut row = vec![4.0, -1.0, 3.0];
+        sampler.apply_processors(&mut row, None);
+        assert_eq!(row, vec![2.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_output_tokens_only() {
+        let mut p = params(0.0);
+        p.frequency_penalty = 0.5;
+        p.presence_penalty = 1.0;
+        let mut sampler = ChoiceSampler::new(p, 0, &[2]);
+        sampler.record_output(0);
+        sampler.record_output(0);
+        sampler.record_output(1);
+        let mut row = vec![5.0, 5.0, 5.0];
+        sampler.apply_processors(&mut row, None);
+        assert_eq!(row, vec![3.0, 3.5, 5.0]);
+        let mut scratch = SamplerScratch::default();
+        assert_eq!(sampler.sample(&mut vec![5.0, 5.0, 4.9], &mut scratch).0, 2);
+    }
+
+    #[test]
+    fn logprobs_come_from_the_raw_logits() {
+        let mut p = params(0.0);
+        p.logprobs = Some(2);
+        p.logit_bias = vec![(2, 10.0)];
+        let mut sampler = ChoiceSampler::new(p, 0, &[]);
+        let mut scratch = SamplerScratch::default();
+        let raw = [2.0f32, 1.0, 0.0, 1.0];
+        let (token, logprob) = sampler.sample(&mut raw.to_vec(), &mut scratch);
+        assert_eq!(token, 2);
+        let logprob = logprob.expect("logprobs requested");
+        let lse = raw.iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert!((logprob.logprob - (0.0 - lse)).abs() < 1e-5);
+        assert_eq!(logprob.top.len(), 2);
+        assert_eq!(logprob.top[0].0, 0);
+        // Tie between ids 1 and 3: the lower id first.
+        assert_eq!(logprob.top[1].0, 1);
+        assert!((logprob.top[0].1 - (2.0 - lse)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // Probabilities ~ [0.09, 0.24, 0.67].
+        let logits = [0.0, 1.0, 2.0];
+        let counts = histogram(&mut ChoiceSampler::new(params(1.0), 11, &[]), &logits, 3000);
+        assert!((150..400).contains(&counts[0]), "{counts:?}");
+        assert!((550..900).contains(&counts[1]), "{counts:?}");
+        assert!((1800..2250).contains(&counts[2]), "{counts:?}");
+    }
+}
