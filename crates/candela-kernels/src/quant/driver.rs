@@ -1,0 +1,148 @@
+//! The matmul driver: validates, quantizes the activations into thread-local scratch, then
+//! splits the output tiles over rayon's current pool and runs the chosen kernel on each range.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::act::{self, ActBuf};
+use super::pack::PackLayout;
+use super::{portable, Kernel, PackedWeight, QuantError, Result};
+
+/// Below this many multiply-adds a call runs on the calling thread: waking the pool costs a
+/// few microseconds, more than such a matmul takes.
+const PARALLEL_MACS_MIN: usize = 1 << 20;
+
+/// Everything a kernel reads, plus where it writes.
+pub(crate) struct KernelArgs<'a> {
+    pub layout: PackLayout,
+    pub w: &'a [u8],
+    pub m: usize,
+    /// `[m, k]` quantized activations.
+    pub xq: &'a [i8],
+    /// `[m, groups]` activation scales, their `sx * sum(xq)`, and `sum(xq)`.
+    pub sx: &'a [f32],
+    pub sumx: &'a [f32],
+    pub sumq: &'a [i32],
+    pub y: OutPtr,
+}
+
+/// The `[m, n]` output, written by several threads at once, each on its own tiles' columns.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the driver hands each thread a disjoint range of output columns, so no element is
+// written twice or read while written.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` must be in bounds and owned by the calling thread's tile range.
+    #[inline(always)]
+    pub unsafe fn write(&self, i: usize, v: f32) {
+        debug_assert!(i < self.len);
+        self.ptr.add(i).write(v);
+    }
+
+    /// # Safety
+    /// As [`Self::write`], for `i..i + count`.
+    #[inline(always)]
+    pub unsafe fn at(&self, i: usize, count: usize) -> *mut f32 {
+        debug_assert!(i + count <= self.len);
+        self.ptr.add(i)
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<ActBuf> = RefCell::new(ActBuf::default());
+}
+
+pub(crate) fn matmul(
+    w: &PackedWeight,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    if !kernel.is_available() {
+        return Err(QuantError::KernelUnavailable { kernel });
+    }
+    let l = w.layout;
+    if x.len() != m * l.k {
+        return Err(QuantError::Length {
+            what: "activations x [m, k]",
+            expected: m * l.k,
+            got: x.len(),
+        });
+    }
+    if y.len() != m * l.n {
+        return Err(QuantError::Length {
+            what: "output y [m, n]",
+            expected: m * l.n,
+            got: y.len(),
+        });
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let mut run = |buf: &mut ActBuf| {
+        let use_avx512 = matches!(kernel, Kernel::Avx512Vnni);
+        act::quantize_rows(x, m, l.k, l.group_size, use_avx512, buf);
+        let args = KernelArgs {
+            layout: l,
+            w: w.data.as_slice(),
+            m,
+            xq: &buf.xq[..m * l.k],
+            sx: &buf.sx[..m * l.groups],
+            sumx: &buf.sumx[..m * l.groups],
+            sumq: &buf.sumq[..m * l.groups],
+            y: OutPtr {
+                ptr: y.as_mut_ptr(),
+                len: y.len(),
+            },
+        };
+        run_parallel(&args, kernel);
+    };
+    // A rayon worker that calls us while already inside a call (work stealing while it waits)
+    // finds its scratch borrowed; it then uses a fresh buffer rather than failing.
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        Err(_) => run(&mut ActBuf::default()),
+    });
+    Ok(())
+}
+
+fn run_parallel(a: &KernelArgs<'_>, kernel: Kernel) {
+    let l = &a.layout;
+    let threads = rayon::current_num_threads();
+    let macs = a.m * l.n * l.k;
+    if threads <= 1 || macs < PARALLEL_MACS_MIN || l.tiles < 2 {
+        run_tiles(a, kernel, 0, l.tiles);
+        return;
+    }
+    // A few chunks per thread so a thread slowed by a noisy neighbour does not hold up the
+    // call, but not so many that the per-chunk overhead shows.
+    let per_thread = if macs >= 64 << 20 { 4 } else { 1 };
+    let chunks = (threads * per_thread).min(l.tiles);
+    (0..chunks).into_par_iter().for_each(|c| {
+        let begin = c * l.tiles / chunks;
+        let end = (c + 1) * l.tiles / chunks;
+        run_tiles(a, kernel, begin, end);
+    });
+}
+
+fn run_tiles(a: &KernelArgs<'_>, kernel: Kernel, tile_begin: usize, tile_end: usize) {
+    match kernel {
+        Kernel::Portable => portable::run_tiles(a, tile_begin, tile_end),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul` checked `kernel.is_available()`, i.e. the CPU features it needs.
+        k => unsafe { super::x86::run_tiles(a, k, tile_begin, tile_end) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => portable::run_tiles(a, tile_begin, tile_end),
+    }
+}

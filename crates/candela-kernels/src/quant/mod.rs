@@ -1,0 +1,322 @@
+//! Packed int8 / int4 weights and a fast CPU quantized matmul (`y = x W^T`).
+//!
+//! Why our own format: candle 0.11 runs GGUF Q4_1 (the default model's type) without SIMD and
+//! its tiled Q4_0/Q8_0 paths need `k % 256 == 0`, which SmolLM2's `k = 576` is not. We repack
+//! those weights at load, losslessly, into one layout that a single kernel family serves, and
+//! `--quantize int8|int4` produces the same layout from float weights.
+//!
+//! Every weight value is stored as an unsigned code `q` with a per-group scale `d` and min `m`
+//! (both f16), so `w = q * d + m` whatever the source: Q4_1 keeps its own `d` and `m`, Q4_0
+//! becomes `m = -8 d`, Q8_0 becomes `q + 128` with `m = -128 d`. Unsigned codes are what
+//! VNNI's `vpdpbusd` (u8 x i8) wants; the `m` term is folded in per group with the activation
+//! group sum. Activations are quantized per row on the fly, in groups of the weight's group size,
+//! to i8 with a scale `sx` (llama.cpp's Q8_1 scheme), so a group's dot product is
+//! `sx * d * sum(xq * q) + m * sx * sum(xq)`.
+//!
+//! See `pack.rs` for the byte layout, `x86.rs` for the SIMD kernels (chosen at run time) and
+//! `portable.rs` for the fallback that every SIMD kernel is tested against.
+
+mod act;
+mod driver;
+mod pack;
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+pub use pack::TILE_COLS;
+
+/// Width of the stored integer codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantBits {
+    /// One byte per weight: symmetric int8 (`--quantize int8`), Q8_0, Q5_0, Q5_1.
+    Int8,
+    /// Half a byte per weight with a per-group min: `--quantize int4`, Q4_0, Q4_1.
+    Int4,
+}
+
+/// One implementation of the matmul kernel. [`Kernel::detect`] picks the fastest one the CPU
+/// runs; the others stay callable so tests can check each against the same reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// 512-bit `vpdpbusd` (AVX-512 F/BW/VL + VNNI): 16 output columns per register.
+    Avx512Vnni,
+    /// 256-bit `vpdpbusd` in its VEX encoding (AVX-VNNI, e.g. Alder Lake without AVX-512).
+    AvxVnni,
+    /// The same 256-bit kernel with the EVEX `vpdpbusd` of AVX-512 VL + VNNI; it exists so the
+    /// 256-bit VNNI code path can be tested on CPUs that lack AVX-VNNI.
+    Avx512VlVnni256,
+    /// AVX2 + FMA: `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`.
+    Avx2,
+    /// Plain Rust, any CPU: the reference the SIMD kernels are tested against.
+    Portable,
+}
+
+impl Kernel {
+    /// All kernels, fastest first.
+    pub const ALL: [Kernel; 5] = [
+        Kernel::Avx512Vnni,
+        Kernel::AvxVnni,
+        Kernel::Avx512VlVnni256,
+        Kernel::Avx2,
+        Kernel::Portable,
+    ];
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            match self {
+                Kernel::Avx512Vnni | Kernel::Avx512VlVnni256 => avx512,
+                Kernel::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
+                Kernel::Avx2 => avx2,
+                Kernel::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            matches!(self, Kernel::Portable)
+        }
+    }
+
+    /// The fastest kernel this CPU runs (detected once, then cached).
+    pub fn detect() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            Kernel::ALL
+                .into_iter()
+                .find(|k| k.is_available())
+                .unwrap_or(Kernel::Portable)
+        })
+    }
+
+    /// The kernels this CPU runs, fastest first.
+    pub fn available() -> Vec<Kernel> {
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
+    }
+}
+
+/// Errors of packing and of the quantized matmul.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// The group size must be a multiple of 32 in 32..=512.
+    #[error("unsupported group size {group_size}: expected a multiple of 32 in 32..=512")]
+    GroupSize {
+        /// The requested group size.
+        group_size: usize,
+    },
+    /// `k` must be a non-zero multiple of the group size (a group never straddles rows).
+    #[error("k = {k} is not a non-zero multiple of the group size {group_size}")]
+    KNotMultipleOfGroup {
+        /// Input features.
+        k: usize,
+        /// Group size.
+        group_size: usize,
+    },
+    /// `n` must be non-zero.
+    #[error("n = 0: a weight needs at least one output feature")]
+    EmptyN,
+    /// A buffer's length does not match the shape.
+    #[error("{what}: expected length {expected}, got {got}")]
+    Length {
+        /// Which buffer.
+        what: &'static str,
+        /// Length implied by the shape.
+        expected: usize,
+        /// Length passed.
+        got: usize,
+    },
+    /// This GGML type has no lossless repacking into our format.
+    #[error("GGML type {dtype:?} cannot be repacked; keep candle's QMatMul for it")]
+    UnsupportedGgml {
+        /// The type.
+        dtype: GgmlDType,
+    },
+    /// A scale or min does not fit in f16 (weights above ~65000 in magnitude, or not finite).
+    #[error("weight row {row}, group {group}: scale or min not representable as f16")]
+    NotRepresentable {
+        /// Output feature.
+        row: usize,
+        /// Group index along k.
+        group: usize,
+    },
+    /// The requested kernel needs CPU features this machine lacks.
+    #[error("kernel {kernel:?} is not supported by this CPU")]
+    KernelUnavailable {
+        /// The kernel.
+        kernel: Kernel,
+    },
+}
+
+/// Result of this module's fallible functions.
+pub type Result<T> = std::result::Result<T, QuantError>;
+
+/// Weight of a linear layer `y = x W^T`, `W: [n, k]` (n output features, k input features),
+/// packed group-wise along k for our CPU kernels. Immutable once built; `Send + Sync`.
+#[derive(Clone)]
+pub struct PackedWeight {
+    layout: pack::PackLayout,
+    data: pack::AlignedBytes,
+    source: Option<GgmlDType>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("n", &self.layout.n)
+            .field("k", &self.layout.k)
+            .field("bits", &self.layout.bits)
+            .field("group_size", &self.layout.group_size)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl PackedWeight {
+    /// Quantizes a row-major `[n, k]` f32 weight: `Int8` is symmetric (`d = amax / 127`),
+    /// `Int4` uses each group's min and max (`d = (max - min) / 15`, `m = min`).
+    pub fn quantize_f32(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bits: QuantBits,
+        group_size: usize,
+    ) -> Result<Self> {
+        pack::quantize_f32(w, n, k, bits, group_size)
+    }
+
+    /// Repacks raw GGML block bytes of a `[n, k]` weight (k contiguous), keeping every value
+    /// exactly: Q4_0 and Q4_1 become int4, Q8_0, Q5_0 and Q5_1 become int8, all with group
+    /// size 32. Other types (k-quants, floats) return [`QuantError::UnsupportedGgml`].
+    pub fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<Self> {
+        pack::from_ggml(dtype, data, n, k)
+    }
+
+    /// The weight as row-major `[n, k]` f32, computed as `q * d + m` (bit-exact with candle's
+    /// dequantization for every repacked GGML type).
+    pub fn dequantize(&self) -> Vec<f32> {
+        pack::dequantize(self)
+    }
+
+    /// Output features.
+    pub fn n(&self) -> usize {
+        self.layout.n
+    }
+
+    /// Input features.
+    pub fn k(&self) -> usize {
+        self.layout.k
+    }
+
+    /// Code width.
+    pub fn bits(&self) -> QuantBits {
+        self.layout.bits
+    }
+
+    /// Weights per scale along k.
+    pub fn group_size(&self) -> usize {
+        self.layout.group_size
+    }
+
+    /// The GGML type this weight was repacked from, if any.
+    pub fn source_ggml(&self) -> Option<GgmlDType> {
+        self.source
+    }
+
+    /// Bytes of packed data (codes, scales and mins).
+    pub fn storage_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The packed bytes themselves (the CUDA kernels read this very layout on the device).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn packed_bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
+    /// `y[m, n] = x[m, k] W^T` with the fastest kernel of this CPU, parallel over output
+    /// columns on rayon's current pool. `x` and `y` are row-major.
+    pub fn matmul_f32(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        driver::matmul(self, Kernel::detect(), x, m, y)
+    }
+
+    /// [`Self::matmul_f32`] with an explicit kernel (for tests and benchmarks).
+    pub fn matmul_f32_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        driver::matmul(self, kernel, x, m, y)
+    }
+
+    /// `x: [.., k]` f32 on the CPU (any rank >= 1) -> `[.., n]` f32. A CUDA or Metal tensor is
+    /// an `Err` until those paths exist.
+    pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() {
+            candle_core::bail!(
+                "candela packed qmatmul: only CPU tensors are supported for now, got {:?}",
+                x.device().location()
+            );
+        }
+        let x = x.contiguous()?;
+        x.apply_op1_no_bwd(&PackedMatMulOp { weight: self })
+    }
+}
+
+/// Candle op wrapper, so candle hands us the CPU slice without a copy; `cuda_fwd` keeps candle's
+/// default (an `Err`).
+struct PackedMatMulOp<'a> {
+    weight: &'a PackedWeight,
+}
+
+impl CustomOp1 for PackedMatMulOp<'_> {
+    fn name(&self) -> &'static str {
+        "candela-packed-qmatmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(xs) = storage else {
+            candle_core::bail!("candela packed qmatmul: expected f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("candela packed qmatmul: input is not contiguous {layout:?}");
+        };
+        let (n, k) = (self.weight.n(), self.weight.k());
+        let dims = layout.shape().dims();
+        match dims.last() {
+            Some(&last) if last == k => {}
+            _ => candle_core::bail!(
+                "candela packed qmatmul: input shape {dims:?} does not end in k = {k}"
+            ),
+        }
+        let x = &xs[start..end];
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        self.weight
+            .matmul_f32(x, m, &mut y)
+            .map_err(candle_core::Error::wrap)?;
+        let mut out_dims = dims.to_vec();
+        out_dims.pop();
+        out_dims.push(n);
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+}

@@ -1,0 +1,418 @@
+//! The packed byte layout, and conversions into it (f32 quantization, GGML repacking) and out
+//! of it (dequantization).
+//!
+//! Output columns are grouped in tiles of [`TILE_COLS`] = 16 (one 512-bit register of i32 lanes,
+//! or two 256-bit ones). The data is tile-major, then group-major along k, so a kernel working
+//! on one tile streams one contiguous run of bytes:
+//!
+//! ```text
+//! tile t: [ group 0 block ][ group 1 block ] ... [ group k/G-1 block ]
+//! block:  [ chunk 0 ][ chunk 1 ] ... [ 16 x f16 d ][ 16 x f16 m ]       (64-byte aligned)
+//! chunk:  64 bytes = 16 lanes (columns) x 4 bytes
+//!   int8: lane j, byte b  = code of w[col j, k0 + b]                      (k0 = g G + 4 c)
+//!   int4: lane j, byte b  = code of w[col j, k0 + b]       in the low nibble
+//!                         | code of w[col j, k0 + 4 + b]   in the high nibble (k0 = g G + 8 c)
+//! ```
+//!
+//! Each lane's 4 bytes line up with 4 consecutive activations, which is exactly what one
+//! `vpdpbusd` lane sums, so the kernels broadcast 4 activation bytes and never reduce
+//! horizontally. Columns past `n` in the last tile are zero (code 0, d = m = 0).
+
+use half::f16;
+
+use super::{PackedWeight, QuantBits, QuantError, Result};
+use candle_core::quantized::GgmlDType;
+
+/// Output columns per tile.
+pub const TILE_COLS: usize = 16;
+/// Bytes per chunk: 16 lanes of 4 bytes.
+pub(crate) const CHUNK_BYTES: usize = 64;
+/// Bytes of the scale row and of the min row at the end of a block (16 f16 each).
+const SCALE_ROW_BYTES: usize = TILE_COLS * 2;
+/// The largest group size accepted (keeps the i32 group accumulators far from overflow).
+const GROUP_SIZE_MAX: usize = 512;
+
+/// Shape of a packed weight and the byte offsets derived from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackLayout {
+    pub n: usize,
+    pub k: usize,
+    pub bits: QuantBits,
+    pub group_size: usize,
+    /// `k / group_size`.
+    pub groups: usize,
+    /// `ceil(n / TILE_COLS)`.
+    pub tiles: usize,
+    /// Bytes of codes in one block (one tile x one group).
+    pub code_bytes: usize,
+    /// Bytes of one block: codes, then scales, then mins.
+    pub block_bytes: usize,
+    /// Bytes of one tile: `groups` blocks.
+    pub tile_bytes: usize,
+}
+
+impl PackLayout {
+    pub(crate) fn new(n: usize, k: usize, bits: QuantBits, group_size: usize) -> Result<Self> {
+        if group_size == 0 || group_size % 32 != 0 || group_size > GROUP_SIZE_MAX {
+            return Err(QuantError::GroupSize { group_size });
+        }
+        if k == 0 || k % group_size != 0 {
+            return Err(QuantError::KNotMultipleOfGroup { k, group_size });
+        }
+        if n == 0 {
+            return Err(QuantError::EmptyN);
+        }
+        let code_bytes = match bits {
+            QuantBits::Int8 => TILE_COLS * group_size,
+            QuantBits::Int4 => TILE_COLS * group_size / 2,
+        };
+        let block_bytes = code_bytes + 2 * SCALE_ROW_BYTES;
+        debug_assert_eq!(block_bytes % CHUNK_BYTES, 0);
+        let groups = k / group_size;
+        Ok(Self {
+            n,
+            k,
+            bits,
+            group_size,
+            groups,
+            tiles: n.div_ceil(TILE_COLS),
+            code_bytes,
+            block_bytes,
+            tile_bytes: groups * block_bytes,
+        })
+    }
+
+    fn total_bytes(&self) -> usize {
+        self.tiles * self.tile_bytes
+    }
+
+    fn block_offset(&self, col: usize, group: usize) -> usize {
+        (col / TILE_COLS) * self.tile_bytes + group * self.block_bytes
+    }
+
+    /// Byte index and nibble shift (0 or 4; always 0 for int8) of weight `(col, kk)` within
+    /// its block, `kk` counted from the start of the group.
+    fn code_position(&self, col: usize, kk: usize) -> (usize, u32) {
+        let lane = col % TILE_COLS;
+        match self.bits {
+            QuantBits::Int8 => (CHUNK_BYTES * (kk / 4) + 4 * lane + kk % 4, 0),
+            QuantBits::Int4 => {
+                let within = kk % 8;
+                let shift = if within < 4 { 0 } else { 4 };
+                (CHUNK_BYTES * (kk / 8) + 4 * lane + within % 4, shift)
+            }
+        }
+    }
+}
+
+/// A byte buffer whose start is 64-byte aligned, so every block starts on a cache line.
+#[derive(Clone)]
+pub(crate) struct AlignedBytes {
+    lines: Vec<CacheLine>,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct CacheLine([u8; 64]);
+
+impl AlignedBytes {
+    fn zeroed(len: usize) -> Self {
+        debug_assert_eq!(len % 64, 0);
+        Self {
+            lines: vec![CacheLine([0; 64]); len / 64],
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lines.len() * 64
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: CacheLine is repr(C) over [u8; 64] with no padding (size 64, align 64), so the
+        // lines are one contiguous run of initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len();
+        // SAFETY: as in `as_slice`, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), len) }
+    }
+}
+
+/// Writes groups into a zeroed buffer.
+struct Packer {
+    layout: PackLayout,
+    data: AlignedBytes,
+}
+
+impl Packer {
+    fn new(layout: PackLayout) -> Self {
+        Self {
+            data: AlignedBytes::zeroed(layout.total_bytes()),
+            layout,
+        }
+    }
+
+    /// Stores one group of codes (`group_size` of them, each < 16 for int4) with its scale/min.
+    fn set_group(&mut self, col: usize, group: usize, codes: &[u8], d: f16, m: f16) {
+        let l = self.layout;
+        debug_assert_eq!(codes.len(), l.group_size);
+        let base = l.block_offset(col, group);
+        let bytes = self.data.as_mut_slice();
+        let block = &mut bytes[base..base + l.block_bytes];
+        for (kk, &q) in codes.iter().enumerate() {
+            let (i, shift) = l.code_position(col, kk);
+            debug_assert!(l.bits == QuantBits::Int8 || q < 16);
+            block[i] |= q << shift;
+        }
+        let lane = col % TILE_COLS;
+        let ds = l.code_bytes + 2 * lane;
+        block[ds..ds + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+        let ms = l.code_bytes + SCALE_ROW_BYTES + 2 * lane;
+        block[ms..ms + 2].copy_from_slice(&m.to_bits().to_le_bytes());
+    }
+
+    fn finish(self, source: Option<GgmlDType>) -> PackedWeight {
+        PackedWeight {
+            layout: self.layout,
+            data: self.data,
+            source,
+        }
+    }
+}
+
+/// Reads one group back: codes into `codes`, returns (d, m).
+fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f16, f16) {
+    let l = w.layout;
+    let base = l.block_offset(col, group);
+    let block = &w.data.as_slice()[base..base + l.block_bytes];
+    for (kk, q) in codes.iter_mut().enumerate() {
+        let (i, shift) = l.code_position(col, kk);
+        *q = match l.bits {
+            QuantBits::Int8 => block[i],
+            QuantBits::Int4 => (block[i] >> shift) & 0x0F,
+        };
+    }
+    let lane = col % TILE_COLS;
+    let ds = l.code_bytes + 2 * lane;
+    let ms = l.code_bytes + SCALE_ROW_BYTES + 2 * lane;
+    (
+        f16::from_bits(u16::from_le_bytes([block[ds], block[ds + 1]])),
+        f16::from_bits(u16::from_le_bytes([block[ms], block[ms + 1]])),
+    )
+}
+
+pub(crate) fn dequantize(w: &PackedWeight) -> Vec<f32> {
+    let l = w.layout;
+    let mut out = vec![0f32; l.n * l.k];
+    let mut codes = vec![0u8; l.group_size];
+    for col in 0..l.n {
+        for g in 0..l.groups {
+            let (d, m) = get_group(w, col, g, &mut codes);
+            let (d, m) = (d.to_f32(), m.to_f32());
+            let row = &mut out[col * l.k + g * l.group_size..][..l.group_size];
+            for (o, &q) in row.iter_mut().zip(codes.iter()) {
+                // Same expression and rounding as candle's `to_float` (no fused multiply-add),
+                // which makes the repacked GGML types dequantize bit-exactly.
+                *o = q as f32 * d + m;
+            }
+        }
+    }
+    out
+}
+
+/// f16 of `v` if it holds `v` exactly (guards the lossless repacking of `m = -8 d` and
+/// friends, and quantized scales that overflow f16).
+fn exact_f16(v: f32) -> Option<f16> {
+    let h = f16::from_f32(v);
+    (h.to_f32() == v).then_some(h)
+}
+
+pub(crate) fn quantize_f32(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bits: QuantBits,
+    group_size: usize,
+) -> Result<PackedWeight> {
+    let layout = PackLayout::new(n, k, bits, group_size)?;
+    if w.len() != n * k {
+        return Err(QuantError::Length {
+            what: "weight",
+            expected: n * k,
+            got: w.len(),
+        });
+    }
+    let mut packer = Packer::new(layout);
+    let mut codes = vec![0u8; group_size];
+    for col in 0..n {
+        for g in 0..layout.groups {
+            let xs = &w[col * k + g * group_size..][..group_size];
+            let bad = QuantError::NotRepresentable { row: col, group: g };
+            if xs.iter().any(|v| !v.is_finite()) {
+                return Err(bad);
+            }
+            let (d, m) = match bits {
+                QuantBits::Int8 => {
+                    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = f16::from_f32(amax / 127.0);
+                    let df = d.to_f32();
+                    if !df.is_finite() {
+                        return Err(bad);
+                    }
+                    let inv = if df > 0.0 { 1.0 / df } else { 0.0 };
+                    for (c, &v) in codes.iter_mut().zip(xs) {
+                        let q = (v * inv).round().clamp(-127.0, 127.0) as i32;
+                        *c = (q + 128) as u8;
+                    }
+                    (d, exact_f16(-128.0 * df).ok_or(bad)?)
+                }
+                QuantBits::Int4 => {
+                    let lo = xs.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                    let hi = xs.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    let d = f16::from_f32((hi - lo) / 15.0);
+                    let m = f16::from_f32(lo);
+                    let (df, mf) = (d.to_f32(), m.to_f32());
+                    if !df.is_finite() || !mf.is_finite() {
+                        return Err(bad);
+                    }
+                    let inv = if df > 0.0 { 1.0 / df } else { 0.0 };
+                    for (c, &v) in codes.iter_mut().zip(xs) {
+                        *c = ((v - mf) * inv).round().clamp(0.0, 15.0) as u8;
+                    }
+                    (d, m)
+                }
+            };
+            packer.set_group(col, g, &codes, d, m);
+        }
+    }
+    Ok(packer.finish(None))
+}
+
+/// GGML block sizes: every type we repack has 32 weights per block.
+const GGML_BLOCK: usize = 32;
+
+fn read_f16(b: &[u8], at: usize) -> f16 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+
+pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<PackedWeight> {
+    let (bits, block_bytes) = match dtype {
+        GgmlDType::Q4_0 => (QuantBits::Int4, 18),
+        GgmlDType::Q4_1 => (QuantBits::Int4, 20),
+        GgmlDType::Q5_0 => (QuantBits::Int8, 22),
+        GgmlDType::Q5_1 => (QuantBits::Int8, 24),
+        GgmlDType::Q8_0 => (QuantBits::Int8, 34),
+        _ => return Err(QuantError::UnsupportedGgml { dtype }),
+    };
+    debug_assert_eq!(block_bytes, dtype.type_size());
+    let layout = PackLayout::new(n, k, bits, GGML_BLOCK)?;
+    let expected = n * (k / GGML_BLOCK) * block_bytes;
+    if data.len() != expected {
+        return Err(QuantError::Length {
+            what: "GGML data bytes",
+            expected,
+            got: data.len(),
+        });
+    }
+    let mut packer = Packer::new(layout);
+    let mut codes = [0u8; GGML_BLOCK];
+    for (i, b) in data.chunks_exact(block_bytes).enumerate() {
+        let (col, g) = (i / layout.groups, i % layout.groups);
+        let bad = QuantError::NotRepresentable { row: col, group: g };
+        let d = read_f16(b, 0);
+        // GGML stores element j in the low nibble of byte j and element j + 16 in the high
+        // nibble; the 5-bit types keep bit 4 of element j in bit j of `qh`.
+        let (dd, m) = match dtype {
+            GgmlDType::Q4_0 => {
+                nibbles(&b[2..18], &mut codes);
+                (d, exact_f16(-8.0 * d.to_f32()).ok_or(bad)?)
+            }
+            GgmlDType::Q4_1 => {
+                nibbles(&b[4..20], &mut codes);
+                (d, read_f16(b, 2))
+            }
+            GgmlDType::Q5_0 => {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                nibbles(&b[6..22], &mut codes);
+                high_bits(qh, &mut codes);
+                (d, exact_f16(-16.0 * d.to_f32()).ok_or(bad)?)
+            }
+            GgmlDType::Q5_1 => {
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                nibbles(&b[8..24], &mut codes);
+                high_bits(qh, &mut codes);
+                (d, read_f16(b, 2))
+            }
+            GgmlDType::Q8_0 => {
+                for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
+                    *c = (q as i8 as i32 + 128) as u8;
+                }
+                (d, exact_f16(-128.0 * d.to_f32()).ok_or(bad)?)
+            }
+            _ => return Err(QuantError::UnsupportedGgml { dtype }),
+        };
+        packer.set_group(col, g, &codes, dd, m);
+    }
+    Ok(packer.finish(Some(dtype)))
+}
+
+fn nibbles(qs: &[u8], codes: &mut [u8; GGML_BLOCK]) {
+    for (j, &q) in qs.iter().enumerate() {
+        codes[j] = q & 0x0F;
+        codes[j + GGML_BLOCK / 2] = q >> 4;
+    }
+}
+
+fn high_bits(qh: u32, codes: &mut [u8; GGML_BLOCK]) {
+    for (j, c) in codes.iter_mut().enumerate() {
+        *c |= (((qh >> j) & 1) as u8) << 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_positions_cover_each_block_byte_once() {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            let l = PackLayout::new(TILE_COLS, 64, bits, 64).unwrap();
+            let mut seen = vec![0u32; l.code_bytes];
+            for col in 0..TILE_COLS {
+                for kk in 0..64 {
+                    let (i, shift) = l.code_position(col, kk);
+                    seen[i] += 1 << shift;
+                }
+            }
+            let want = if bits == QuantBits::Int8 { 1 } else { 1 + 16 };
+            assert!(seen.iter().all(|&s| s == want), "{bits:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        assert!(matches!(
+            PackLayout::new(4, 48, QuantBits::Int4, 32),
+            Err(QuantError::KNotMultipleOfGroup { .. })
+        ));
+        assert!(matches!(
+            PackLayout::new(4, 64, QuantBits::Int4, 48),
+            Err(QuantError::GroupSize { .. })
+        ));
+        assert!(matches!(
+            PackLayout::new(0, 64, QuantBits::Int8, 32),
+            Err(QuantError::EmptyN)
+        ));
+    }
+
+    #[test]
+    fn quantize_rejects_non_finite_and_huge() {
+        let mut w = vec![0.5f32; 32];
+        w[3] = f32::NAN;
+        assert!(quantize_f32(&w, 1, 32, QuantBits::Int4, 32).is_err());
+        let w = vec![1e9f32; 32];
+        assert!(quantize_f32(&w, 1, 32, QuantBits::Int8, 32).is_err());
+    }
+}

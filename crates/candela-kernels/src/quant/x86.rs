@@ -1,0 +1,341 @@
+//! x86_64 SIMD kernels over the packed layout (see `pack.rs`): AVX-512 VNNI with 16 columns per
+//! register, and one 256-bit kernel instantiated three ways (AVX-VNNI, AVX-512 VL VNNI, AVX2).
+//!
+//! Register blocking: a kernel call computes `MR` activation rows x `NC` tiles. Each weight
+//! chunk is loaded (and for int4 unpacked) once and used for all `MR` rows; each activation
+//! broadcast is used for all `NC` tiles. When the block is small (decode, `MR * NC <= 4`) the
+//! low- and high-nibble products go to separate accumulators so `vpdpbusd`'s latency does not
+//! serialize the loop. Per group the int32 sums are folded into f32 accumulators:
+//! `acc += float(isum) * (d * sx) + m * sumx`.
+
+use std::arch::x86_64::*;
+
+use super::driver::KernelArgs;
+use super::pack::TILE_COLS;
+use super::{portable, Kernel, QuantBits};
+
+/// Runs `kernel` on output tiles `tile_begin..tile_end`, all rows.
+///
+/// # Safety
+/// The CPU must support `kernel` (`Kernel::is_available`).
+pub(crate) unsafe fn run_tiles(
+    a: &KernelArgs<'_>,
+    kernel: Kernel,
+    tile_begin: usize,
+    tile_end: usize,
+) {
+    match kernel {
+        Kernel::Avx512Vnni => run_avx512(a, tile_begin, tile_end),
+        Kernel::AvxVnni => run_avxvnni(a, tile_begin, tile_end),
+        Kernel::Avx512VlVnni256 => run_avx512vl_256(a, tile_begin, tile_end),
+        Kernel::Avx2 => run_avx2(a, tile_begin, tile_end),
+        Kernel::Portable => portable::run_tiles(a, tile_begin, tile_end),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI
+
+/// Rows per kernel call.
+const MR_512: usize = 4;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn run_avx512(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
+    let int4 = a.layout.bits == QuantBits::Int4;
+    // Decode (one row) has no row reuse, so it takes more tiles at once to hide latency.
+    let nc_main = if a.m == 1 { 4 } else { 2 };
+    let mut t = tile_begin;
+    while t < tile_end {
+        let left = tile_end - t;
+        let nc = if left >= nc_main {
+            nc_main
+        } else if left >= 2 {
+            2
+        } else {
+            1
+        };
+        let mut r = 0;
+        while r < a.m {
+            let mr = (a.m - r).min(MR_512);
+            macro_rules! go {
+                ($($mr:literal, $nc:literal);*) => {
+                    match (mr, nc, int4) {
+                        $(
+                            ($mr, $nc, true) => block_512::<$mr, $nc, true>(a, t, r),
+                            ($mr, $nc, false) => block_512::<$mr, $nc, false>(a, t, r),
+                        )*
+                        _ => unreachable!("row block {mr} x tile block {nc}"),
+                    }
+                };
+            }
+            go!(1, 1; 1, 2; 1, 4; 2, 1; 2, 2; 3, 1; 3, 2; 4, 1; 4, 2);
+            r += mr;
+        }
+        t += nc;
+    }
+}
+
+/// Rows `r0..r0 + MR`, tiles `t0..t0 + NC`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
+    a: &KernelArgs<'_>,
+    t0: usize,
+    r0: usize,
+) {
+    let l = &a.layout;
+    let split = MR * NC <= 4;
+    let h = usize::from(split);
+    let gs = l.group_size;
+    let w0 = a.w.as_ptr().add(t0 * l.tile_bytes);
+    let xq0 = a.xq.as_ptr().add(r0 * l.k);
+    let nib = _mm512_set1_epi8(0x0F);
+    let mut facc = [[_mm512_setzero_ps(); NC]; MR];
+    for g in 0..l.groups {
+        let blk = w0.add(g * l.block_bytes);
+        let xg = xq0.add(g * gs);
+        let mut ia = [[[_mm512_setzero_si512(); 2]; NC]; MR];
+        if INT4 {
+            for c in 0..gs / 8 {
+                for t in 0..NC {
+                    let wv = _mm512_loadu_si512(blk.add(t * l.tile_bytes + c * 64).cast());
+                    let lo = _mm512_and_si512(wv, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
+                    for r in 0..MR {
+                        let xp = xg.add(r * l.k + c * 8);
+                        let x0 = _mm512_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        let x1 = _mm512_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
+                        ia[r][t][0] = _mm512_dpbusd_epi32(ia[r][t][0], lo, x0);
+                        ia[r][t][h] = _mm512_dpbusd_epi32(ia[r][t][h], hi, x1);
+                    }
+                }
+            }
+        } else {
+            for c in (0..gs / 4).step_by(2) {
+                for t in 0..NC {
+                    let p = blk.add(t * l.tile_bytes + c * 64);
+                    let wa = _mm512_loadu_si512(p.cast());
+                    let wb = _mm512_loadu_si512(p.add(64).cast());
+                    for r in 0..MR {
+                        let xp = xg.add(r * l.k + c * 4);
+                        let x0 = _mm512_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        let x1 = _mm512_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
+                        ia[r][t][0] = _mm512_dpbusd_epi32(ia[r][t][0], wa, x0);
+                        ia[r][t][h] = _mm512_dpbusd_epi32(ia[r][t][h], wb, x1);
+                    }
+                }
+            }
+        }
+        for t in 0..NC {
+            let sp = blk.add(t * l.tile_bytes + l.code_bytes);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast()));
+            for r in 0..MR {
+                let gi = (r0 + r) * l.groups + g;
+                let isum = if split {
+                    _mm512_add_epi32(ia[r][t][0], ia[r][t][1])
+                } else {
+                    ia[r][t][0]
+                };
+                let s = _mm512_mul_ps(d, _mm512_set1_ps(*a.sx.get_unchecked(gi)));
+                let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, facc[r][t]);
+                facc[r][t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*a.sumx.get_unchecked(gi)), f);
+            }
+        }
+    }
+    for (r, row) in facc.iter().enumerate() {
+        for (t, &v) in row.iter().enumerate() {
+            let col = (t0 + t) * TILE_COLS;
+            let cols = TILE_COLS.min(l.n - col);
+            let dst = a.y.at((r0 + r) * l.n + col, cols);
+            if cols == TILE_COLS {
+                _mm512_storeu_ps(dst, v);
+            } else {
+                _mm512_mask_storeu_ps(dst, ((1u32 << cols) - 1) as u16, v);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 256-bit kernels: a tile is two 8-column halves.
+
+/// The one instruction that differs between the 256-bit variants: `acc += sum of 4 u8 x i8`.
+trait Dot256 {
+    /// Whether `dot_u8` returns `sum((q - 128) x)` (sign trick) rather than `sum(q x)`, so the
+    /// group sum needs `128 * sum(xq)` added back.
+    const I8_FIX: bool;
+    /// `w` bytes are < 16 (int4 codes).
+    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+    /// `w` bytes are any u8 (int8 codes).
+    unsafe fn dot_u8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+}
+
+struct AvxVnniDot;
+impl Dot256 for AvxVnniDot {
+    const I8_FIX: bool = false;
+    #[inline(always)]
+    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_u8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, w, x)
+    }
+}
+
+struct Avx512VlDot;
+impl Dot256 for Avx512VlDot {
+    const I8_FIX: bool = false;
+    #[inline(always)]
+    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+    #[inline(always)]
+    unsafe fn dot_u8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, w, x)
+    }
+}
+
+struct Avx2Dot;
+impl Dot256 for Avx2Dot {
+    const I8_FIX: bool = true;
+    #[inline(always)]
+    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // Pairs of 15 * 127 cannot saturate the i16 of vpmaddubsw.
+        let p = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+    #[inline(always)]
+    unsafe fn dot_u8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // 255 * 127 pairs would saturate vpmaddubsw; use the signed code s = q - 128 and
+        // |s| * (x * sign(s)) = s * x, whose pairs stay within 2 * 128 * 127.
+        let s = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(x, s));
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn run_avxvnni(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
+    run_256::<AvxVnniDot>(a, tile_begin, tile_end);
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn run_avx512vl_256(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
+    run_256::<Avx512VlDot>(a, tile_begin, tile_end);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
+    run_256::<Avx2Dot>(a, tile_begin, tile_end);
+}
+
+/// Inlined into each target-feature wrapper above, so the intrinsics compile with its features.
+#[inline(always)]
+unsafe fn run_256<D: Dot256>(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
+    let int4 = a.layout.bits == QuantBits::Int4;
+    for t in tile_begin..tile_end {
+        let mut r = 0;
+        while r < a.m {
+            // 16 ymm registers (AVX2) hold two rows x two halves of accumulators at most.
+            let mr = if a.m - r >= 2 { 2 } else { 1 };
+            match (mr, int4) {
+                (2, true) => block_256::<D, 2, true>(a, t, r),
+                (2, false) => block_256::<D, 2, false>(a, t, r),
+                (_, true) => block_256::<D, 1, true>(a, t, r),
+                (_, false) => block_256::<D, 1, false>(a, t, r),
+            }
+            r += mr;
+        }
+    }
+}
+
+/// Rows `r0..r0 + MR` of tile `t0`.
+#[inline(always)]
+unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
+    a: &KernelArgs<'_>,
+    t0: usize,
+    r0: usize,
+) {
+    let l = &a.layout;
+    let split = MR == 1;
+    let h = usize::from(split);
+    let gs = l.group_size;
+    let w0 = a.w.as_ptr().add(t0 * l.tile_bytes);
+    let xq0 = a.xq.as_ptr().add(r0 * l.k);
+    let nib = _mm256_set1_epi8(0x0F);
+    let mut facc = [[_mm256_setzero_ps(); 2]; MR];
+    for g in 0..l.groups {
+        let blk = w0.add(g * l.block_bytes);
+        let xg = xq0.add(g * gs);
+        let mut ia = [[[_mm256_setzero_si256(); 2]; 2]; MR];
+        if INT4 {
+            for c in 0..gs / 8 {
+                for half in 0..2 {
+                    let wv = _mm256_loadu_si256(blk.add(c * 64 + half * 32).cast());
+                    let lo = _mm256_and_si256(wv, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
+                    for r in 0..MR {
+                        let xp = xg.add(r * l.k + c * 8);
+                        let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        let x1 = _mm256_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
+                        ia[r][half][0] = D::dot_u4(ia[r][half][0], lo, x0);
+                        ia[r][half][h] = D::dot_u4(ia[r][half][h], hi, x1);
+                    }
+                }
+            }
+        } else {
+            for c in (0..gs / 4).step_by(2) {
+                for half in 0..2 {
+                    let p = blk.add(c * 64 + half * 32);
+                    let wa = _mm256_loadu_si256(p.cast());
+                    let wb = _mm256_loadu_si256(p.add(64).cast());
+                    for r in 0..MR {
+                        let xp = xg.add(r * l.k + c * 4);
+                        let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
+                        let x1 = _mm256_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
+                        ia[r][half][0] = D::dot_u8(ia[r][half][0], wa, x0);
+                        ia[r][half][h] = D::dot_u8(ia[r][half][h], wb, x1);
+                    }
+                }
+            }
+        }
+        for half in 0..2 {
+            let sp = blk.add(l.code_bytes + half * 16);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(sp.cast()));
+            let mn = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32).cast()));
+            for r in 0..MR {
+                let gi = (r0 + r) * l.groups + g;
+                let mut isum = if split {
+                    _mm256_add_epi32(ia[r][half][0], ia[r][half][1])
+                } else {
+                    ia[r][half][0]
+                };
+                if !INT4 && D::I8_FIX {
+                    let fix = 128 * *a.sumq.get_unchecked(gi);
+                    isum = _mm256_add_epi32(isum, _mm256_set1_epi32(fix));
+                }
+                let s = _mm256_mul_ps(d, _mm256_set1_ps(*a.sx.get_unchecked(gi)));
+                let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, facc[r][half]);
+                facc[r][half] = _mm256_fmadd_ps(mn, _mm256_set1_ps(*a.sumx.get_unchecked(gi)), f);
+            }
+        }
+    }
+    for (r, row) in facc.iter().enumerate() {
+        for (half, &v) in row.iter().enumerate() {
+            let col = t0 * TILE_COLS + half * 8;
+            if col >= l.n {
+                continue;
+            }
+            let cols = 8.min(l.n - col);
+            let dst = a.y.at((r0 + r) * l.n + col, cols);
+            if cols == 8 {
+                _mm256_storeu_ps(dst, v);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, cols);
+            }
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Integration tests of `candela_kernels::quant`: packing round trips, GGML repacking against
+//! candle's own dequantization and `QMatMul`, and every kernel this CPU runs (plus the portable
+//! one) against an f32 matmul of the dequantized weight.
+
+use candela_kernels::quant::{Kernel, PackedWeight, QuantBits, QuantError};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn random_vec(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+/// Weights with some structure: per-row offsets and an occasional outlier, like real layers.
+fn random_weight(rng: &mut StdRng, n: usize, k: usize) -> Vec<f32> {
+    let mut w = random_vec(rng, n * k, 0.05);
+    for (i, v) in w.iter_mut().enumerate() {
+        *v += ((i / k) % 7) as f32 * 0.01 - 0.03;
+        if rng.random::<f32>() < 0.002 {
+            *v *= 20.0;
+        }
+    }
+    w
+}
+
+fn matmul_ref(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for i in 0..k {
+                acc += x[r * k + i] as f64 * w[j * k + i] as f64;
+            }
+            y[r * n + j] = acc as f32;
+        }
+    }
+    y
+}
+
+/// Per output, the largest error that int8 activation quantization can cause
+/// (`|x - sx xq| <= sx / 2` per element), plus room for float rounding.
+fn error_bound(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, gs: usize) -> Vec<f32> {
+    let mut b = vec![0f32; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let mut bound = 0f64;
+            let mut mag = 0f64;
+            for g in 0..k / gs {
+                let xs = &x[r * k + g * gs..][..gs];
+                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                for (i, &xv) in xs.iter().enumerate() {
+                    let wv = w[j * k + g * gs + i].abs() as f64;
+                    bound += wv * amax / 127.0 / 2.0;
+                    mag += wv * xv.abs() as f64;
+                }
+            }
+            b[r * n + j] = (bound * 1.001 + mag * 1e-5 + 1e-6) as f32;
+        }
+    }
+    b
+}
+
+#[test]
+fn quantize_f32_round_trip_within_half_a_step() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for (bits, gs) in [
+        (QuantBits::Int8, 32),
+        (QuantBits::Int8, 128),
+        (QuantBits::Int4, 32),
+        (QuantBits::Int4, 64),
+    ] {
+        let (n, k) = (37, 256);
+        let w = random_weight(&mut rng, n, k);
+        let p = PackedWeight::quantize_f32(&w, n, k, bits, gs).unwrap();
+        assert_eq!((p.n(), p.k(), p.bits(), p.group_size()), (n, k, bits, gs));
+        let back = p.dequantize();
+        assert_eq!(back.len(), n * k);
+        for (row, (ws, bs)) in w.chunks(gs).zip(back.chunks(gs)).enumerate() {
+            let lo = ws.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+            let hi = ws.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let amax = lo.abs().max(hi.abs());
+            let step = match bits {
+                QuantBits::Int8 => amax / 127.0,
+                QuantBits::Int4 => (hi - lo) / 15.0,
+            };
+            // Half a step, plus the f16 rounding of the scale and min.
+            let tol = step * 0.5 + amax * 2e-3 + 1e-7;
+            for (a, b) in ws.iter().zip(bs) {
+                assert!(
+                    (a - b).abs() <= tol,
+                    "{bits:?} g{gs} group {row}: {a} vs {b}"
+                );
+            }
+        }
+        // Dequantized values are representable: packing them again reproduces them.
+        let again = PackedWeight::quantize_f32(&back, n, k, bits, gs).unwrap();
+        let back2 = again.dequantize();
+        let max_diff = back
+            .iter()
+            .zip(&back2)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = back.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(
+            max_diff <= scale * 4e-3,
+            "{bits:?}: requantized drift {max_diff}"
+        );
+    }
+}
+
+#[test]
+fn ggml_repacking_dequantizes_bit_exactly_like_candle() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let dev = Device::Cpu;
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ] {
+        let (n, k) = (19, 96);
+        let w = random_weight(&mut rng, n, k);
+        let t = Tensor::from_vec(w, (n, k), &dev).unwrap();
+        let qt = QTensor::quantize(&t, dtype).unwrap();
+        let data = qt.data().unwrap();
+        let p = PackedWeight::from_ggml(dtype, &data, n, k).unwrap();
+        assert_eq!(p.source_ggml(), Some(dtype));
+        let ours = p.dequantize();
+        let theirs: Vec<f32> = qt
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(ours.len(), theirs.len());
+        for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+            // Bit-exact, except that candle's `(q - 8) * d` gives -0.0 where our `q * d + m`
+            // gives +0.0 (a negative d times a zero code); the two compare equal.
+            assert!(
+                a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0),
+                "{dtype:?} element {i}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ggml_repacking_rejects_what_it_cannot_keep() {
+    let dev = Device::Cpu;
+    let t = Tensor::zeros((4, 256), candle_core::DType::F32, &dev).unwrap();
+    let qt = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
+    let err = PackedWeight::from_ggml(GgmlDType::Q4K, &qt.data().unwrap(), 4, 256).unwrap_err();
+    assert!(matches!(err, QuantError::UnsupportedGgml { .. }));
+    // Wrong byte count for the shape.
+    let err = PackedWeight::from_ggml(GgmlDType::Q4_1, &[0u8; 39], 1, 64).unwrap_err();
+    assert!(matches!(err, QuantError::Length { .. }));
+}
+
+#[test]
+fn k_not_a_multiple_of_the_group_is_rejected() {
+    let w = vec![0.1f32; 3 * 48];
+    let err = PackedWeight::quantize_f32(&w, 3, 48, QuantBits::Int4, 32).unwrap_err();
+    assert!(matches!(err, QuantError::KNotMultipleOfGroup { k: 48, .. }));
+    let err = PackedWeight::quantize_f32(&w, 3, 48, QuantBits::Int8, 40).unwrap_err();
+    assert!(matches!(err, QuantError::GroupSize { group_size: 40 }));
+}
+
+/// Every kernel against f32 math on random shapes, odd n and partial tiles included; the
+/// SIMD kernels also against the portable one, which sees the same quantized activations.
+#[test]
+fn every_kernel_matches_dequantized_f32_matmul() {
+    let kernels = Kernel::available();
+    assert!(kernels.contains(&Kernel::Portable));
+    let mut rng = StdRng::seed_from_u64(3);
+    let shapes = [
+        (1, 1, 32, 32),
+        (1, 17, 96, 32),
+        (2, 33, 64, 64),
+        (3, 16, 128, 128),
+        (4, 67, 160, 32),
+        (5, 48, 576, 32),
+        (7, 15, 256, 64),
+        (9, 31, 192, 64),
+        (1, 200, 576, 32),
+        (13, 50, 384, 128),
+    ];
+    for &(m, n, k, gs) in &shapes {
+        for bits in [QuantBits::Int8, QuantBits::Int4] {
+            let w = random_weight(&mut rng, n, k);
+            let x = random_vec(&mut rng, m * k, 2.0);
+            let p = PackedWeight::quantize_f32(&w, n, k, bits, gs).unwrap();
+            let wd = p.dequantize();
+            let want = matmul_ref(&x, &wd, m, n, k);
+            let bound = error_bound(&x, &wd, m, n, k, gs);
+            let mut portable = vec![f32::NAN; m * n];
+            p.matmul_f32_with(Kernel::Portable, &x, m, &mut portable)
+                .unwrap();
+            for &kernel in &kernels {
+                let mut y = vec![f32::NAN; m * n];
+                p.matmul_f32_with(kernel, &x, m, &mut y).unwrap();
+                for i in 0..m * n {
+                    let ctx = format!("{kernel:?} {bits:?} m{m} n{n} k{k} g{gs} at {i}");
+                    assert!(
+                        (y[i] - want[i]).abs() <= bound[i],
+                        "{ctx}: {} vs f32 {} (bound {})",
+                        y[i],
+                        want[i],
+                        bound[i]
+                    );
+                    let close = 1e-5 * bound[i] * 500.0 + 1e-6;
+                    assert!(
+                        (y[i] - portable[i]).abs() <= close,
+                        "{ctx}: {} vs portable {}",
+                        y[i],
+                        portable[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Large enough to take the parallel path on a 2-thread pool; must equal the serial result.
+#[test]
+fn parallel_split_matches_single_thread() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (m, n, k) = (16, 300, 576);
+    let w = random_weight(&mut rng, n, k);
+    let x = random_vec(&mut rng, m * k, 1.0);
+    let p = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int4, 32).unwrap();
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut y1 = vec![0f32; m * n];
+    let mut y2 = vec![0f32; m * n];
+    one.install(|| p.matmul_f32(&x, m, &mut y1)).unwrap();
+    two.install(|| p.matmul_f32(&x, m, &mut y2)).unwrap();
+    assert_eq!(y1, y2);
+}
+
+/// Our int4 kernel on repacked Q4_1 bytes against candle's Q4_1 `QMatMul` (which quantizes
+/// activations to Q8_1, i.e. also int8 per 32): both are within the activation-quantization
+/// error of the exact product, so within twice that of each other.
+#[test]
+fn repacked_q4_1_matches_candle_qmatmul() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let dev = Device::Cpu;
+    for &(m, n, k) in &[(1, 576, 576), (4, 67, 1536), (16, 192, 576)] {
+        let w = random_weight(&mut rng, n, k);
+        let x = random_vec(&mut rng, m * k, 1.5);
+        let wt = Tensor::from_vec(w, (n, k), &dev).unwrap();
+        let qt = QTensor::quantize(&wt, GgmlDType::Q4_1).unwrap();
+        let p = PackedWeight::from_ggml(GgmlDType::Q4_1, &qt.data().unwrap(), n, k).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+        let theirs: Vec<f32> = QMatMul::from_qtensor(qt)
+            .unwrap()
+            .forward(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ours: Vec<f32> = p
+            .matmul(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let wd = p.dequantize();
+        let bound = error_bound(&x, &wd, m, n, k, 32);
+        for i in 0..m * n {
+            assert!(
+                (ours[i] - theirs[i]).abs() <= 2.0 * bound[i],
+                "m{m} n{n} k{k} at {i}: ours {} candle {} (bound {})",
+                ours[i],
+                theirs[i],
+                bound[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn tensor_wrapper_flattens_leading_dims_and_checks_input() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let dev = Device::Cpu;
+    let (n, k) = (21, 64);
+    let w = random_weight(&mut rng, n, k);
+    let p = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int8, 32).unwrap();
+    let x = random_vec(&mut rng, 6 * k, 1.0);
+    let mut flat = vec![0f32; 6 * n];
+    p.matmul_f32(&x, 6, &mut flat).unwrap();
+
+    let x3 = Tensor::from_vec(x.clone(), (2, 3, k), &dev).unwrap();
+    let y3 = p.matmul(&x3).unwrap();
+    assert_eq!(y3.dims(), &[2, 3, n]);
+    assert_eq!(y3.flatten_all().unwrap().to_vec1::<f32>().unwrap(), flat);
+
+    let x1 = Tensor::from_vec(x[..k].to_vec(), k, &dev).unwrap();
+    let y1 = p.matmul(&x1).unwrap();
+    assert_eq!(y1.dims(), &[n]);
+    assert_eq!(y1.to_vec1::<f32>().unwrap(), flat[..n].to_vec());
+
+    // A transposed (non-contiguous) view is made contiguous first.
+    let xt = Tensor::from_vec(x.clone(), (k, 6), &dev)
+        .unwrap()
+        .t()
+        .unwrap();
+    let want = matmul_ref(
+        &xt.contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        &p.dequantize(),
+        6,
+        n,
+        k,
+    );
+    let got = p
+        .matmul(&xt)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= scale * 0.02, "{a} vs {b}");
+    }
+
+    let bad = Tensor::zeros((2, k + 1), candle_core::DType::F32, &dev).unwrap();
+    assert!(p.matmul(&bad).is_err());
+    let f16 = Tensor::zeros((2, k), candle_core::DType::F16, &dev).unwrap();
+    assert!(p.matmul(&f16).is_err());
+}
+
+#[test]
+fn slice_api_checks_lengths() {
+    let p = PackedWeight::quantize_f32(&[0.5f32; 2 * 32], 2, 32, QuantBits::Int4, 32).unwrap();
+    let mut y = vec![0f32; 2];
+    let err = p.matmul_f32(&[0f32; 31], 1, &mut y).unwrap_err();
+    assert!(matches!(err, QuantError::Length { .. }));
+    let err = p.matmul_f32(&[0f32; 32], 1, &mut y[..1]).unwrap_err();
+    assert!(matches!(err, QuantError::Length { .. }));
+    // m = 0 is an empty product, not an error.
+    p.matmul_f32(&[], 0, &mut []).unwrap();
+}
