@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod error;
 pub mod kv_cache;
+pub mod quant;
 
 pub use attention::{paged_attention, write_kv, AttentionMetadata};
 pub use error::KernelError;
