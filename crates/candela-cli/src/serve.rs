@@ -1,10 +1,232 @@
-//! `candela serve`.
+//! `candela serve`: the OpenAI-compatible HTTP server over one engine.
+//!
+//! The port is bound before the model loads, so `/health` answers at once and `/ready` says
+//! 503 until the engine has warmed up. SIGTERM or Ctrl-C stops accepting, lets in-flight
+//! requests finish for up to `--drain-timeout-s`, shuts the engine down and exits 0.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use candela_engine::{EngineConfig, EngineDevice, EngineHandle};
+use candela_server::{AppState, Backend, EngineBackend, ServerConfig, BODY_LIMIT_BYTES_DEFAULT};
 
 /// Arguments of `candela serve`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A GGUF file, a directory with safetensors, or a Hugging Face model id.
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model name clients pass as `model` (default: the file stem or model id).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Require `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize.
+    #[arg(long, env = "CANDELA_API_KEY")]
+    api_key: Option<String>,
+    /// Most sequences (choices) in one engine step.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Most tokens (prefill chunks plus decode tokens) in one engine step.
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Memory for the paged KV cache, in GiB.
+    #[arg(long, default_value_t = 0.5)]
+    kv_cache_memory: f64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Most requests waiting to be scheduled; beyond it requests get 429.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+    /// Context length (prompt plus output); default: the model's own.
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Turn off prefix caching.
+    #[arg(long)]
+    no_prefix_caching: bool,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = BODY_LIMIT_BYTES_DEFAULT)]
+    body_limit_bytes: usize,
+    /// On shutdown, how long in-flight requests may still run.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout_s: u64,
+    /// How long loading and warm-up may take before the server gives up.
+    #[arg(long, default_value_t = 600)]
+    ready_timeout_s: u64,
+}
+
+fn parse_device(device: &str) -> anyhow::Result<EngineDevice> {
+    match device {
+        "cpu" => Ok(EngineDevice::Cpu),
+        "cuda" => Ok(EngineDevice::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(ordinal)) => Ok(EngineDevice::Cuda(ordinal)),
+            _ => anyhow::bail!("--device must be cpu, cuda or cuda:N, got `{other}`"),
+        },
+    }
+}
+
+/// The name a model is served under when none is given: a file's stem, else the id as is.
+fn default_served_name(model: &str) -> String {
+    let path = Path::new(model);
+    if path.is_file() {
+        if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+            return stem.to_owned();
+        }
+    }
+    model.trim_end_matches('/').to_owned()
+}
+
+fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineConfig> {
+    anyhow::ensure!(
+        args.kv_cache_memory.is_finite() && args.kv_cache_memory > 0.0,
+        "--kv-cache-memory must be a positive number of GiB"
+    );
+    Ok(EngineConfig {
+        model: args.model.clone(),
+        served_model_name: Some(served_model_name.to_owned()),
+        device: parse_device(&args.device)?,
+        kv_cache_memory_bytes: (args.kv_cache_memory * f64::from(1u32 << 30)) as u64,
+        kv_block_size_tokens: args.block_size,
+        seqs_running_max: args.max_num_seqs,
+        batch_tokens_max: args.max_num_batched_tokens,
+        queue_waiting_max: args.max_waiting,
+        model_len_max: args.max_model_len,
+        enable_prefix_caching: !args.no_prefix_caching,
+        ..EngineConfig::default()
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
 
 /// Runs `candela serve`.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("candela serve is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(serve(args));
+    // A model still loading on a blocking thread must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let served_model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_served_name(&args.model));
+    let config = engine_config(&args, &served_model_name)?;
+    let drain_timeout = Duration::from_secs(args.drain_timeout_s);
+    let ready_timeout = Duration::from_secs(args.ready_timeout_s);
+
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+    let addr: SocketAddr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, model = %args.model, served_model_name = %served_model_name, "listening; loading the model");
+
+    let backend = Arc::new(EngineBackend::loading());
+    let state = AppState::new(
+        Arc::clone(&backend) as Arc<dyn Backend>,
+        ServerConfig {
+            served_model_name,
+            api_key: args.api_key.clone(),
+            body_limit_bytes: args.body_limit_bytes,
+        },
+    );
+    let server = tokio::spawn(candela_server::serve(
+        listener,
+        state,
+        shutdown_signal(),
+        drain_timeout,
+    ));
+    let loader = tokio::task::spawn_blocking(move || -> anyhow::Result<EngineHandle> {
+        let started = Instant::now();
+        let engine = EngineHandle::start(config).context("starting the engine")?;
+        engine
+            .wait_ready(ready_timeout)
+            .context("warming up the engine")?;
+        tracing::info!(load_ms = started.elapsed().as_millis() as u64, "ready");
+        Ok(engine)
+    });
+
+    tokio::pin!(server);
+    let engine = tokio::select! {
+        loaded = loader => loaded.context("the loading thread failed")??,
+        served = &mut server => {
+            served.context("the server task failed")?.context("serving")?;
+            tracing::info!("stopped before the model finished loading");
+            return Ok(());
+        }
+    };
+    backend.set(engine.clone());
+    server
+        .await
+        .context("the server task failed")?
+        .context("serving")?;
+    // In-flight requests have drained (or their deadline passed): stop the engine, aborting
+    // whatever is left.
+    tokio::task::spawn_blocking(move || engine.shutdown(Instant::now() + Duration::from_secs(1)))
+        .await
+        .context("shutting the engine down")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").ok(), Some(EngineDevice::Cpu));
+        assert_eq!(parse_device("cuda:1").ok(), Some(EngineDevice::Cuda(1)));
+        assert!(parse_device("tpu").is_err());
+    }
+
+    #[test]
+    fn served_name_of_an_id_is_the_id() {
+        assert_eq!(
+            default_served_name("HuggingFaceTB/SmolLM2-135M-Instruct"),
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        );
+    }
 }

@@ -1,2 +1,29 @@
-//! candela-server: see ARCHITECTURE.md.
+//! candela-server: the OpenAI-compatible HTTP API over a generation [`Backend`].
+//!
+//! Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+//! `POST /tokenize`, `POST /detokenize` (vLLM's shapes), `GET /health`, `GET /ready`,
+//! `GET /metrics`. Streaming follows OpenAI's SSE framing exactly; every final response
+//! (body or last chunk) carries a `timings` object.
+//!
+//! **Architecture Invariant:** this is the only crate that knows JSON or HTTP. It converts
+//! OpenAI requests into the engine's `GenerateRequest` by hand ([`params`]), and talks to the
+//! engine only through the [`Backend`] trait, which [`engine`] implements for `EngineHandle`.
+//!
+//! **Architecture Invariant:** no tokenizer or template work runs on the async runtime's core
+//! threads (it goes through `spawn_blocking`), and a client that goes away aborts its
+//! requests at once ([`generate::AbortGuard`]).
 #![deny(missing_docs)]
+
+pub mod app;
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod extract;
+pub mod generate;
+pub mod openai;
+pub mod params;
+
+pub use app::{app, serve, AppState, ServerConfig, BODY_LIMIT_BYTES_DEFAULT};
+pub use backend::{Backend, BackendError, ChatMessage, EventStream};
+pub use engine::EngineBackend;
+pub use error::ApiError;

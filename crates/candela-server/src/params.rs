@@ -1,0 +1,468 @@
+//! Validation: OpenAI request fields to the engine's [`SamplingParams`], by hand.
+//!
+//! Every check answers a 400 naming the parameter, before anything reaches the engine, so a
+//! bad request never costs a tokenizer call or a queue slot.
+
+use std::num::NonZeroU32;
+
+use candela_engine::api::{SamplingParams, TokenId};
+
+use crate::backend::ChatMessage;
+use crate::error::ApiError;
+use crate::openai::{ChatMessageIn, CommonParams, MessageContent, OneOrMany};
+
+/// Most choices one request may ask for.
+pub const N_MAX: u32 = 16;
+/// Most alternatives per token in logprobs.
+pub const TOP_LOGPROBS_MAX: u32 = 20;
+/// Most stop strings per request.
+pub const STOP_STRINGS_MAX: usize = 16;
+/// Most prompts in one text-completion request.
+pub const PROMPTS_MAX: usize = 64;
+
+/// What the handlers need from a validated request, besides its prompt.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Sampling for the engine.
+    pub sampling: SamplingParams,
+    /// Choices per prompt.
+    pub n: NonZeroU32,
+    /// Scheduling priority.
+    pub priority: i32,
+    /// Stream with SSE.
+    pub stream: bool,
+    /// Send a usage chunk before `[DONE]`.
+    pub include_usage: bool,
+    /// Return prompt and output token ids.
+    pub return_token_ids: bool,
+}
+
+/// Checks that `requested` (when given) names the served model.
+pub fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match requested {
+        Some(name) if name != served => Err(ApiError::ModelNotFound(name.to_owned())),
+        _ => Ok(()),
+    }
+}
+
+/// Validates the shared parameters. `max_tokens` is the effective value (chat's
+/// `max_completion_tokens` wins over `max_tokens`); `logprobs` is the number of alternatives
+/// when logprobs were asked for.
+pub fn plan(
+    c: &CommonParams,
+    max_tokens: Option<i64>,
+    logprobs: Option<u32>,
+    vocab_size: u32,
+) -> Result<Plan, ApiError> {
+    let mut s = SamplingParams::default();
+    if let Some(t) = c.temperature {
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("temperature must be >= 0, got {t}"),
+            ));
+        }
+        s.temperature = t as f32;
+    }
+    if let Some(p) = c.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {p}"),
+            ));
+        }
+        s.top_p = p as f32;
+    }
+    s.top_k = match c.top_k {
+        None | Some(0) | Some(-1) => None,
+        Some(k) if k > 0 => NonZeroU32::new(u32::try_from(k).unwrap_or(u32::MAX)),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k must be positive, 0 or -1 (off), got {k}"),
+            ))
+        }
+    };
+    if let Some(m) = c.min_p {
+        if !(0.0..=1.0).contains(&m) {
+            return Err(ApiError::invalid(
+                "min_p",
+                format!("min_p must be in [0, 1], got {m}"),
+            ));
+        }
+        s.min_p = m as f32;
+    }
+    for (param, value, slot) in [
+        (
+            "presence_penalty",
+            c.presence_penalty,
+            &mut s.presence_penalty,
+        ),
+        (
+            "frequency_penalty",
+            c.frequency_penalty,
+            &mut s.frequency_penalty,
+        ),
+    ] {
+        if let Some(v) = value {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("{param} must be in [-2, 2], got {v}"),
+                ));
+            }
+            *slot = v as f32;
+        }
+    }
+    if let Some(r) = c.repetition_penalty {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                format!("repetition_penalty must be > 0, got {r}"),
+            ));
+        }
+        s.repetition_penalty = r as f32;
+    }
+    if let Some(bias) = &c.logit_bias {
+        let mut pairs = Vec::with_capacity(bias.len());
+        for (key, &value) in bias {
+            let id: TokenId = key.parse().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias key `{key}` is not a token id"),
+                )
+            })?;
+            if id >= vocab_size {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!(
+                        "logit_bias token id {id} is outside the vocabulary (size {vocab_size})"
+                    ),
+                ));
+            }
+            if !(-100.0..=100.0).contains(&value) {
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("logit_bias values must be in [-100, 100], got {value}"),
+                ));
+            }
+            pairs.push((id, value as f32));
+        }
+        pairs.sort_by_key(|&(id, _)| id);
+        s.logit_bias = pairs;
+    }
+    s.seed = c.seed.map(|seed| seed as u64); // a negative seed is just another 64-bit pattern
+    s.max_tokens = match max_tokens {
+        None => None,
+        Some(m) if m >= 1 => NonZeroU32::new(u32::try_from(m).unwrap_or(u32::MAX)),
+        Some(m) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {m}"),
+            ))
+        }
+    };
+    s.stop = match &c.stop {
+        None => Vec::new(),
+        Some(OneOrMany::One(x)) => vec![x.clone()],
+        Some(OneOrMany::Many(v)) => v.clone(),
+    };
+    if s.stop.len() > STOP_STRINGS_MAX {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {STOP_STRINGS_MAX} stop strings"),
+        ));
+    }
+    if s.stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+    }
+    s.stop_token_ids = token_ids(
+        c.stop_token_ids.as_deref().unwrap_or(&[]),
+        vocab_size,
+        "stop_token_ids",
+    )?;
+    s.ignore_eos = c.ignore_eos.unwrap_or(false);
+    s.logprobs = logprobs;
+
+    let n = match c.n {
+        None => NonZeroU32::MIN,
+        Some(n) if (1..=i64::from(N_MAX)).contains(&n) => {
+            NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN)
+        }
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("n must be in 1..={N_MAX}, got {n}"),
+            ))
+        }
+    };
+    let priority = match c.priority {
+        None => 0,
+        Some(p) => i32::try_from(p)
+            .map_err(|_| ApiError::invalid("priority", "priority is out of range"))?,
+    };
+    let stream = c.stream.unwrap_or(false);
+    let include_usage = c.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    if include_usage && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "stream_options is only allowed with stream: true",
+        ));
+    }
+    Ok(Plan {
+        sampling: s,
+        n,
+        priority,
+        stream,
+        include_usage,
+        return_token_ids: c.return_token_ids.unwrap_or(false),
+    })
+}
+
+/// Chat logprobs: `logprobs: true` plus `top_logprobs` in 0..=20.
+pub fn chat_logprobs(
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+) -> Result<Option<u32>, ApiError> {
+    match (logprobs.unwrap_or(false), top_logprobs) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) if (0..=i64::from(TOP_LOGPROBS_MAX)).contains(&k) => Ok(Some(k as u32)),
+        (true, Some(k)) => Err(ApiError::invalid(
+            "top_logprobs",
+            format!("top_logprobs must be in 0..={TOP_LOGPROBS_MAX}, got {k}"),
+        )),
+    }
+}
+
+/// Completion logprobs: an integer in 0..=20.
+pub fn completion_logprobs(logprobs: Option<i64>) -> Result<Option<u32>, ApiError> {
+    match logprobs {
+        None => Ok(None),
+        Some(k) if (0..=i64::from(TOP_LOGPROBS_MAX)).contains(&k) => Ok(Some(k as u32)),
+        Some(k) => Err(ApiError::invalid(
+            "logprobs",
+            format!("logprobs must be in 0..={TOP_LOGPROBS_MAX}, got {k}"),
+        )),
+    }
+}
+
+/// Checks token ids against the vocabulary.
+pub fn token_ids(
+    ids: &[i64],
+    vocab_size: u32,
+    param: &'static str,
+) -> Result<Vec<TokenId>, ApiError> {
+    ids.iter()
+        .map(|&id| match u32::try_from(id) {
+            Ok(t) if t < vocab_size => Ok(t),
+            _ => Err(ApiError::invalid(
+                param,
+                format!("token id {id} is outside the vocabulary (0..{vocab_size})"),
+            )),
+        })
+        .collect()
+}
+
+/// Checks that the prompt leaves room for the output within the context.
+pub fn check_context(
+    prompt_tokens: usize,
+    max_tokens: Option<NonZeroU32>,
+    model_len_max: u32,
+    prompt_param: &'static str,
+) -> Result<(), ApiError> {
+    let model_len_max = model_len_max as usize;
+    if prompt_tokens == 0 {
+        return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
+    }
+    match max_tokens {
+        Some(m) if prompt_tokens + m.get() as usize > model_len_max => Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "prompt ({prompt_tokens} tokens) plus max_tokens ({m}) exceeds the model's context length of {model_len_max} tokens"
+            ),
+        )),
+        None if prompt_tokens >= model_len_max => Err(ApiError::invalid(
+            prompt_param,
+            format!(
+                "the prompt ({prompt_tokens} tokens) leaves no room for output in the model's context length of {model_len_max} tokens"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Validates chat messages and flattens their contents to text.
+pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                // `developer` is OpenAI's newer name for `system`.
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                "tool" => "tool",
+                other => {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("messages[{i}].role `{other}` is not one of system, developer, user, assistant, tool"),
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for part in parts {
+                        match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    "messages",
+                                    format!("messages[{i}]: content parts of type `{kind}` are not supported (only text)"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage { role: role.to_owned(), content })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(json: &str) -> CommonParams {
+        serde_json::from_str(json).unwrap_or_default()
+    }
+
+    fn param_of(r: Result<Plan, ApiError>) -> Option<String> {
+        r.err().and_then(|e| e.body().error.param)
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let p = plan(&common("{}"), None, None, 100).map_err(|e| e.to_string());
+        let Ok(p) = p else { panic!("{p:?}") };
+        assert_eq!(p.sampling, SamplingParams::default());
+        assert_eq!(p.n.get(), 1);
+        assert!(!p.stream);
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_parameter() {
+        for (json, param) in [
+            (r#"{"temperature": -0.5}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"top_p": 1.5}"#, "top_p"),
+            (r#"{"top_k": -2}"#, "top_k"),
+            (r#"{"min_p": 2}"#, "min_p"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"presence_penalty": 3}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -3}"#, "frequency_penalty"),
+            (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+            (r#"{"logit_bias": {"abc": 1}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"100": 1}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"5": 101}}"#, "logit_bias"),
+            (r#"{"stop": ["a", ""]}"#, "stop"),
+            (r#"{"stop_token_ids": [-1]}"#, "stop_token_ids"),
+            (
+                r#"{"stream_options": {"include_usage": true}}"#,
+                "stream_options",
+            ),
+        ] {
+            assert_eq!(
+                param_of(plan(&common(json), None, None, 100)).as_deref(),
+                Some(param),
+                "{json}"
+            );
+        }
+        assert_eq!(
+            param_of(plan(&common("{}"), Some(-1), None, 100)).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param_of(plan(&common("{}"), Some(0), None, 100)).as_deref(),
+            Some("max_tokens")
+        );
+    }
+
+    #[test]
+    fn valid_values_reach_the_sampling_params() {
+        let c = common(
+            r#"{"temperature": 0, "top_k": 5, "stop": "x", "seed": -1, "logit_bias": {"7": -100},
+                "n": 3, "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true}"#,
+        );
+        let Ok(p) = plan(&c, Some(12), Some(2), 100) else {
+            panic!("rejected")
+        };
+        assert_eq!(p.sampling.temperature, 0.0);
+        assert_eq!(p.sampling.top_k.map(NonZeroU32::get), Some(5));
+        assert_eq!(p.sampling.stop, vec!["x".to_owned()]);
+        assert_eq!(p.sampling.seed, Some(u64::MAX));
+        assert_eq!(p.sampling.logit_bias, vec![(7, -100.0)]);
+        assert_eq!(p.sampling.max_tokens.map(NonZeroU32::get), Some(12));
+        assert_eq!(p.sampling.logprobs, Some(2));
+        assert!(p.sampling.ignore_eos && p.stream && p.include_usage);
+        assert_eq!(p.n.get(), 3);
+    }
+
+    #[test]
+    fn context_check_counts_prompt_and_output() {
+        let m = NonZeroU32::new(10);
+        assert!(check_context(90, m, 100, "prompt").is_ok());
+        assert!(check_context(91, m, 100, "prompt").is_err());
+        assert!(check_context(99, None, 100, "prompt").is_ok());
+        assert!(check_context(100, None, 100, "prompt").is_err());
+        assert!(check_context(0, m, 100, "prompt").is_err());
+    }
+
+    #[test]
+    fn chat_roles_are_checked_and_parts_joined() {
+        let msgs: Vec<ChatMessageIn> = serde_json::from_str(
+            r#"[{"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]"#,
+        )
+        .unwrap_or_default();
+        let Ok(out) = chat_messages(&msgs) else {
+            panic!("rejected")
+        };
+        assert_eq!(out[0].role, "system");
+        assert_eq!(out[1].content, "ab");
+        let bad: Vec<ChatMessageIn> =
+            serde_json::from_str(r#"[{"role": "wizard", "content": "x"}]"#).unwrap_or_default();
+        assert!(chat_messages(&bad).is_err());
+        assert!(chat_messages(&[]).is_err());
+    }
+
+    #[test]
+    fn token_ids_must_be_in_the_vocabulary() {
+        assert_eq!(token_ids(&[0, 99], 100, "prompt").ok(), Some(vec![0, 99]));
+        assert!(token_ids(&[100], 100, "prompt").is_err());
+        assert!(token_ids(&[-1], 100, "prompt").is_err());
+    }
+
+    #[test]
+    fn logprobs_ranges() {
+        assert_eq!(chat_logprobs(None, None).ok(), Some(None));
+        assert_eq!(chat_logprobs(Some(true), Some(3)).ok(), Some(Some(3)));
+        assert!(chat_logprobs(Some(true), Some(21)).is_err());
+        assert!(chat_logprobs(None, Some(2)).is_err());
+        assert_eq!(completion_logprobs(Some(0)).ok(), Some(Some(0)));
+        assert!(completion_logprobs(Some(-1)).is_err());
+    }
+}

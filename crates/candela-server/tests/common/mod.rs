@@ -1,0 +1,259 @@
+//! A small deterministic backend for the route tests, so that every HTTP path (framing, error
+//! bodies, abort on disconnect) is checked without loading a model. The end-to-end tests in
+//! `tests/e2e/` drive the real engine.
+//!
+//! Its "model": one token per byte (id = byte + 3), ids 0..3 are `<pad>`, `<bos>`, `<eos>`.
+//! Choice `i` of a request with seed `s` emits bytes of `ALPHABET` starting at `(s + i) % 10`,
+//! one per step, until `max_tokens` (default 8) or a stop string.
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candela_engine::api::{
+    FinishReason, GenerateEvent, GenerateRequest, RequestId, StopCause, SubmitError, Timings,
+    TokenId, TokenLogprob, Usage,
+};
+use candela_server::{AppState, Backend, BackendError, ChatMessage, EventStream, ServerConfig};
+use futures::StreamExt;
+
+pub const ALPHABET: &[u8] = b"abcdefghij";
+pub const VOCAB_SIZE: u32 = 259;
+pub const MODEL_LEN_MAX: u32 = 64;
+pub const MODEL: &str = "fake-model";
+pub const TIMINGS: Timings = Timings {
+    queue_ms: 1.5,
+    ttft_ms: 4.0,
+    prompt_tokens_per_s: 1000.0,
+    generation_tokens_per_s: 50.0,
+    total_ms: 20.0,
+};
+
+/// What a test can set and observe.
+pub struct Fake {
+    pub ready: AtomicBool,
+    /// Requests with more running than this are refused with `QueueFull`.
+    pub running_max: usize,
+    pub running: Arc<AtomicUsize>,
+    pub aborted: Mutex<Vec<RequestId>>,
+    pub submitted: Mutex<Vec<GenerateRequest>>,
+    next_id: AtomicU64,
+    /// Delay between tokens: lets a test hold a stream open.
+    pub token_delay: Duration,
+}
+
+impl Fake {
+    pub fn new() -> Self {
+        Self {
+            ready: AtomicBool::new(true),
+            running_max: 64,
+            running: Arc::new(AtomicUsize::new(0)),
+            aborted: Mutex::new(Vec::new()),
+            submitted: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            token_delay: Duration::ZERO,
+        }
+    }
+
+    pub fn aborted(&self) -> Vec<RequestId> {
+        self.aborted.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn submitted(&self) -> Vec<GenerateRequest> {
+        self.submitted.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// The text choice `index` of a request produces (before stop strings), for assertions.
+pub fn expected_text(seed: u64, index: u32, max_tokens: u32) -> String {
+    (0..max_tokens as u64)
+        .map(|k| ALPHABET[((seed + u64::from(index) + k) % ALPHABET.len() as u64) as usize] as char)
+        .collect()
+}
+
+pub fn token_of(byte: u8) -> TokenId {
+    TokenId::from(byte) + 3
+}
+
+impl Backend for Fake {
+    fn submit(&self, request: GenerateRequest) -> Result<(RequestId, EventStream), SubmitError> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err(SubmitError::NotReady);
+        }
+        if self.running.load(Ordering::Relaxed) >= self.running_max {
+            return Err(SubmitError::QueueFull {
+                queue_waiting_max: self.running_max,
+            });
+        }
+        if let Ok(mut s) = self.submitted.lock() {
+            s.push(request.clone());
+        }
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        // Capacity 1: the producer runs only as fast as the client reads, so a test can hold a
+        // stream open and then drop it.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let running = Arc::clone(&self.running);
+        running.fetch_add(1, Ordering::Relaxed);
+        let delay = self.token_delay;
+        let fail = request.prompt_token_ids.windows(4).any(|w| {
+            w == [
+                token_of(b'F'),
+                token_of(b'A'),
+                token_of(b'I'),
+                token_of(b'L'),
+            ]
+        });
+        tokio::spawn(async move {
+            let s = &request.sampling;
+            let max_tokens = s.max_tokens.map_or(8, |m| m.get());
+            let seed = s.seed.unwrap_or(0);
+            'choices: for index in 0..request.n.get() {
+                let usage = |completion_tokens| Usage {
+                    prompt_tokens: request.prompt_token_ids.len() as u32,
+                    completion_tokens,
+                    cached_prompt_tokens: 0,
+                };
+                if fail {
+                    let finished = GenerateEvent::Finished {
+                        index,
+                        reason: FinishReason::Error("the fake model failed".into()),
+                        usage: usage(0),
+                        timings: TIMINGS,
+                    };
+                    if tx.send(finished).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                let full = expected_text(seed, index, max_tokens);
+                let mut text = String::new();
+                let mut reason = FinishReason::Length;
+                let mut emitted = 0;
+                for (k, byte) in full.bytes().enumerate() {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    text.push(byte as char);
+                    emitted = k as u32 + 1;
+                    if let Some(stop) = s.stop.iter().find(|st| text.ends_with(st.as_str())) {
+                        reason = FinishReason::Stop(StopCause::StopString(stop.clone()));
+                        break;
+                    }
+                    let token = token_of(byte);
+                    let logprobs = match s.logprobs {
+                        None => Vec::new(),
+                        Some(k) => vec![TokenLogprob {
+                            token_id: token,
+                            logprob: -0.25,
+                            top: (0..k).map(|j| (token + j, -0.25 - j as f32)).collect(),
+                        }],
+                    };
+                    // Holding back the text while a stop string could still match is the
+                    // engine's job; the fake keeps it simple and emits stop-free text only.
+                    let delta = GenerateEvent::Delta {
+                        index,
+                        token_ids: vec![token],
+                        text: (byte as char).to_string(),
+                        logprobs,
+                    };
+                    if tx.send(delta).await.is_err() {
+                        break 'choices;
+                    }
+                }
+                let finished = GenerateEvent::Finished {
+                    index,
+                    reason,
+                    usage: usage(emitted),
+                    timings: TIMINGS,
+                };
+                if tx.send(finished).await.is_err() {
+                    break;
+                }
+            }
+            running.fetch_sub(1, Ordering::Relaxed);
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
+        Ok((id, stream))
+    }
+
+    fn abort(&self, id: RequestId) {
+        if let Ok(mut a) = self.aborted.lock() {
+            a.push(id);
+        }
+    }
+
+    fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<TokenId>, BackendError> {
+        let bos = add_special_tokens.then_some(1);
+        Ok(bos.into_iter().chain(text.bytes().map(token_of)).collect())
+    }
+
+    fn detokenize(&self, ids: &[TokenId]) -> Result<String, BackendError> {
+        let bytes: Vec<u8> = self.token_bytes(ids)?.concat();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn token_bytes(&self, ids: &[TokenId]) -> Result<Vec<Vec<u8>>, BackendError> {
+        ids.iter()
+            .map(|&id| match id {
+                0 => Ok(b"<pad>".to_vec()),
+                1 => Ok(b"<bos>".to_vec()),
+                2 => Ok(b"<eos>".to_vec()),
+                3..=258 => Ok(vec![(id - 3) as u8]),
+                _ => Err(BackendError::Invalid(format!("unknown token {id}"))),
+            })
+            .collect()
+    }
+
+    fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, BackendError> {
+        let mut out = String::new();
+        for m in messages {
+            if m.content.contains("RAISE") {
+                return Err(BackendError::Invalid(
+                    "the template raised: RAISE is not allowed".into(),
+                ));
+            }
+            out.push_str(&format!("<{}>{}\n", m.role, m.content));
+        }
+        if add_generation_prompt {
+            out.push_str("<assistant>");
+        }
+        Ok(out)
+    }
+
+    fn model_len_max(&self) -> u32 {
+        MODEL_LEN_MAX
+    }
+
+    fn vocab_size(&self) -> u32 {
+        VOCAB_SIZE
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn metrics_text(&self) -> String {
+        format!(
+            "candela:num_requests_running {}\n",
+            self.running.load(Ordering::Relaxed)
+        )
+    }
+}
+
+pub fn config(api_key: Option<&str>) -> ServerConfig {
+    ServerConfig {
+        served_model_name: MODEL.to_owned(),
+        api_key: api_key.map(str::to_owned),
+        body_limit_bytes: 4096,
+    }
+}
+
+pub fn state(fake: &Arc<Fake>, api_key: Option<&str>) -> AppState {
+    AppState::new(Arc::clone(fake) as Arc<dyn Backend>, config(api_key))
+}

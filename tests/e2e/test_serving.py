@@ -1,0 +1,133 @@
+"""Serving behaviour: concurrency, disconnects, admission control, metrics, shutdown."""
+
+import concurrent.futures
+import re
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import API_KEY, Server
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The best way to learn a language is",
+    "Water boils at",
+    "My favourite colour is",
+    "In 1969, humans",
+    "The recipe for pancakes:",
+    "Dear Sir or Madam,",
+    "A haiku about the sea:",
+    "The three laws of robotics",
+    "Photosynthesis is",
+    "Rust is a programming language that",
+    "The weather today is",
+    "Ten facts about cats: 1.",
+    "To be or not to be,",
+]
+METRICS_WAIT_S = 30
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.MULTILINE)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def wait_idle(url: str):
+    """Polls /metrics (bounded) until nothing runs and the KV cache is empty."""
+    deadline = time.monotonic() + METRICS_WAIT_S
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        if metric(text, "candela:num_requests_running") == 0 and metric(text, "candela:kv_cache_usage_perc") == 0:
+            return text
+        time.sleep(0.1)
+    pytest.fail(f"the engine did not go idle within {METRICS_WAIT_S} s:\n{text}")
+
+
+def test_concurrent_streams_match_sequential(client, model_name):
+    def stream(prompt):
+        chunks = client.completions.create(model=model_name, prompt=prompt, max_tokens=24, temperature=0,
+                                           stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    alone = [stream(p) for p in PROMPTS]
+    start = threading.Barrier(len(PROMPTS), timeout=60)
+
+    def together(prompt):
+        start.wait()
+        return stream(prompt)
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        batched = list(pool.map(together, PROMPTS, timeout=300))
+    assert batched == alone
+
+
+def test_disconnect_mid_stream_frees_the_request(server, model_name):
+    body = {"model": model_name, "prompt": "Tell me a very long story.", "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = 0
+        for line in r.iter_lines():
+            lines += bool(line.startswith("data: "))
+            if lines >= 3:
+                break
+        running = metric(httpx.get(f"{server.url}/metrics", timeout=10).text, "candela:num_requests_running")
+        assert running >= 1
+    # Leaving the block closed the connection mid-stream.
+    wait_idle(server.url)
+
+
+def test_metrics_content(server, client, model_name):
+    client.completions.create(model=model_name, prompt="Hello", max_tokens=3)
+    r = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    for name in ("candela:num_requests_running", "candela:num_requests_waiting", "candela:kv_cache_usage_perc",
+                 "candela:prompt_tokens_total", "candela:generation_tokens_total"):
+        metric(r.text, name)
+    assert metric(r.text, "candela:generation_tokens_total") >= 3
+    assert "candela:time_to_first_token_seconds_bucket" in r.text
+
+
+def test_full_queue_is_429_with_retry_after(keyed_server):
+    """One running and one waiting slot: of 6 simultaneous long requests, some are refused."""
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "Write a long essay.", "max_tokens": 64, "ignore_eos": True}
+    start = threading.Barrier(6, timeout=60)
+
+    def send(_):
+        start.wait()
+        return httpx.post(f"{keyed_server.url}/v1/completions", json=body, headers=headers, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(send, range(6), timeout=600))
+    statuses = sorted(r.status_code for r in replies)
+    assert 200 in statuses and 429 in statuses, statuses
+    for r in replies:
+        if r.status_code == 429:
+            assert r.headers["retry-after"].isdigit()
+            assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_sigterm_drains_and_exits_zero():
+    s = Server()
+    body = {"prompt": "Count to fifty:", "max_tokens": 40, "ignore_eos": True, "stream": True}
+    received = []
+    with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                break
+        code = []
+        stopper = threading.Thread(target=lambda: code.append(s.stop()))
+        stopper.start()
+        received = [line for line in lines if line.startswith("data: ")]
+        stopper.join(timeout=60)
+    assert received and received[-1] == "data: [DONE]", "the in-flight stream was cut"
+    assert code == [0], s.log_tail()
