@@ -49,7 +49,8 @@ impl Sim {
         for _ in 0..WARMUP_STEPS {
             sim.step();
         }
-        assert_eq!(sim.s.num_running(), RUNNING);
+        // Sequences that finished in the last step are replaced at the next one.
+        assert!(sim.s.num_running() >= RUNNING - 16, "{:?}", sim.s.stats());
         assert!(sim.s.num_waiting() >= WAITING - 1);
         sim
     }

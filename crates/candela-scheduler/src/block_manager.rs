@@ -34,10 +34,9 @@
 //!   shared block is never written again: shared prefix blocks are read-only).
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
-use crate::{BlockId, TokenId};
+use crate::{BlockId, FastMap, TokenId};
 
 /// Chained hash of one full block (its tokens and all tokens before it).
 pub(crate) type BlockHash = u64;
@@ -77,7 +76,7 @@ pub struct BlockManager {
     lru_head: Option<BlockId>,
     lru_tail: Option<BlockId>,
     lru_len: u32,
-    cache: HashMap<BlockHash, BlockId>,
+    cache: FastMap<BlockHash, BlockId>,
     hash_state: RandomState,
 }
 
@@ -97,7 +96,7 @@ impl BlockManager {
             lru_head: None,
             lru_tail: None,
             lru_len: 0,
-            cache: HashMap::new(),
+            cache: FastMap::default(),
             hash_state: RandomState::new(),
         }
     }

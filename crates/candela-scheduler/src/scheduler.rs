@@ -27,12 +27,12 @@
 //! KV is written.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::block_manager::BlockManager;
 use crate::sequence::{SeqStatus, Sequence, WaitKey};
-use crate::{BlockId, Error, Policy, SchedulerConfig, SeqId, TokenId};
+use crate::{BlockId, Error, FastMap, Policy, SchedulerConfig, SeqId, TokenId};
 
 /// What the engine reports for one sampled sequence after running a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +213,7 @@ struct Pick {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     bm: BlockManager,
-    seqs: HashMap<SeqId, Sequence>,
+    seqs: FastMap<SeqId, Sequence>,
     /// Admission order; served first each step.
     running: Vec<SeqId>,
     waiting: BTreeMap<WaitKey, SeqId>,
@@ -237,7 +237,7 @@ impl Scheduler {
         Ok(Self {
             bm: BlockManager::new(cfg.num_blocks, cfg.block_size),
             cfg,
-            seqs: HashMap::new(),
+            seqs: FastMap::default(),
             running: Vec::new(),
             waiting: BTreeMap::new(),
             num_held: 0,
