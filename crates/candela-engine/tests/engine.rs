@@ -1,0 +1,548 @@
+//! End-to-end tests of the engine with the real default model (SmolLM2-135M-Instruct Q4_1):
+//! greedy outputs against llama.cpp's reference, batch invariance, seeded sampling, parallel
+//! choices, abort, preemption, requests that never fit, and stop strings.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use candela_engine::api::{
+    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopCause, SubmitError, TokenId,
+    Usage,
+};
+use candela_engine::{EngineConfig, EngineHandle};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
+/// 64, f32.
+const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 4;
+
+fn model_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn reference_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/smollm2-greedy.jsonl")
+}
+
+fn start(config: EngineConfig) -> EngineHandle {
+    let engine = EngineHandle::start(EngineConfig {
+        model: model_path().to_string_lossy().into_owned(),
+        ..config
+    })
+    .expect("the default model loads");
+    engine
+        .wait_ready(Duration::from_secs(120))
+        .expect("the engine warms up");
+    engine
+}
+
+/// One engine with the default configuration, shared by the tests that do not look at
+/// engine-wide state (block usage, preemptions).
+fn shared_engine() -> &'static EngineHandle {
+    static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
+    ENGINE.get_or_init(|| start(EngineConfig::default()))
+}
+
+fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens: NonZeroU32::new(max_tokens),
+        ..SamplingParams::default()
+    }
+}
+
+fn request(prompt: &[TokenId], sampling: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        prompt_token_ids: prompt.to_vec(),
+        sampling,
+        n: NonZeroU32::MIN,
+        priority: 0,
+        arrival: Instant::now(),
+    }
+}
+
+/// Everything one choice produced.
+#[derive(Debug, Clone, PartialEq)]
+struct ChoiceOutput {
+    token_ids: Vec<TokenId>,
+    text: String,
+    reason: FinishReason,
+    usage: Usage,
+}
+
+/// Reads events until every one of `n` choices has finished.
+fn collect(mut events: UnboundedReceiver<GenerateEvent>, n: usize) -> Vec<ChoiceOutput> {
+    let mut outputs: Vec<(Vec<TokenId>, String, Option<(FinishReason, Usage)>)> =
+        vec![(Vec::new(), String::new(), None); n];
+    while outputs.iter().any(|o| o.2.is_none()) {
+        match events
+            .blocking_recv()
+            .expect("the engine finishes every choice")
+        {
+            GenerateEvent::Delta {
+                index,
+                token_ids,
+                text,
+                ..
+            } => {
+                let output = &mut outputs[index as usize];
+                assert!(output.2.is_none(), "a delta after Finished");
+                output.0.extend(token_ids);
+                output.1.push_str(&text);
+            }
+            GenerateEvent::Finished {
+                index,
+                reason,
+                usage,
+                ..
+            } => {
+                let output = &mut outputs[index as usize];
+                assert!(output.2.is_none(), "finished twice");
+                assert_eq!(usage.completion_tokens as usize, output.0.len());
+                output.2 = Some((reason, usage));
+            }
+        }
+    }
+    outputs
+        .into_iter()
+        .map(|(token_ids, text, finished)| {
+            let (reason, usage) = finished.expect("loop ends when all finished");
+            ChoiceOutput {
+                token_ids,
+                text,
+                reason,
+                usage,
+            }
+        })
+        .collect()
+}
+
+fn generate(engine: &EngineHandle, request: GenerateRequest) -> Vec<ChoiceOutput> {
+    let n = request.n.get() as usize;
+    let (_, events) = engine.submit(request).expect("accepted");
+    collect(events, n)
+}
+
+/// Submits all requests at once, then collects each.
+fn generate_concurrently(
+    engine: &EngineHandle,
+    requests: Vec<GenerateRequest>,
+) -> Vec<ChoiceOutput> {
+    let receivers: Vec<_> = requests
+        .into_iter()
+        .map(|r| engine.submit(r).expect("accepted").1)
+        .collect();
+    receivers
+        .into_iter()
+        .map(|events| collect(events, 1).remove(0))
+        .collect()
+}
+
+struct Record {
+    id: String,
+    prompt_token_ids: Vec<TokenId>,
+    output_token_ids: Vec<TokenId>,
+    /// Per output position, whether the reference's top-1 and top-2 were within 0.1 nats
+    /// (`None` where the reference has no entry for that position).
+    near_tie: Vec<Option<bool>>,
+}
+
+fn records() -> Vec<Record> {
+    let text = std::fs::read_to_string(reference_path()).expect("the reference file exists");
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("valid JSON line");
+            let ids = |key: &str| -> Vec<TokenId> {
+                v[key]
+                    .as_array()
+                    .expect("an id array")
+                    .iter()
+                    .map(|x| x.as_u64().expect("an id") as TokenId)
+                    .collect()
+            };
+            let output_token_ids = ids("output_token_ids");
+            // Entries may be missing for incomplete UTF-8 pieces: align them by id.
+            let entries = v["output_top_logprobs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut next_entry = 0;
+            let near_tie = output_token_ids
+                .iter()
+                .map(|&token| {
+                    let entry = entries.get(next_entry)?;
+                    if entry["id"].as_u64() != Some(u64::from(token)) {
+                        return None;
+                    }
+                    next_entry += 1;
+                    let top = entry["top"].as_array()?;
+                    let logprob = |i: usize| top.get(i)?.get(1)?.as_f64();
+                    Some(match (logprob(0), logprob(1)) {
+                        (Some(a), Some(b)) => (a - b).abs() < 0.1,
+                        _ => false,
+                    })
+                })
+                .collect();
+            Record {
+                id: v["id"].as_str().expect("an id").to_owned(),
+                prompt_token_ids: ids("prompt_token_ids"),
+                output_token_ids,
+                near_tie,
+            }
+        })
+        .collect()
+}
+
+/// The reference's outputs up to (not including) the first near-tie.
+fn comparable_prefix(record: &Record) -> &[TokenId] {
+    let end = record
+        .near_tie
+        .iter()
+        .position(|tie| *tie == Some(true))
+        .unwrap_or(record.output_token_ids.len());
+    &record.output_token_ids[..end]
+}
+
+#[test]
+fn greedy_outputs_match_the_llama_cpp_reference() {
+    let engine = shared_engine();
+    let records = records();
+    assert!(
+        records.len() >= 40,
+        "the reference has {} records",
+        records.len()
+    );
+    let requests = records
+        .iter()
+        .map(|r| request(&r.prompt_token_ids, greedy(48)))
+        .collect();
+    let outputs = generate_concurrently(engine, requests);
+    let mut mismatches = Vec::new();
+    for (record, output) in records.iter().zip(&outputs) {
+        let expected = comparable_prefix(record);
+        let got = &output.token_ids[..expected.len().min(output.token_ids.len())];
+        if got != expected {
+            mismatches.push(format!(
+                "{}: expected {:?}, got {:?}",
+                record.id, expected, output.token_ids
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+#[test]
+fn sixteen_concurrent_requests_equal_each_alone() {
+    let engine = shared_engine();
+    let prompts: Vec<Vec<TokenId>> = records()
+        .into_iter()
+        .map(|r| r.prompt_token_ids)
+        .take(16)
+        .collect();
+    let alone: Vec<ChoiceOutput> = prompts
+        .iter()
+        .map(|p| generate(engine, request(p, greedy(20))).remove(0))
+        .collect();
+    let together = generate_concurrently(
+        engine,
+        prompts.iter().map(|p| request(p, greedy(20))).collect(),
+    );
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.token_ids, b.token_ids, "prompt {i}");
+        assert_eq!(a.text, b.text, "prompt {i}");
+    }
+}
+
+fn sampled(seed: u64, max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(seed),
+        max_tokens: NonZeroU32::new(max_tokens),
+        ignore_eos: true,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn a_seeded_request_gives_the_same_output_alone_and_amid_traffic() {
+    let engine = shared_engine();
+    let records = records();
+    let prompt = records[2].prompt_token_ids.clone();
+    let alone = generate(engine, request(&prompt, sampled(1234, 24))).remove(0);
+    let mut requests: Vec<GenerateRequest> = records[5..10]
+        .iter()
+        .map(|r| request(&r.prompt_token_ids, sampled(7, 24)))
+        .collect();
+    requests.insert(2, request(&prompt, sampled(1234, 24)));
+    let amid = generate_concurrently(engine, requests).remove(2);
+    assert_eq!(alone.token_ids, amid.token_ids);
+    assert_eq!(alone.token_ids.len(), 24);
+    // Another seed gives another output (24 tokens at temperature 0.9: a collision would be
+    // astronomically unlikely).
+    let other = generate(engine, request(&prompt, sampled(1235, 24))).remove(0);
+    assert_ne!(alone.token_ids, other.token_ids);
+}
+
+#[test]
+fn n_choices_share_the_prompt_and_follow_their_seeds() {
+    let engine = shared_engine();
+    let records = records();
+    // A chat prompt longer than two blocks, so there are full blocks to share.
+    let record = records
+        .iter()
+        .find(|r| r.prompt_token_ids.len() > 40)
+        .expect("a long prompt");
+    let prompt = &record.prompt_token_ids;
+    let mut both = request(prompt, sampled(99, 12));
+    both.n = NonZeroU32::new(2).expect("2 > 0");
+    let outputs = generate(engine, both);
+    assert_eq!(outputs.len(), 2);
+    // The second choice took the first one's full prompt blocks from the prefix cache.
+    let block_tokens = (prompt.len() / 16 * 16) as u32;
+    assert!(
+        outputs[1].usage.cached_prompt_tokens >= block_tokens,
+        "cached {} of {} prompt tokens",
+        outputs[1].usage.cached_prompt_tokens,
+        prompt.len()
+    );
+    // Choice i samples with seed + i, like a lone request with that seed.
+    let first = generate(engine, request(prompt, sampled(99, 12))).remove(0);
+    let second = generate(engine, request(prompt, sampled(100, 12))).remove(0);
+    assert_eq!(outputs[0].token_ids, first.token_ids);
+    assert_eq!(outputs[1].token_ids, second.token_ids);
+}
+
+/// Reads one sample of a metric from the Prometheus text.
+fn metric(engine: &EngineHandle, name: &str) -> f64 {
+    let text = engine.metrics_text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Waits (bounded) until the engine reports no block in use and nothing running or waiting.
+fn wait_until_idle(engine: &EngineHandle) {
+    for _ in 0..1000 {
+        if metric(engine, "candela:kv_cache_usage_perc") == 0.0
+            && metric(engine, "candela:num_requests_running") == 0.0
+            && metric(engine, "candela:num_requests_waiting") == 0.0
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("blocks still in use:\n{}", engine.metrics_text());
+}
+
+#[test]
+fn abort_and_dropped_receivers_free_every_block() {
+    let engine = start(EngineConfig::default());
+    let records = records();
+    let long = |i: usize| request(&records[i].prompt_token_ids, sampled(i as u64, 200));
+    let (aborted_id, mut aborted) = engine.submit(long(2)).expect("accepted");
+    let (_, dropped) = engine.submit(long(5)).expect("accepted");
+    let (_, finishing) = engine
+        .submit(request(&records[8].prompt_token_ids, greedy(4)))
+        .expect("accepted");
+    // Let the first request generate before aborting it.
+    match aborted.blocking_recv() {
+        Some(GenerateEvent::Delta { .. }) => {}
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    assert!(metric(&engine, "candela:kv_cache_usage_perc") > 0.0);
+    engine.abort(aborted_id);
+    drop(dropped);
+    let reason = loop {
+        match aborted.blocking_recv().expect("a Finished event") {
+            GenerateEvent::Finished { reason, .. } => break reason,
+            GenerateEvent::Delta { .. } => {}
+        }
+    };
+    assert_eq!(reason, FinishReason::Abort);
+    assert_eq!(collect(finishing, 1)[0].reason, FinishReason::Length);
+    wait_until_idle(&engine);
+    assert!(engine
+        .metrics_text()
+        .contains("candela:request_success_total{finished_reason=\"abort\"} 2"));
+    engine.shutdown(Instant::now() + Duration::from_secs(5));
+    assert!(!engine.is_ready());
+}
+
+#[test]
+fn a_tiny_kv_cache_preempts_and_still_gives_the_same_greedy_output() {
+    let records = records();
+    let prompts: Vec<Vec<TokenId>> = records
+        .iter()
+        .filter(|r| r.prompt_token_ids.len() > 30)
+        .take(4)
+        .map(|r| r.prompt_token_ids.clone())
+        .collect();
+    let reference = shared_engine();
+    let expected: Vec<Vec<TokenId>> = prompts
+        .iter()
+        .map(|p| {
+            generate(reference, request(p, greedy(40)))
+                .remove(0)
+                .token_ids
+        })
+        .collect();
+    // 12 blocks of 16 tokens: each request needs ~5 blocks, four need ~20.
+    let engine = start(EngineConfig {
+        kv_cache_memory_bytes: 12 * BLOCK_BYTES,
+        ..EngineConfig::default()
+    });
+    let outputs = generate_concurrently(
+        &engine,
+        prompts.iter().map(|p| request(p, greedy(40))).collect(),
+    );
+    for (i, (output, expected)) in outputs.iter().zip(&expected).enumerate() {
+        assert_eq!(&output.token_ids, expected, "prompt {i}");
+    }
+    assert!(metric(&engine, "candela:num_preemptions_total") > 0.0);
+    wait_until_idle(&engine);
+    engine.shutdown(Instant::now() + Duration::from_secs(5));
+}
+
+#[test]
+fn a_request_that_can_never_fit_finishes_with_an_error() {
+    // 4 blocks: 64 tokens of KV in all.
+    let engine = start(EngineConfig {
+        kv_cache_memory_bytes: 4 * BLOCK_BYTES,
+        ..EngineConfig::default()
+    });
+    let prompt: Vec<TokenId> = records()[2].prompt_token_ids.clone();
+    let output = generate(&engine, request(&prompt, greedy(100))).remove(0);
+    match &output.reason {
+        FinishReason::Error(message) => assert!(message.contains("KV cache"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    // The engine still serves requests that fit.
+    let small = generate(&engine, request(&prompt[..10], greedy(3))).remove(0);
+    assert_eq!(small.reason, FinishReason::Length);
+    engine.shutdown(Instant::now() + Duration::from_secs(5));
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_never_emitted() {
+    let engine = shared_engine();
+    let record = records()
+        .into_iter()
+        .find(|r| r.id == "c01-chat")
+        .expect("the c01-chat record");
+    let full = generate(engine, request(&record.prompt_token_ids, greedy(40))).remove(0);
+    // "return" appears in the factorial code; stop on it, even though it spans tokens
+    // (" return" is one token here, so stop on a string that starts mid-token too).
+    for stop in ["return", "eturn 1"] {
+        let at = full
+            .text
+            .find(stop)
+            .expect("the stop string occurs in the output");
+        let mut sampling = greedy(40);
+        sampling.stop = vec!["never-appears".into(), stop.into()];
+        let output = generate(engine, request(&record.prompt_token_ids, sampling)).remove(0);
+        assert_eq!(output.text, full.text[..at], "stop {stop:?}");
+        assert_eq!(
+            output.reason,
+            FinishReason::Stop(StopCause::StopString(stop.into()))
+        );
+        assert!(output.token_ids.len() < full.token_ids.len());
+        assert_eq!(
+            output.token_ids[..],
+            full.token_ids[..output.token_ids.len()]
+        );
+    }
+}
+
+#[test]
+fn stop_token_ids_and_max_tokens_end_generation() {
+    let engine = shared_engine();
+    let record = &records()[2];
+    let full = generate(engine, request(&record.prompt_token_ids, greedy(10))).remove(0);
+    assert_eq!(full.reason, FinishReason::Length);
+    assert_eq!(full.token_ids.len(), 10);
+    let mut sampling = greedy(10);
+    sampling.stop_token_ids = vec![full.token_ids[3]];
+    let stopped = generate(engine, request(&record.prompt_token_ids, sampling)).remove(0);
+    let first = full
+        .token_ids
+        .iter()
+        .position(|&t| t == full.token_ids[3])
+        .expect("present");
+    assert_eq!(stopped.token_ids[..], full.token_ids[..=first]);
+    assert_eq!(
+        stopped.reason,
+        FinishReason::Stop(StopCause::StopToken(full.token_ids[3]))
+    );
+}
+
+#[test]
+fn submit_rejects_bad_requests() {
+    let engine = shared_engine();
+    let vocab = engine.vocab_size() as TokenId;
+    assert!(matches!(
+        engine.submit(request(&[], greedy(4))),
+        Err(SubmitError::Invalid(_))
+    ));
+    assert!(matches!(
+        engine.submit(request(&[1, vocab], greedy(4))),
+        Err(SubmitError::Invalid(_))
+    ));
+    let long = vec![1; engine.model_len_max() - 3];
+    assert!(matches!(
+        engine.submit(request(&long, greedy(4))),
+        Err(SubmitError::PromptTooLong { .. })
+    ));
+    let mut bad = greedy(4);
+    bad.top_p = 0.0;
+    assert!(matches!(
+        engine.submit(request(&[1, 2], bad)),
+        Err(SubmitError::Invalid(_))
+    ));
+}
+
+#[test]
+fn logprobs_and_tokenizer_round_trip() {
+    let engine = shared_engine();
+    let ids = engine
+        .tokenize("What is the capital of France?", true)
+        .expect("tokenizes");
+    assert_eq!(ids, [1780, 314, 260, 3575, 282, 4649, 47]);
+    assert_eq!(
+        engine.detokenize(&ids).expect("decodes"),
+        "What is the capital of France?"
+    );
+    let mut sampling = greedy(1);
+    sampling.logprobs = Some(3);
+    let (_, mut events) = engine.submit(request(&ids, sampling)).expect("accepted");
+    match events.blocking_recv() {
+        Some(GenerateEvent::Delta {
+            token_ids,
+            logprobs,
+            ..
+        }) => {
+            assert_eq!(logprobs.len(), 1);
+            let lp = &logprobs[0];
+            assert_eq!(lp.token_id, token_ids[0]);
+            assert_eq!(lp.top.len(), 3);
+            assert_eq!(lp.top[0].0, lp.token_id, "greedy picks the top token");
+            // llama.cpp: EOS (2) at -0.439, then 198 at -1.707 and 378 at -2.946. Its
+            // quantized activations differ from ours, hence the tolerance.
+            assert_eq!(lp.token_id, 2);
+            let top_ids: Vec<TokenId> = lp.top.iter().map(|t| t.0).collect();
+            assert_eq!(top_ids, [2, 198, 378], "{lp:?}");
+            for ((_, got), expected) in lp.top.iter().zip([-0.439, -1.707, -2.946]) {
+                assert!((got - expected).abs() < 0.25, "{lp:?}");
+            }
+            assert_eq!(lp.logprob, lp.top[0].1);
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    let text = engine
+        .apply_chat_template(&[candela_engine::ChatMessage::new("user", "Hi")], true)
+        .expect("renders");
+    assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+}
