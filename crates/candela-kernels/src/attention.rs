@@ -352,7 +352,13 @@ fn check_write_kv_args(
         }
         check_rows_contiguous(op, name, t)?;
     }
-    check_meta(op, "slot_mapping", slot_mapping, device, &[Some(num_tokens)])?;
+    check_meta(
+        op,
+        "slot_mapping",
+        slot_mapping,
+        device,
+        &[Some(num_tokens)],
+    )?;
     Ok(num_tokens)
 }
 
@@ -373,7 +379,7 @@ fn check_attention_args(
     if head_dim != cache.head_dim
         || num_heads == 0
         || num_heads < cache.num_kv_heads
-        || num_heads % cache.num_kv_heads != 0
+        || !num_heads.is_multiple_of(cache.num_kv_heads)
     {
         return Err(KernelError::Shape {
             op,
@@ -388,7 +394,13 @@ fn check_attention_args(
     check_rows_contiguous(op, "q", q)?;
     let bt_dims = check_rank(op, "block_tables", &meta.block_tables, 2)?;
     let (num_seqs, max_blocks_per_seq) = (bt_dims[0], bt_dims[1]);
-    check_meta(op, "block_tables", &meta.block_tables, device, &[None, None])?;
+    check_meta(
+        op,
+        "block_tables",
+        &meta.block_tables,
+        device,
+        &[None, None],
+    )?;
     check_meta(
         op,
         "context_lens",
@@ -467,7 +479,10 @@ pub(crate) fn check_metadata_values(
             "cu_seqlens_q",
             dims.num_seqs,
             last,
-            format!("must equal the number of query tokens T = {}", dims.num_tokens),
+            format!(
+                "must equal the number of query tokens T = {}",
+                dims.num_tokens
+            ),
         ));
     }
     for seq in 0..dims.num_seqs {
@@ -637,6 +652,27 @@ impl InplaceOp3 for WriteKvOp {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cache_layout: &Layout,
+        src: &candle_core::CudaStorage,
+        src_layout: &Layout,
+        slots: &candle_core::CudaStorage,
+        slots_layout: &Layout,
+    ) -> Result<()> {
+        crate::cuda::attention::write_kv(
+            self.cache,
+            cache,
+            cache_layout,
+            src,
+            src_layout,
+            slots,
+            slots_layout,
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -732,6 +768,19 @@ impl CustomOp3 for PagedAttentionOp {
                 })
             })
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_layout: &Layout,
+        k: &candle_core::CudaStorage,
+        k_layout: &Layout,
+        v: &candle_core::CudaStorage,
+        v_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::attention::paged_attention(self, q, q_layout, k, k_layout, v, v_layout)
     }
 }
 
@@ -1200,7 +1249,7 @@ pub(crate) fn fast_exp<const FMA: bool>(x: f32) -> f32 {
     p = madd::<FMA>(p, r, 8.333_452e-3);
     p = madd::<FMA>(p, r, 4.166_579_6e-2);
     p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    p = madd::<FMA>(p, r, 0.5);
     let e_r = madd::<FMA>(p, r * r, r) + 1.0;
     let k_int = t.to_bits() as i32 - ROUND.to_bits() as i32;
     e_r * f32::from_bits(((k_int + 127) << 23) as u32)
@@ -1224,7 +1273,11 @@ mod tests {
             block_tables: Tensor::from_slice(tables, (num_seqs, max_blocks), device).unwrap(),
             context_lens: Tensor::from_slice(context_lens, num_seqs, device).unwrap(),
             cu_seqlens_q: Tensor::from_slice(cu, num_seqs + 1, device).unwrap(),
-            max_seqlen_q: cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0),
+            max_seqlen_q: cu
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as usize)
+                .max()
+                .unwrap_or(0),
             max_context_len: context_lens.iter().copied().max().unwrap_or(0) as usize,
         }
     }
@@ -1276,21 +1329,40 @@ mod tests {
             },
             head_dim: 8,
         };
-        let ok = |cu: &[u32], ctx: &[u32], bt: &[u32]| check_metadata_values(&dims, cu, ctx, bt, 4, 8);
+        let ok =
+            |cu: &[u32], ctx: &[u32], bt: &[u32]| check_metadata_values(&dims, cu, ctx, bt, 4, 8);
         assert_eq!(ok(&[0, 4, 5], &[6, 1], &[3, 0, 2, 9]), Ok(()));
         let tensor_of = |r: std::result::Result<(), KernelError>| match r {
             Err(KernelError::OutOfRange { tensor, index, .. }) => (tensor, index),
             other => panic!("expected OutOfRange, got {other:?}"),
         };
-        assert_eq!(tensor_of(ok(&[1, 4, 5], &[6, 1], &[3, 0, 2, 9])), ("cu_seqlens_q", 0));
-        assert_eq!(tensor_of(ok(&[0, 4, 3], &[6, 1], &[3, 0, 2, 9])), ("cu_seqlens_q", 2));
-        assert_eq!(tensor_of(ok(&[0, 4, 4], &[6, 1], &[3, 0, 2, 9])), ("cu_seqlens_q", 2));
+        assert_eq!(
+            tensor_of(ok(&[1, 4, 5], &[6, 1], &[3, 0, 2, 9])),
+            ("cu_seqlens_q", 0)
+        );
+        assert_eq!(
+            tensor_of(ok(&[0, 4, 3], &[6, 1], &[3, 0, 2, 9])),
+            ("cu_seqlens_q", 2)
+        );
+        assert_eq!(
+            tensor_of(ok(&[0, 4, 4], &[6, 1], &[3, 0, 2, 9])),
+            ("cu_seqlens_q", 2)
+        );
         // More query tokens than the context holds.
-        assert_eq!(tensor_of(ok(&[0, 4, 5], &[3, 1], &[3, 0, 2, 9])), ("context_lens", 0));
+        assert_eq!(
+            tensor_of(ok(&[0, 4, 5], &[3, 1], &[3, 0, 2, 9])),
+            ("context_lens", 0)
+        );
         // Context longer than the block table's row (2 blocks of 4).
-        assert_eq!(tensor_of(ok(&[0, 4, 5], &[9, 1], &[3, 0, 2, 9])), ("context_lens", 0));
+        assert_eq!(
+            tensor_of(ok(&[0, 4, 5], &[9, 1], &[3, 0, 2, 9])),
+            ("context_lens", 0)
+        );
         // A block id that is read (sequence 1's first) is out of range; padding is not read.
-        assert_eq!(tensor_of(ok(&[0, 4, 5], &[6, 1], &[3, 0, 4, 9])), ("block_tables", 2));
+        assert_eq!(
+            tensor_of(ok(&[0, 4, 5], &[6, 1], &[3, 0, 4, 9])),
+            ("block_tables", 2)
+        );
         // Host-side maxima too small for the batch.
         assert!(check_metadata_values(&dims, &[0, 4, 5], &[6, 1], &[3, 0, 2, 9], 3, 8).is_err());
         assert!(check_metadata_values(&dims, &[0, 4, 5], &[6, 1], &[3, 0, 2, 9], 4, 5).is_err());
@@ -1320,7 +1392,10 @@ mod tests {
             check_attention_args(&q, &cache, &cache, &m, f32::NAN),
             Err(KernelError::Param { param: "scale", .. })
         ));
-        let strided = Tensor::zeros((1, 8, 3), DType::F32, &dev).unwrap().transpose(1, 2).unwrap();
+        let strided = Tensor::zeros((1, 8, 3), DType::F32, &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
         assert!(matches!(
             check_attention_args(&strided, &cache, &cache, &m, 1.0),
             Err(KernelError::Layout { tensor: "q", .. })
@@ -1334,7 +1409,10 @@ mod tests {
         let kc = Tensor::zeros((3, 4, 1, 8), DType::F32, &dev).unwrap();
         let vc = kc.zeros_like().unwrap();
         let k = Tensor::ones((1, 1, 8), DType::F32, &dev).unwrap();
-        let v = Tensor::arange(0f32, 8.0, &dev).unwrap().reshape((1, 1, 8)).unwrap();
+        let v = Tensor::arange(0f32, 8.0, &dev)
+            .unwrap()
+            .reshape((1, 1, 8))
+            .unwrap();
         let slots = Tensor::from_slice(&[8u32], 1, &dev).unwrap();
         write_kv(&k, &v, &kc, &vc, &slots).unwrap();
         let m = meta(&dev, &[0, 1], &[1], &[2, 0], 2);

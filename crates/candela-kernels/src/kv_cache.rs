@@ -88,9 +88,15 @@ impl PagedKvCache {
         head_dim: usize,
         dtype: DType,
     ) -> usize {
-        let block_bytes = [num_layers, block_size, num_kv_heads, head_dim, dtype.size_in_bytes()]
-            .iter()
-            .try_fold(2u64, |acc, &n| acc.checked_mul(n as u64));
+        let block_bytes = [
+            num_layers,
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype.size_in_bytes(),
+        ]
+        .iter()
+        .try_fold(2u64, |acc, &n| acc.checked_mul(n as u64));
         match block_bytes {
             Some(0) | None => 0,
             Some(block_bytes) => usize::try_from(bytes / block_bytes).unwrap_or(usize::MAX),
@@ -173,6 +179,9 @@ mod tests {
             PagedKvCache::num_blocks_for_bytes(1 << 30, 30, 16, 3, 64, DType::F16),
             (1u64 << 30) as usize / (per_block as usize / 2)
         );
-        assert_eq!(PagedKvCache::num_blocks_for_bytes(1 << 30, 0, 16, 3, 64, DType::F32), 0);
+        assert_eq!(
+            PagedKvCache::num_blocks_for_bytes(1 << 30, 0, 16, 3, 64, DType::F32),
+            0
+        );
     }
 }

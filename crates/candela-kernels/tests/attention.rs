@@ -1,0 +1,630 @@
+//! `write_kv` + `paged_attention` against plain dense causal attention (f64 loops), on random
+//! mixed batches of prefills, prefill chunks with earlier tokens already cached, and decodes,
+//! over shuffled non-contiguous block tables; and the errors bad inputs must give.
+
+use candela_kernels::{paged_attention, write_kv, AttentionMetadata, PagedKvCache};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+/// One sequence of a step: `context_len` keys after the step, the last `n_q` of them new.
+#[derive(Debug, Clone, Copy)]
+struct Seq {
+    context_len: usize,
+    n_q: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+}
+
+/// A step, built on the host, with the whole (dense) history of each sequence for the reference.
+struct Step {
+    shape: Shape,
+    seqs: Vec<Seq>,
+    /// `[context_len, num_kv_heads, head_dim]` per sequence.
+    k_full: Vec<Vec<f32>>,
+    v_full: Vec<Vec<f32>>,
+    /// `[T, num_heads, head_dim]`.
+    q: Vec<f32>,
+    /// Per sequence, its blocks in position order.
+    tables: Vec<Vec<u32>>,
+    num_blocks: usize,
+}
+
+fn random_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+impl Step {
+    fn new(rng: &mut StdRng, shape: Shape, seqs: Vec<Seq>) -> Self {
+        let row = shape.num_kv_heads * shape.head_dim;
+        let k_full = seqs
+            .iter()
+            .map(|s| random_vec(rng, s.context_len * row))
+            .collect();
+        let v_full = seqs
+            .iter()
+            .map(|s| random_vec(rng, s.context_len * row))
+            .collect();
+        let num_tokens: usize = seqs.iter().map(|s| s.n_q).sum();
+        let q = random_vec(rng, num_tokens * shape.num_heads * shape.head_dim);
+        // Hand out blocks from a shuffled pool with spare blocks, so tables are neither
+        // contiguous nor ordered and some blocks belong to no one.
+        let blocks_needed: usize = seqs
+            .iter()
+            .map(|s| s.context_len.div_ceil(shape.block_size))
+            .sum();
+        let num_blocks = blocks_needed + 5;
+        let mut pool: Vec<u32> = (0..num_blocks as u32).collect();
+        pool.shuffle(rng);
+        let mut tables = Vec::new();
+        for s in &seqs {
+            let n = s.context_len.div_ceil(shape.block_size);
+            tables.push(pool.drain(..n).collect());
+        }
+        Self {
+            shape,
+            seqs,
+            k_full,
+            v_full,
+            q,
+            tables,
+            num_blocks,
+        }
+    }
+
+    fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.n_q).sum()
+    }
+
+    fn slot(&self, seq: usize, pos: usize) -> u32 {
+        let bs = self.shape.block_size;
+        self.tables[seq][pos / bs] * bs as u32 + (pos % bs) as u32
+    }
+
+    /// K/V rows `positions` of each sequence, flattened, with their slots.
+    fn rows(
+        &self,
+        positions: impl Fn(&Seq) -> std::ops::Range<usize>,
+    ) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let row = self.shape.num_kv_heads * self.shape.head_dim;
+        let (mut k, mut v, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, s) in self.seqs.iter().enumerate() {
+            for pos in positions(s) {
+                k.extend_from_slice(&self.k_full[i][pos * row..(pos + 1) * row]);
+                v.extend_from_slice(&self.v_full[i][pos * row..(pos + 1) * row]);
+                slots.push(self.slot(i, pos));
+            }
+        }
+        (k, v, slots)
+    }
+
+    fn metadata(&self, device: &Device, pad_blocks: usize) -> AttentionMetadata {
+        let max_blocks = self.tables.iter().map(Vec::len).max().unwrap_or(0) + pad_blocks;
+        // Padding entries are out of range on purpose: the kernel must never read them.
+        let mut tables = Vec::new();
+        for t in &self.tables {
+            tables.extend_from_slice(t);
+            tables.extend(std::iter::repeat_n(u32::MAX, max_blocks - t.len()));
+        }
+        let mut cu = vec![0u32];
+        for s in &self.seqs {
+            cu.push(cu[cu.len() - 1] + s.n_q as u32);
+        }
+        let (_, _, slots) = self.rows(|s| s.context_len - s.n_q..s.context_len);
+        let context_lens: Vec<u32> = self.seqs.iter().map(|s| s.context_len as u32).collect();
+        let b = self.seqs.len();
+        AttentionMetadata {
+            slot_mapping: Tensor::from_vec(slots, self.num_tokens(), device).unwrap(),
+            block_tables: Tensor::from_vec(tables, (b, max_blocks), device).unwrap(),
+            context_lens: Tensor::from_vec(context_lens, b, device).unwrap(),
+            cu_seqlens_q: Tensor::from_vec(cu, b + 1, device).unwrap(),
+            max_seqlen_q: self.seqs.iter().map(|s| s.n_q).max().unwrap_or(0),
+            max_context_len: self.seqs.iter().map(|s| s.context_len).max().unwrap_or(0),
+        }
+    }
+
+    /// Runs the step as the engine would: earlier tokens were cached by an earlier step, this
+    /// step writes its own keys/values and then attends. Returns `[T * num_heads * head_dim]`.
+    fn run(&self, dtype: DType) -> Vec<f32> {
+        let dev = Device::Cpu;
+        let sh = self.shape;
+        let cache = PagedKvCache::new(
+            1,
+            self.num_blocks,
+            sh.block_size,
+            sh.num_kv_heads,
+            sh.head_dim,
+            dtype,
+            &dev,
+        )
+        .unwrap();
+        let (kc, vc) = cache.layer(0);
+        let kv_tensor = |data: Vec<f32>| {
+            let t = data.len() / (sh.num_kv_heads * sh.head_dim);
+            Tensor::from_vec(data, (t, sh.num_kv_heads, sh.head_dim), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (k_old, v_old, slots_old) = self.rows(|s| 0..s.context_len - s.n_q);
+        let n_old = slots_old.len();
+        write_kv(
+            &kv_tensor(k_old),
+            &kv_tensor(v_old),
+            kc,
+            vc,
+            &Tensor::from_vec(slots_old, n_old, &dev).unwrap(),
+        )
+        .unwrap();
+        let meta = self.metadata(&dev, 2);
+        let (k_new, v_new, _) = self.rows(|s| s.context_len - s.n_q..s.context_len);
+        write_kv(
+            &kv_tensor(k_new),
+            &kv_tensor(v_new),
+            kc,
+            vc,
+            &meta.slot_mapping,
+        )
+        .unwrap();
+        let q = Tensor::from_vec(
+            self.q.clone(),
+            (self.num_tokens(), sh.num_heads, sh.head_dim),
+            &dev,
+        )
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        let out = paged_attention(&q, kc, vc, &meta, scale).unwrap();
+        assert_eq!(out.dims(), [self.num_tokens(), sh.num_heads, sh.head_dim]);
+        assert_eq!(out.dtype(), dtype);
+        out.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Dense causal attention in f64, one query at a time.
+    fn reference(&self) -> Vec<f32> {
+        let sh = self.shape;
+        let (d, group) = (sh.head_dim, sh.num_heads / sh.num_kv_heads);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = Vec::with_capacity(self.q.len());
+        let mut token = 0;
+        for (i, s) in self.seqs.iter().enumerate() {
+            for j in 0..s.n_q {
+                let pos = s.context_len - s.n_q + j;
+                for h in 0..sh.num_heads {
+                    let kv = h / group;
+                    let q = &self.q[(token * sh.num_heads + h) * d..][..d];
+                    let key = |p: usize| &self.k_full[i][(p * sh.num_kv_heads + kv) * d..][..d];
+                    let val = |p: usize| &self.v_full[i][(p * sh.num_kv_heads + kv) * d..][..d];
+                    let scores: Vec<f64> = (0..=pos)
+                        .map(|p| {
+                            let k = key(p);
+                            (0..d).map(|x| q[x] as f64 * k[x] as f64).sum::<f64>() * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for x in 0..d {
+                        let o: f64 = (0..=pos).map(|p| weights[p] * val(p)[x] as f64).sum();
+                        out.push((o / total) as f32);
+                    }
+                }
+                token += 1;
+            }
+        }
+        out
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A random mix of full prefills, prefill chunks over a cached prefix, and decodes.
+fn random_seqs(rng: &mut StdRng, block_size: usize) -> Vec<Seq> {
+    let n = rng.random_range(1..=6);
+    (0..n)
+        .map(|_| {
+            // Contexts around block boundaries and past them, so most end mid-block.
+            let context_len = rng.random_range(1..=4 * block_size + 7);
+            let n_q = match rng.random_range(0..3) {
+                0 => context_len,
+                1 => rng.random_range(1..=context_len),
+                _ => 1,
+            };
+            Seq { context_len, n_q }
+        })
+        .collect()
+}
+
+#[test]
+fn mixed_batches_match_dense_attention() {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let mut cases = 0;
+    for block_size in [8, 16, 32] {
+        for group in [1, 3, 8] {
+            for num_kv_heads in [1, 3] {
+                for head_dim in [64, 24] {
+                    let shape = Shape {
+                        num_heads: num_kv_heads * group,
+                        num_kv_heads,
+                        head_dim,
+                        block_size,
+                    };
+                    let seqs = random_seqs(&mut rng, block_size);
+                    let step = Step::new(&mut rng, shape, seqs);
+                    let diff = max_abs_diff(&step.run(DType::F32), &step.reference());
+                    assert!(diff < 2e-5, "{shape:?} {:?}: max diff {diff}", step.seqs);
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 36);
+}
+
+#[test]
+fn chunked_prefill_decode_and_full_prefill_in_one_batch() {
+    // Hand-picked: every kind of sequence, contexts ending mid-block and exactly on a boundary,
+    // a chunk that starts mid-block, and a chunk longer than a CPU task's token share.
+    let mut rng = StdRng::seed_from_u64(7);
+    let shape = Shape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    let seqs = vec![
+        Seq {
+            context_len: 37,
+            n_q: 37,
+        }, // prefill, ends mid-block
+        Seq {
+            context_len: 100,
+            n_q: 29,
+        }, // chunk over a 71-token cached prefix
+        Seq {
+            context_len: 48,
+            n_q: 1,
+        }, // decode, ends on a block boundary
+        Seq {
+            context_len: 1,
+            n_q: 1,
+        }, // the first token of a prompt
+        Seq {
+            context_len: 65,
+            n_q: 1,
+        }, // decode, first slot of a new block
+        Seq {
+            context_len: 32,
+            n_q: 16,
+        }, // chunk of exactly one block
+    ];
+    let step = Step::new(&mut rng, shape, seqs);
+    let diff = max_abs_diff(&step.run(DType::F32), &step.reference());
+    assert!(diff < 2e-5, "max diff {diff}");
+}
+
+#[test]
+fn default_model_decode_batch_matches_dense_attention() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let shape = Shape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    let seqs = (0..16)
+        .map(|_| Seq {
+            context_len: rng.random_range(100..=300),
+            n_q: 1,
+        })
+        .collect();
+    let step = Step::new(&mut rng, shape, seqs);
+    let diff = max_abs_diff(&step.run(DType::F32), &step.reference());
+    assert!(diff < 2e-5, "max diff {diff}");
+}
+
+#[test]
+fn half_caches_match_dense_attention_within_their_precision() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let shape = Shape {
+        num_heads: 6,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 16,
+    };
+    for (dtype, tolerance) in [(DType::F16, 5e-3), (DType::BF16, 4e-2)] {
+        let seqs = random_seqs(&mut rng, 16);
+        let step = Step::new(&mut rng, shape, seqs);
+        let diff = max_abs_diff(&step.run(dtype), &step.reference());
+        assert!(diff < tolerance, "{dtype:?}: max diff {diff}");
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_thread_scheduling() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let shape = Shape {
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 8,
+    };
+    let seqs = random_seqs(&mut rng, 8);
+    let step = Step::new(&mut rng, shape, seqs);
+    let first = step.run(DType::F32);
+    for _ in 0..3 {
+        assert_eq!(step.run(DType::F32), first);
+    }
+}
+
+#[test]
+fn strided_q_k_v_from_a_fused_projection() {
+    // q, k, v as narrows of one [T, H + 2 * Hkv, D] tensor: strided, last dim contiguous.
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(9);
+    let shape = Shape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 32,
+        block_size: 8,
+    };
+    let mut step = Step::new(
+        &mut rng,
+        shape,
+        vec![Seq {
+            context_len: 13,
+            n_q: 13,
+        }],
+    );
+    let (k_new, v_new, _) = step.rows(|s| 0..s.context_len);
+    let (t, d) = (13, 32);
+    let q = Tensor::from_vec(step.q.clone(), (t, 4, d), &dev).unwrap();
+    let k = Tensor::from_vec(k_new, (t, 2, d), &dev).unwrap();
+    let v = Tensor::from_vec(v_new, (t, 2, d), &dev).unwrap();
+    let qkv = Tensor::cat(&[&q, &k, &v], 1).unwrap();
+    let (q, k, v) = (
+        qkv.narrow(1, 0, 4).unwrap(),
+        qkv.narrow(1, 4, 2).unwrap(),
+        qkv.narrow(1, 6, 2).unwrap(),
+    );
+    assert!(!q.is_contiguous() && !k.is_contiguous());
+    let cache = PagedKvCache::new(1, step.num_blocks, 8, 2, d, DType::F32, &dev).unwrap();
+    let (kc, vc) = cache.layer(0);
+    let meta = step.metadata(&dev, 0);
+    write_kv(&k, &v, kc, vc, &meta.slot_mapping).unwrap();
+    let out = paged_attention(&q, kc, vc, &meta, 1.0 / (d as f32).sqrt()).unwrap();
+    let got: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+    step.q.truncate(t * 4 * d);
+    let diff = max_abs_diff(&got, &step.reference());
+    assert!(diff < 2e-5, "max diff {diff}");
+}
+
+#[test]
+fn write_kv_stores_each_token_at_its_slot() {
+    let dev = Device::Cpu;
+    let cache = PagedKvCache::new(1, 4, 4, 2, 3, DType::F32, &dev).unwrap();
+    let (kc, vc) = cache.layer(0);
+    let k = Tensor::arange(0f32, 12.0, &dev)
+        .unwrap()
+        .reshape((2, 2, 3))
+        .unwrap();
+    let v = (&k + 100.0).unwrap();
+    // Token 0 -> block 3, offset 1; token 1 -> block 0, offset 2.
+    let slots = Tensor::from_slice(&[13u32, 2], 2, &dev).unwrap();
+    write_kv(&k, &v, kc, vc, &slots).unwrap();
+    let row = |c: &Tensor, b: usize, o: usize| -> Vec<f32> {
+        c.i((b, o))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(row(kc, 3, 1), [0., 1., 2., 3., 4., 5.]);
+    assert_eq!(row(kc, 0, 2), [6., 7., 8., 9., 10., 11.]);
+    assert_eq!(row(vc, 3, 1), [100., 101., 102., 103., 104., 105.]);
+    let total: f32 = kc.sum_all().unwrap().to_scalar().unwrap();
+    assert_eq!(total, 66.0, "nothing but the two rows was written");
+}
+
+#[test]
+fn empty_batch_is_a_no_op() {
+    let dev = Device::Cpu;
+    let cache = PagedKvCache::new(1, 2, 4, 1, 8, DType::F32, &dev).unwrap();
+    let (kc, vc) = cache.layer(0);
+    let empty = Tensor::zeros((0, 1, 8), DType::F32, &dev).unwrap();
+    let slots = Tensor::zeros(0, DType::U32, &dev).unwrap();
+    write_kv(&empty, &empty, kc, vc, &slots).unwrap();
+    let meta = AttentionMetadata {
+        slot_mapping: slots,
+        block_tables: Tensor::zeros((0, 1), DType::U32, &dev).unwrap(),
+        context_lens: Tensor::zeros(0, DType::U32, &dev).unwrap(),
+        cu_seqlens_q: Tensor::zeros(1, DType::U32, &dev).unwrap(),
+        max_seqlen_q: 0,
+        max_context_len: 0,
+    };
+    let q = Tensor::zeros((0, 2, 8), DType::F32, &dev).unwrap();
+    let out = paged_attention(&q, kc, vc, &meta, 1.0).unwrap();
+    assert_eq!(out.dims(), [0, 2, 8]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad inputs: an Err that names the culprit, never a panic, and no partial write.
+
+/// A valid two-sequence step on a 4-block cache (block size 4, 1 KV head of 8, 2 query heads).
+struct Fixture {
+    kc: Tensor,
+    vc: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    meta: AttentionMetadata,
+}
+
+fn fixture() -> Fixture {
+    let dev = Device::Cpu;
+    let cache = PagedKvCache::new(1, 4, 4, 1, 8, DType::F32, &dev).unwrap();
+    let (kc, vc) = cache.layer(0);
+    Fixture {
+        kc: kc.clone(),
+        vc: vc.clone(),
+        q: Tensor::ones((3, 2, 8), DType::F32, &dev).unwrap(),
+        k: Tensor::ones((3, 1, 8), DType::F32, &dev).unwrap(),
+        v: Tensor::ones((3, 1, 8), DType::F32, &dev).unwrap(),
+        meta: AttentionMetadata {
+            slot_mapping: Tensor::from_slice(&[4u32, 5, 3], 3, &dev).unwrap(),
+            block_tables: Tensor::from_slice(&[1u32, 9, 0, 9], (2, 2), &dev).unwrap(),
+            context_lens: Tensor::from_slice(&[2u32, 4], 2, &dev).unwrap(),
+            cu_seqlens_q: Tensor::from_slice(&[0u32, 2, 3], 3, &dev).unwrap(),
+            max_seqlen_q: 2,
+            max_context_len: 4,
+        },
+    }
+}
+
+fn attention_err(f: &Fixture) -> String {
+    match paged_attention(&f.q, &f.kc, &f.vc, &f.meta, 0.5) {
+        Ok(_) => panic!("bad input accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn write_err(f: &Fixture) -> String {
+    match write_kv(&f.k, &f.v, &f.kc, &f.vc, &f.meta.slot_mapping) {
+        Ok(()) => panic!("bad input accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn u32s(data: &[u32], shape: impl Into<candle_core::Shape>) -> Tensor {
+    Tensor::from_slice(data, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn the_fixture_itself_is_valid() {
+    let f = fixture();
+    write_kv(&f.k, &f.v, &f.kc, &f.vc, &f.meta.slot_mapping).unwrap();
+    paged_attention(&f.q, &f.kc, &f.vc, &f.meta, 0.5).unwrap();
+}
+
+#[test]
+fn wrong_ranks_are_errors() {
+    let mut f = fixture();
+    f.q = f.q.flatten_from(1).unwrap();
+    assert!(attention_err(&f).contains("`q` must have rank 3, got rank 2"));
+    let mut f = fixture();
+    f.kc = f.kc.flatten_from(2).unwrap();
+    assert!(attention_err(&f).contains("`key_cache` must have rank 4"));
+    assert!(write_err(&f).contains("`key_cache` must have rank 4"));
+    let mut f = fixture();
+    f.meta.block_tables = u32s(&[1, 9, 0, 9], 4);
+    assert!(attention_err(&f).contains("`block_tables` must have rank 2"));
+    let mut f = fixture();
+    f.k = f.k.squeeze(1).unwrap();
+    assert!(write_err(&f).contains("`k` must have rank 3"));
+}
+
+#[test]
+fn wrong_dtypes_are_errors() {
+    let mut f = fixture();
+    f.q = f.q.to_dtype(DType::F64).unwrap();
+    assert!(attention_err(&f).contains("`q` must have dtype F32, got F64"));
+    let mut f = fixture();
+    f.meta.context_lens = f.meta.context_lens.to_dtype(DType::I64).unwrap();
+    assert!(attention_err(&f).contains("`context_lens` must have dtype U32, got I64"));
+    let mut f = fixture();
+    f.meta.slot_mapping = f.meta.slot_mapping.to_dtype(DType::I64).unwrap();
+    assert!(write_err(&f).contains("`slot_mapping` must have dtype U32"));
+    let mut f = fixture();
+    f.vc = f.vc.to_dtype(DType::F16).unwrap();
+    assert!(write_err(&f).contains("`value_cache` must have dtype F32, got F16"));
+    let mut f = fixture();
+    f.kc = f.kc.to_dtype(DType::U32).unwrap();
+    assert!(attention_err(&f).contains("`key_cache` must have dtype F32, F16 or BF16"));
+}
+
+#[test]
+fn mismatched_shapes_are_errors() {
+    let mut f = fixture();
+    f.q = Tensor::ones((3, 2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(attention_err(&f).contains("`q` must have shape [T, num_heads, 8]"));
+    let mut f = fixture();
+    f.v = Tensor::ones((2, 1, 8), DType::F32, &Device::Cpu).unwrap();
+    assert!(write_err(&f).contains("`v` must have shape [3, 1, 8]"));
+    let mut f = fixture();
+    f.meta.cu_seqlens_q = u32s(&[0, 3], 2);
+    assert!(attention_err(&f).contains("`cu_seqlens_q` must have shape [3]"));
+    let mut f = fixture();
+    f.meta.block_tables = u32s(&[1, 9, 0, 9], (2, 2)).t().unwrap();
+    assert!(attention_err(&f).contains("`block_tables` must be contiguous"));
+}
+
+#[test]
+fn slot_out_of_range_is_an_error_and_writes_nothing() {
+    let mut f = fixture();
+    f.meta.slot_mapping = u32s(&[4, 16, 3], 3);
+    let msg = write_err(&f);
+    assert!(
+        msg.contains("slot_mapping[1] = 16 is out of range"),
+        "{msg}"
+    );
+    for cache in [&f.kc, &f.vc] {
+        let total: f32 = cache.sum_all().unwrap().to_scalar().unwrap();
+        assert_eq!(total, 0.0);
+    }
+}
+
+#[test]
+fn block_table_entry_out_of_range_is_an_error() {
+    let mut f = fixture();
+    // Sequence 1 needs one block (context 4); its entry 0 is block 4 of a 4-block cache.
+    f.meta.block_tables = u32s(&[1, 9, 4, 9], (2, 2));
+    let msg = attention_err(&f);
+    assert!(msg.contains("block_tables[2] = 4 is out of range"), "{msg}");
+}
+
+#[test]
+fn context_longer_than_the_block_table_is_an_error() {
+    let mut f = fixture();
+    // 9 tokens need 3 blocks of 4; rows hold 2.
+    f.meta.context_lens = u32s(&[2, 9], 2);
+    f.meta.max_context_len = 9;
+    let msg = attention_err(&f);
+    assert!(msg.contains("context_lens[1] = 9 is out of range"), "{msg}");
+}
+
+#[test]
+fn inconsistent_query_offsets_are_errors() {
+    let mut f = fixture();
+    // More query tokens than the sequence's context.
+    f.meta.context_lens = u32s(&[1, 4], 2);
+    assert!(attention_err(&f).contains("context_lens[0] = 1 is out of range"));
+    let mut f = fixture();
+    f.meta.cu_seqlens_q = u32s(&[0, 2, 2], 3);
+    assert!(attention_err(&f).contains("must equal the number of query tokens T = 3"));
+    let mut f = fixture();
+    f.meta.cu_seqlens_q = u32s(&[0, 4, 3], 3);
+    assert!(attention_err(&f).contains("cu_seqlens_q[2] = 3 is out of range"));
+    let mut f = fixture();
+    f.meta.max_seqlen_q = 1;
+    assert!(attention_err(&f).contains("max_seqlen_q = 1"));
+}
