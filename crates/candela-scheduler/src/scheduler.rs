@@ -512,6 +512,9 @@ impl Scheduler {
     /// freed. `outputs` holds exactly one entry per still-existing sequence that had
     /// `sample == true`; outputs for sequences aborted since `schedule()` are ignored. On `Err`
     /// nothing changed and the step stays in flight (fix the outputs and call again).
+    ///
+    /// If the model step itself failed, [`Self::abort`] every sequence of the batch first (their
+    /// KV was not written, so their progress must not count), then call this with `&[]`.
     pub fn update_after_step(&mut self, outputs: &[StepOutput]) -> Result<(), Error> {
         let last = self.in_flight.as_ref().ok_or(Error::NoStepInFlight)?;
         let mut sampled: Vec<SeqId> = last
@@ -1301,6 +1304,24 @@ mod tests {
         assert_eq!(s.sequence(SeqId(1)).expect("exists").num_tokens(), 2);
         s.update_after_step(&[ok]).expect("valid");
         assert_eq!(s.sequence(SeqId(1)).expect("exists").output_tokens(), &[3]);
+    }
+
+    #[test]
+    fn a_failed_model_step_is_dropped_by_aborting_its_batch() {
+        let mut s = scheduler(config(2, 8, 4, 64));
+        s.add(SeqId(1), prompt(5, 0), 4, 0).expect("fits");
+        let b = s.schedule();
+        for q in &b.seqs {
+            assert!(s.abort(q.seq_id));
+        }
+        s.update_after_step(&[]).expect("nothing left to report");
+        assert_eq!(s.stats().blocks_used, 0);
+        assert_eq!(
+            s.stats().blocks_cached_free,
+            0,
+            "uncomputed blocks are never cached"
+        );
+        assert!(s.schedule().is_empty());
     }
 
     #[test]
