@@ -230,6 +230,10 @@ impl ChatTemplate {
 
     /// Renders `messages` into prompt text. `add_generation_prompt` appends the opening of
     /// the assistant's turn (e.g. `<|im_start|>assistant\n`).
+    ///
+    /// Templates write `bos_token` themselves when the model wants one, so tokenize the
+    /// result with `add_special_tokens = false` (as `transformers` does), else models whose
+    /// files add BOS get it twice.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let messages: Vec<Value> = messages
             .iter()
