@@ -126,7 +126,8 @@ pub(super) fn build(content: &Content) -> Result<Built> {
     };
     let bos_id = special_id(KEY_BOS_ID, defaults.bos_id)?;
     let eos_id = special_id(KEY_EOS_ID, defaults.eos_id)?;
-    let _ = special_id(KEY_UNK_ID, defaults.unk_id)?;
+    // Checked for range only: the SPM model reads its unknown piece itself.
+    special_id(KEY_UNK_ID, defaults.unk_id)?;
     let eot_id = special_id(KEY_EOT_ID, None)?;
     let eom_id = special_id(KEY_EOM_ID, None)?;
     let add_bos = optional_bool(content, KEY_ADD_BOS)?.unwrap_or(defaults.add_bos);
