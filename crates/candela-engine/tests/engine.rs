@@ -348,10 +348,13 @@ fn abort_and_dropped_receivers_free_every_block() {
     let (_, finishing) = engine
         .submit(request(&records[8].prompt_token_ids, greedy(4)))
         .expect("accepted");
-    // Let the first request generate before aborting it.
-    match aborted.blocking_recv() {
-        Some(GenerateEvent::Delta { .. }) => {}
-        other => panic!("expected a delta, got {other:?}"),
+    // Let the first request generate before aborting it. Metrics are exported after each
+    // step, so once the second delta arrives the first step's usage is visible.
+    for _ in 0..2 {
+        match aborted.blocking_recv() {
+            Some(GenerateEvent::Delta { .. }) => {}
+            other => panic!("expected a delta, got {other:?}"),
+        }
     }
     assert!(metric(&engine, "candela:kv_cache_usage_perc") > 0.0);
     engine.abort(aborted_id);
