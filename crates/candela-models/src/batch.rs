@@ -1,0 +1,205 @@
+//! One step's inputs to the model: every scheduled token of every sequence, flattened.
+//!
+//! No padding. Sequences are laid end to end in `token_ids`; `cu_seqlens_q` marks
+//! where each starts. Example with three sequences, block size 4:
+//!
+//! ```text
+//! seq     new tokens         start pos   context after   block table
+//! 0       a0 a1 a2 (prefill) 0           3               [7]
+//! 1       b5 (decode)        5           6               [2, 9]
+//! 2       c4 c5 (chunk 2)    4           6               [4, 1]
+//!
+//! token_ids     a0 a1 a2 b5 c4 c5          (T = 6)
+//! positions      0  1  2  5  4  5
+//! cu_seqlens_q  [0, 3, 4, 6]
+//! slot_mapping  28 29 30 37 4  5           (block_table[pos / 4] * 4 + pos % 4)
+//! sample_rows   [2, 3, 5]                  (last new token of each sequence that samples)
+//! ```
+//!
+//! A sequence whose chunk does not reach the end of its prompt is not sampled,
+//! so `sample_rows` can be shorter than the number of sequences.
+
+use candela_kernels::attention::AttentionMetadata;
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The new tokens of one sequence in a step, as the engine knows them on the host.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    /// Tokens to compute this step (a prefill chunk, or one decode token).
+    pub token_ids: &'a [u32],
+    /// Tokens of this sequence already in the KV cache: the position of `token_ids[0]`.
+    pub tokens_cached: usize,
+    /// KV blocks of the sequence, in order; must cover `tokens_cached + token_ids.len()` tokens.
+    pub block_table: &'a [u32],
+    /// Whether the logits of the last token are wanted (false for a non-final prefill chunk).
+    pub sample: bool,
+}
+
+/// The model's input for one step.
+#[derive(Debug)]
+pub struct BatchInputs {
+    /// `[T]` u32: the new tokens of all sequences, end to end.
+    pub token_ids: Tensor,
+    /// `[T]` u32: the absolute position of each token in its sequence.
+    pub positions: Tensor,
+    /// Where each token's K/V goes and what each query attends to.
+    pub attn: AttentionMetadata,
+    /// `[S]` u32: rows of `token_ids` whose logits are returned, in output order.
+    pub sample_rows: Tensor,
+}
+
+impl BatchInputs {
+    /// Builds the step's tensors from per-sequence chunks (see the module doc for the layout).
+    pub fn from_seqs(seqs: &[SeqChunk<'_>], block_size: usize, device: &Device) -> Result<Self> {
+        if seqs.is_empty() {
+            return Err(Error::InvalidBatch("no sequences".into()));
+        }
+        if block_size == 0 {
+            return Err(Error::InvalidBatch("block size 0".into()));
+        }
+        let total: usize = seqs.iter().map(|s| s.token_ids.len()).sum();
+        let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
+        let mut token_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut cu = Vec::with_capacity(seqs.len() + 1);
+        let mut context_lens = Vec::with_capacity(seqs.len());
+        let mut tables = Vec::with_capacity(seqs.len() * max_blocks);
+        let mut sample_rows = Vec::new();
+        let (mut max_q, mut max_ctx) = (0usize, 0usize);
+        cu.push(0u32);
+        for (i, s) in seqs.iter().enumerate() {
+            let n = s.token_ids.len();
+            if n == 0 {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i} has no new tokens"
+                )));
+            }
+            let end = s.tokens_cached + n;
+            if end > s.block_table.len() * block_size {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i}: {} blocks of {block_size} cannot hold {end} tokens",
+                    s.block_table.len()
+                )));
+            }
+            for (j, &t) in s.token_ids.iter().enumerate() {
+                let pos = s.tokens_cached + j;
+                let block = s.block_table[pos / block_size] as usize;
+                token_ids.push(t);
+                positions.push(to_u32(pos)?);
+                slots.push(to_u32(block * block_size + pos % block_size)?);
+            }
+            if s.sample {
+                sample_rows.push(to_u32(token_ids.len() - 1)?);
+            }
+            cu.push(to_u32(token_ids.len())?);
+            context_lens.push(to_u32(end)?);
+            tables.extend_from_slice(s.block_table);
+            // Rows are padded to the widest table; the kernels read only the blocks a
+            // sequence's context needs.
+            tables.extend(std::iter::repeat_n(0u32, max_blocks - s.block_table.len()));
+            max_q = max_q.max(n);
+            max_ctx = max_ctx.max(end);
+        }
+        let attn = AttentionMetadata {
+            slot_mapping: Tensor::new(slots.as_slice(), device)?,
+            block_tables: Tensor::from_vec(tables, (seqs.len(), max_blocks), device)?,
+            context_lens: Tensor::new(context_lens.as_slice(), device)?,
+            cu_seqlens_q: Tensor::new(cu.as_slice(), device)?,
+            max_seqlen_q: max_q,
+            max_context_len: max_ctx,
+        };
+        Ok(Self {
+            token_ids: Tensor::new(token_ids.as_slice(), device)?,
+            positions: Tensor::new(positions.as_slice(), device)?,
+            attn,
+            sample_rows: Tensor::new(sample_rows.as_slice(), device)?,
+        })
+    }
+
+    /// Tokens in the step (T).
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.dims1().unwrap_or(0)
+    }
+
+    /// Rows of logits the forward pass returns (S).
+    pub fn num_sampled(&self) -> usize {
+        self.sample_rows.dims1().unwrap_or(0)
+    }
+}
+
+fn to_u32(x: usize) -> Result<u32> {
+    u32::try_from(x).map_err(|_| Error::InvalidBatch(format!("{x} does not fit in u32")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_doc_example() -> Result<()> {
+        let seqs = [
+            SeqChunk {
+                token_ids: &[10, 11, 12],
+                tokens_cached: 0,
+                block_table: &[7],
+                sample: true,
+            },
+            SeqChunk {
+                token_ids: &[20],
+                tokens_cached: 5,
+                block_table: &[2, 9],
+                sample: true,
+            },
+            SeqChunk {
+                token_ids: &[30, 31],
+                tokens_cached: 4,
+                block_table: &[4, 1],
+                sample: true,
+            },
+        ];
+        let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
+        assert_eq!(b.num_tokens(), 6);
+        assert_eq!(b.positions.to_vec1::<u32>()?, [0, 1, 2, 5, 4, 5]);
+        assert_eq!(b.attn.cu_seqlens_q.to_vec1::<u32>()?, [0, 3, 4, 6]);
+        assert_eq!(
+            b.attn.slot_mapping.to_vec1::<u32>()?,
+            [28, 29, 30, 37, 4, 5]
+        );
+        assert_eq!(b.attn.context_lens.to_vec1::<u32>()?, [3, 6, 6]);
+        assert_eq!(
+            b.attn.block_tables.to_vec2::<u32>()?,
+            [[7, 0], [2, 9], [4, 1]]
+        );
+        assert_eq!(b.sample_rows.to_vec1::<u32>()?, [2, 3, 5]);
+        assert_eq!((b.attn.max_seqlen_q, b.attn.max_context_len), (3, 6));
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_short_block_table_and_empty_chunks() {
+        let short = [SeqChunk {
+            token_ids: &[1, 2, 3],
+            tokens_cached: 2,
+            block_table: &[0],
+            sample: true,
+        }];
+        assert!(matches!(
+            BatchInputs::from_seqs(&short, 4, &Device::Cpu),
+            Err(Error::InvalidBatch(_))
+        ));
+        let empty = [SeqChunk {
+            token_ids: &[],
+            tokens_cached: 0,
+            block_table: &[0],
+            sample: true,
+        }];
+        assert!(matches!(
+            BatchInputs::from_seqs(&empty, 4, &Device::Cpu),
+            Err(Error::InvalidBatch(_))
+        ));
+        assert!(BatchInputs::from_seqs(&[], 4, &Device::Cpu).is_err());
+    }
+}

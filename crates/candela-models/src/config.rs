@@ -1,0 +1,291 @@
+//! The model's shape and hyper-parameters, read from GGUF metadata or `config.json`.
+//!
+//! The engine sizes the paged KV cache from it (`num_layers`, `num_kv_heads`,
+//! `head_dim`), bounds requests by `max_position`, and stops on `eos_token_ids`.
+//! The llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) differs only in small
+//! switches kept here: q/k/v bias, rope layout and rope frequency scaling.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Model families we implement. All share the llama decoder block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM2, TinyLlama, ...
+    Llama,
+    /// Mistral (llama with a sliding window, which we bound via `max_position`).
+    Mistral,
+    /// Qwen2 / Qwen2.5 (llama with q/k/v bias).
+    Qwen2,
+}
+
+/// How the rotary embedding pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1). llama.cpp's GGUF converter permutes llama's q/k rows into this layout.
+    Interleaved,
+    /// Pairs (i, i + d/2): Hugging Face checkpoints, and Qwen2 in GGUF.
+    Half,
+}
+
+/// Rotary frequency scaling for long contexts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (every frequency divided by it).
+    Linear {
+        /// The divisor.
+        factor: f32,
+    },
+    /// Llama 3.1's wavelength-dependent scaling (`rope_type: "llama3"` in config.json).
+    Llama3 {
+        /// Scale of low frequencies.
+        factor: f32,
+        /// Wavelength threshold for full scaling.
+        low_freq_factor: f32,
+        /// Wavelength threshold for no scaling.
+        high_freq_factor: f32,
+        /// Context length of pre-training.
+        original_max_position: usize,
+    },
+    /// Per-frequency divisors stored in a GGUF `rope_freqs.weight` tensor (llama.cpp's form of
+    /// llama3 scaling). One entry per rotated pair.
+    FreqFactors(Vec<f32>),
+}
+
+/// Shape and hyper-parameters of a loaded model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Model family.
+    pub architecture: Architecture,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (GQA: divides `num_heads`).
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Rows of the embedding and of the logits.
+    pub vocab_size: usize,
+    /// Longest sequence (prompt + generated) the model supports; rope tables are built to it.
+    pub max_position: usize,
+    /// Rope base frequency.
+    pub rope_theta: f32,
+    /// Rope layout of q/k.
+    pub rope_style: RopeStyle,
+    /// Rope frequency scaling, if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// q/k/v projections carry a bias (Qwen2).
+    pub attention_bias: bool,
+    /// Beginning-of-sequence token, when the model defines one.
+    pub bos_token_id: Option<u32>,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Checks the relations between fields that the forward pass relies on.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("max_position", self.max_position),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be positive"));
+            }
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(invalid(
+                "num_kv_heads",
+                format!(
+                    "{} query heads are not a multiple of {} kv heads",
+                    self.num_heads, self.num_kv_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(invalid("head_dim", "rope needs an even head size"));
+        }
+        if self.max_position > u32::MAX as usize {
+            return Err(invalid("max_position", "does not fit in u32 positions"));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(invalid("rope_theta", "must be a positive number"));
+        }
+        if let Some(RopeScaling::FreqFactors(f)) = &self.rope_scaling {
+            if f.len() != self.head_dim / 2 {
+                return Err(invalid(
+                    "rope_freqs",
+                    format!(
+                        "{} factors for {} rotated pairs",
+                        f.len(),
+                        self.head_dim / 2
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotary inverse frequencies, one per rotated pair, after scaling.
+    pub fn rope_inv_freqs(&self) -> Vec<f64> {
+        let d = self.head_dim;
+        let base = self.rope_theta as f64;
+        let inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / d as f64))
+            .collect();
+        match &self.rope_scaling {
+            None => inv,
+            Some(RopeScaling::Linear { factor }) => {
+                inv.into_iter().map(|f| f / *factor as f64).collect()
+            }
+            Some(RopeScaling::FreqFactors(factors)) => inv
+                .into_iter()
+                .zip(factors)
+                .map(|(f, s)| f / *s as f64)
+                .collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position,
+            }) => {
+                // Same formula as transformers' `_compute_llama3_parameters`.
+                let (factor, low, high) = (
+                    *factor as f64,
+                    *low_freq_factor as f64,
+                    *high_freq_factor as f64,
+                );
+                let old_len = *original_max_position as f64;
+                let low_freq_wavelen = old_len / low;
+                let high_freq_wavelen = old_len / high;
+                inv.into_iter()
+                    .map(|freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < high_freq_wavelen {
+                            freq
+                        } else if wavelen > low_freq_wavelen {
+                            freq / factor
+                        } else {
+                            let smooth = (old_len / wavelen - low) / (high - low);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// cos and sin tables `[max_position, head_dim / 2]` (f32), built once at load and
+    /// indexed by position at each step.
+    pub fn rope_tables(&self, device: &Device) -> Result<(Tensor, Tensor)> {
+        let inv = self.rope_inv_freqs();
+        let half = inv.len();
+        let n = self.max_position;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in 0..n {
+            for f in &inv {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, half), device)?;
+        let sin = Tensor::from_vec(sin, (n, half), device)?;
+        Ok((cos, sin))
+    }
+
+    /// Bytes of KV cache one token takes in all layers (K and V), for sizing the cache.
+    pub fn kv_bytes_per_token(&self, dtype: DType) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.size_in_bytes()
+    }
+}
+
+pub(crate) fn invalid(key: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidMetadata {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smol() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            vocab_size: 49152,
+            max_position: 16,
+            rope_theta: 100_000.0,
+            rope_style: RopeStyle::Interleaved,
+            rope_scaling: None,
+            rms_norm_eps: 1e-5,
+            attention_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    #[test]
+    fn validate_rejects_bad_gqa() {
+        let mut c = smol();
+        assert!(c.validate().is_ok());
+        c.num_kv_heads = 4;
+        assert!(matches!(c.validate(), Err(Error::InvalidMetadata { .. })));
+    }
+
+    #[test]
+    fn rope_tables_shape_and_position_zero() -> Result<()> {
+        let c = smol();
+        let (cos, sin) = c.rope_tables(&Device::Cpu)?;
+        assert_eq!(cos.dims(), &[16, 32]);
+        let cos0 = cos.get(0)?.to_vec1::<f32>()?;
+        let sin0 = sin.get(0)?.to_vec1::<f32>()?;
+        assert!(cos0.iter().all(|&x| x == 1.0));
+        assert!(sin0.iter().all(|&x| x == 0.0));
+        // First pair rotates at one radian per position.
+        let cos3 = cos.get(3)?.to_vec1::<f32>()?;
+        assert!((cos3[0] - 3f32.cos()).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let mut c = smol();
+        c.rope_theta = 500_000.0;
+        c.head_dim = 128;
+        let plain = c.rope_inv_freqs();
+        c.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        });
+        let scaled = c.rope_inv_freqs();
+        assert_eq!(plain[0], scaled[0]);
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
+    }
+}

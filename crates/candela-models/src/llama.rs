@@ -1,0 +1,323 @@
+//! The llama decoder (SmolLM2, Llama 2/3, Mistral, Qwen2) over flattened variable-length
+//! batches, attending through candela-kernels' paged KV cache.
+//!
+//! One forward call per engine step, whatever mix of prefills, prefill chunks and decodes
+//! it holds: every matmul sees all `T` tokens of the step at once, and only attention
+//! looks at sequence boundaries (through [`AttentionMetadata`]). The LM head runs only on
+//! the rows that are sampled, since it is a fifth of a small model's multiply-adds.
+//!
+//! Family switches: q/k/v bias (Qwen2), rope layout (GGUF llama weights are permuted for
+//! interleaved pairs, Hugging Face ones are not) and rope frequency scaling (Llama 3).
+//!
+//! [`AttentionMetadata`]: candela_kernels::attention::AttentionMetadata
+
+use candela_kernels::attention::{paged_attention, write_kv};
+use candela_kernels::kv_cache::PagedKvCache;
+use candle_core::{DType, Device, Tensor};
+
+use crate::batch::BatchInputs;
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::model::{LlamaNames, Model, WeightSource};
+
+/// Weight of one tensor role in a layer, for naming.
+#[derive(Clone, Copy)]
+enum Role {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LlamaNames {
+    fn layer(self, i: usize, role: Role) -> String {
+        let (g, h) = match role {
+            Role::AttnNorm => ("attn_norm", "input_layernorm"),
+            Role::Q => ("attn_q", "self_attn.q_proj"),
+            Role::K => ("attn_k", "self_attn.k_proj"),
+            Role::V => ("attn_v", "self_attn.v_proj"),
+            Role::O => ("attn_output", "self_attn.o_proj"),
+            Role::FfnNorm => ("ffn_norm", "post_attention_layernorm"),
+            Role::Gate => ("ffn_gate", "mlp.gate_proj"),
+            Role::Up => ("ffn_up", "mlp.up_proj"),
+            Role::Down => ("ffn_down", "mlp.down_proj"),
+        };
+        match self {
+            Self::Gguf => format!("blk.{i}.{g}"),
+            Self::HuggingFace => format!("model.layers.{i}.{h}"),
+        }
+    }
+
+    fn embedding(self) -> &'static str {
+        match self {
+            Self::Gguf => "token_embd.weight",
+            Self::HuggingFace => "model.embed_tokens.weight",
+        }
+    }
+
+    fn final_norm(self) -> &'static str {
+        match self {
+            Self::Gguf => "output_norm.weight",
+            Self::HuggingFace => "model.norm.weight",
+        }
+    }
+
+    fn head(self) -> &'static str {
+        match self {
+            Self::Gguf => "output.weight",
+            Self::HuggingFace => "lm_head.weight",
+        }
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    /// q/k/v biases (Qwen2).
+    bias: Option<[Tensor; 3]>,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    attn: Attention,
+    ffn_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// A llama-family model.
+pub struct Llama {
+    config: ModelConfig,
+    device: Device,
+    dtype: DType,
+    /// `[vocab, hidden]`, dense for row lookups.
+    embedding: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    /// `[vocab, hidden]`: `output.weight`, or the embedding's stored form when tied.
+    head: Linear,
+    /// `[max_position, head_dim / 2]` each, built once at load.
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    attn_scale: f32,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl Llama {
+    pub(crate) fn load<S: WeightSource>(
+        src: &mut S,
+        config: ModelConfig,
+        device: &Device,
+        dtype: DType,
+        names: LlamaNames,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = &config;
+        let q_out = c.num_heads * c.head_dim;
+        let kv_out = c.num_kv_heads * c.head_dim;
+        let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+
+        let check = |src: &S, name: &str, expected: &[usize]| -> Result<()> {
+            let got = src.dims(name)?;
+            if got != expected {
+                return Err(Error::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: expected.to_vec(),
+                    got,
+                });
+            }
+            Ok(())
+        };
+        let linear = |src: &mut S, name: String, shape: [usize; 2]| -> Result<Linear> {
+            let name = format!("{name}.weight");
+            check(src, &name, &shape)?;
+            src.linear(&name, device, dtype)
+        };
+        let vector = |src: &mut S, name: String, len: usize| -> Result<Tensor> {
+            check(src, &name, &[len])?;
+            src.dense(&name, device, dtype)
+        };
+
+        let embed_name = names.embedding();
+        check(src, embed_name, &[c.vocab_size, hidden])?;
+        let (embedding, tied_head) = src.embedding_and_tied_head(embed_name, device, dtype)?;
+        let head = if src.contains(names.head()) {
+            check(src, names.head(), &[c.vocab_size, hidden])?;
+            src.linear(names.head(), device, dtype)?
+        } else {
+            tied_head
+        };
+        let final_norm = vector(src, names.final_norm().to_string(), hidden)?;
+
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let n = |role| names.layer(i, role);
+            let bias = if c.attention_bias {
+                Some([
+                    vector(src, format!("{}.bias", n(Role::Q)), q_out)?,
+                    vector(src, format!("{}.bias", n(Role::K)), kv_out)?,
+                    vector(src, format!("{}.bias", n(Role::V)), kv_out)?,
+                ])
+            } else {
+                None
+            };
+            layers.push(Layer {
+                attn_norm: vector(src, format!("{}.weight", n(Role::AttnNorm)), hidden)?,
+                attn: Attention {
+                    q: linear(src, n(Role::Q), [q_out, hidden])?,
+                    k: linear(src, n(Role::K), [kv_out, hidden])?,
+                    v: linear(src, n(Role::V), [kv_out, hidden])?,
+                    o: linear(src, n(Role::O), [hidden, q_out])?,
+                    bias,
+                },
+                ffn_norm: vector(src, format!("{}.weight", n(Role::FfnNorm)), hidden)?,
+                mlp: Mlp {
+                    gate: linear(src, n(Role::Gate), [inter, hidden])?,
+                    up: linear(src, n(Role::Up), [inter, hidden])?,
+                    down: linear(src, n(Role::Down), [hidden, inter])?,
+                },
+            });
+        }
+        let (rope_cos, rope_sin) = config.rope_tables(device)?;
+        let (rope_cos, rope_sin) = (rope_cos.to_dtype(dtype)?, rope_sin.to_dtype(dtype)?);
+        Ok(Self {
+            attn_scale: 1.0 / (config.head_dim as f32).sqrt(),
+            config,
+            device: device.clone(),
+            dtype,
+            embedding,
+            layers,
+            final_norm,
+            head,
+            rope_cos,
+            rope_sin,
+        })
+    }
+
+    fn check_inputs(&self, input: &BatchInputs, kv: &PagedKvCache) -> Result<usize> {
+        let t = input.token_ids.dims1()?;
+        let positions = input.positions.dims1()?;
+        if positions != t {
+            return Err(Error::InvalidBatch(format!(
+                "{t} tokens but {positions} positions"
+            )));
+        }
+        if input.attn.slot_mapping.dims1()? != t {
+            return Err(Error::InvalidBatch(format!(
+                "{t} tokens but {} slots",
+                input.attn.slot_mapping.dims1()?
+            )));
+        }
+        if input.attn.max_context_len > self.config.max_position {
+            return Err(Error::InvalidBatch(format!(
+                "context of {} tokens exceeds the model's {}",
+                input.attn.max_context_len, self.config.max_position
+            )));
+        }
+        if kv.num_layers() != self.layers.len() {
+            return Err(Error::InvalidBatch(format!(
+                "KV cache has {} layers, model has {}",
+                kv.num_layers(),
+                self.layers.len()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// `x: [T, heads, head_dim]` rotated by each token's position; `cos`/`sin`: `[T, 1, head_dim/2]`.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (t, h, d) = x.dims3()?;
+        // candle's rope ops take `[b, h, seq, d]` with per-batch tables `[b, seq, d/2]`:
+        // each token becomes its own batch entry of length 1, at its own position.
+        let x = x.reshape((t, h, 1, d))?;
+        let y = match self.config.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+        };
+        Ok(y.reshape((t, h, d))?)
+    }
+}
+
+impl Model for Llama {
+    fn forward(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
+        let t = self.check_inputs(input, kv)?;
+        let c = &self.config;
+        let (h, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+
+        let half = d / 2;
+        let cos = self
+            .rope_cos
+            .index_select(&input.positions, 0)?
+            .reshape((t, 1, half))?;
+        let sin = self
+            .rope_sin
+            .index_select(&input.positions, 0)?
+            .reshape((t, 1, half))?;
+
+        let mut x = self.embedding.index_select(&input.token_ids, 0)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let hs = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let (mut q, mut k, mut v) = (a.q.forward(&hs)?, a.k.forward(&hs)?, a.v.forward(&hs)?);
+            if let Some([bq, bk, bv]) = &a.bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let q = self.rope(&q.reshape((t, h, d))?, &cos, &sin)?;
+            let k = self.rope(&k.reshape((t, kvh, d))?, &cos, &sin)?;
+            let v = v.reshape((t, kvh, d))?.contiguous()?;
+            let (key_cache, value_cache) = kv.layer(i);
+            write_kv(&k, &v, key_cache, value_cache, &input.attn.slot_mapping)?;
+            let o = paged_attention(&q, key_cache, value_cache, &input.attn, self.attn_scale)?;
+            x = (x + a.o.forward(&o.reshape((t, h * d))?)?)?;
+
+            let hs = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let m = &layer.mlp;
+            let act = (candle_nn::ops::silu(&m.gate.forward(&hs)?)? * m.up.forward(&hs)?)?;
+            x = (x + m.down.forward(&act)?)?;
+        }
+        // Norm and head only for the sampled rows: both are row-wise.
+        if input.sample_rows.dims1()? == 0 {
+            // A step of non-final prefill chunks samples nothing.
+            return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?);
+        }
+        let x = x.index_select(&input.sample_rows, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
+        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}

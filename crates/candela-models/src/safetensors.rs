@@ -1,0 +1,323 @@
+//! Hugging Face checkpoints: a directory with `config.json` and `*.safetensors` (f32/f16/bf16).
+//!
+//! The safetensors files are memory-mapped; each tensor is copied out (and converted to
+//! the activation dtype) as the model is built, so the maps can be dropped after loading.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::config::{invalid, Architecture, ModelConfig, RopeScaling, RopeStyle};
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::model::WeightSource;
+
+/// The fields of `config.json` we read. Everything else is ignored.
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    rms_norm_eps: f64,
+    #[serde(default)]
+    bos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    rope_scaling: Option<HfRopeScaling>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            Self::One(x) => vec![x],
+            Self::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HfRopeScaling {
+    #[serde(default, alias = "type")]
+    rope_type: Option<String>,
+    #[serde(default)]
+    factor: Option<f32>,
+    #[serde(default)]
+    low_freq_factor: Option<f32>,
+    #[serde(default)]
+    high_freq_factor: Option<f32>,
+    #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct GenerationConfig {
+    #[serde(default)]
+    eos_token_id: Option<OneOrMany>,
+}
+
+/// A checkpoint directory: its configuration and memory-mapped tensors.
+pub struct SafetensorsModel {
+    dir: PathBuf,
+    config: ModelConfig,
+    tensors: MmapedSafetensors,
+}
+
+impl std::fmt::Debug for SafetensorsModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsModel")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl SafetensorsModel {
+    /// Opens `dir/config.json` and every `dir/*.safetensors`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join("config.json");
+        let config = read_config(&config_path)?;
+        let files = safetensors_files(&dir)?;
+        if files.is_empty() {
+            return Err(Error::NoWeights {
+                dir,
+                reason: "config.json without *.safetensors".into(),
+            });
+        }
+        // SAFETY: memory-mapping is unsafe if another process truncates or rewrites the
+        // file while it is mapped. Model files are not written while a server loads them,
+        // and every tensor is copied out of the map during loading.
+        let tensors =
+            unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| Error::InvalidConfig {
+                path: files[0].clone(),
+                reason: format!("cannot read safetensors: {e}"),
+            })?;
+        Ok(Self {
+            dir,
+            config,
+            tensors,
+        })
+    }
+
+    /// The checkpoint directory (where `tokenizer.json` and `tokenizer_config.json` live).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The model configuration from `config.json` (and `generation_config.json`).
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn load(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        let view = self.tensors.get(name).map_err(|_| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
+        let stored = format!("{:?}", view.dtype());
+        let t = self.tensors.load(name, device)?;
+        match t.dtype() {
+            DType::F32 | DType::F16 | DType::BF16 => Ok(t.to_dtype(dtype)?),
+            _ => Err(Error::UnsupportedTensorType {
+                name: name.to_string(),
+                dtype: stored,
+            }),
+        }
+    }
+}
+
+/// `*.safetensors` in `dir`, sorted so sharded checkpoints load in a stable order.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_config(path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let model_type = hf
+        .model_type
+        .clone()
+        .or_else(|| hf.architectures.first().cloned())
+        .ok_or_else(|| Error::MissingMetadata {
+            key: "model_type".into(),
+        })?;
+    let (architecture, default_bias) = match model_type.as_str() {
+        "llama" | "LlamaForCausalLM" => (Architecture::Llama, false),
+        "mistral" | "MistralForCausalLM" => (Architecture::Mistral, false),
+        "qwen2" | "Qwen2ForCausalLM" => (Architecture::Qwen2, true),
+        other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+    };
+    if hf.num_attention_heads == 0 {
+        return Err(invalid("num_attention_heads", "is zero"));
+    }
+    let rope_scaling = match hf.rope_scaling {
+        None => None,
+        Some(rs) => rope_scaling(rs)?,
+    };
+    // We have no sliding-window attention; bounding the context by the window keeps
+    // Mistral exact (every key stays inside the window).
+    let max_position = match hf.sliding_window {
+        Some(w) if architecture == Architecture::Mistral && w > 0 => {
+            hf.max_position_embeddings.min(w)
+        }
+        _ => hf.max_position_embeddings,
+    };
+    let mut eos_token_ids = hf.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default();
+    let gen_path = path.with_file_name("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen_path) {
+        let gen: GenerationConfig =
+            serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+                path: gen_path.clone(),
+                reason: e.to_string(),
+            })?;
+        for id in gen
+            .eos_token_id
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+        {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
+    }
+    let config = ModelConfig {
+        architecture,
+        num_layers: hf.num_hidden_layers,
+        num_heads: hf.num_attention_heads,
+        num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads),
+        hidden_size: hf.hidden_size,
+        intermediate_size: hf.intermediate_size,
+        vocab_size: hf.vocab_size,
+        max_position,
+        rope_theta: hf.rope_theta.unwrap_or(10_000.0) as f32,
+        rope_style: RopeStyle::Half,
+        rope_scaling,
+        rms_norm_eps: hf.rms_norm_eps,
+        attention_bias: hf.attention_bias.unwrap_or(default_bias),
+        bos_token_id: hf.bos_token_id.and_then(|b| b.into_vec().first().copied()),
+        eos_token_ids,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn rope_scaling(rs: HfRopeScaling) -> Result<Option<RopeScaling>> {
+    let kind = rs.rope_type.as_deref().unwrap_or("default");
+    let factor = || {
+        rs.factor
+            .filter(|f| *f > 0.0)
+            .ok_or_else(|| invalid("rope_scaling.factor", "needs a positive factor"))
+    };
+    match kind {
+        "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear { factor: factor()? })),
+        "llama3" => {
+            let need = |x: Option<f32>, key: &str| {
+                x.ok_or_else(|| Error::MissingMetadata {
+                    key: format!("rope_scaling.{key}"),
+                })
+            };
+            let low = need(rs.low_freq_factor, "low_freq_factor")?;
+            let high = need(rs.high_freq_factor, "high_freq_factor")?;
+            if high <= low {
+                return Err(invalid(
+                    "rope_scaling.high_freq_factor",
+                    "must exceed low_freq_factor",
+                ));
+            }
+            Ok(Some(RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position: rs.original_max_position_embeddings.ok_or_else(|| {
+                    Error::MissingMetadata {
+                        key: "rope_scaling.original_max_position_embeddings".into(),
+                    }
+                })?,
+            }))
+        }
+        other => Err(Error::UnsupportedFeature(format!(
+            "rope scaling type `{other}`"
+        ))),
+    }
+}
+
+impl WeightSource for SafetensorsModel {
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+
+    fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        self.tensors
+            .get(name)
+            .map(|v| v.shape().to_vec())
+            .map_err(|_| Error::MissingTensor {
+                name: name.to_string(),
+            })
+    }
+
+    fn linear(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Linear> {
+        Linear::from_dense(self.load(name, device, dtype)?, dtype)
+    }
+
+    fn dense(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        self.load(name, device, dtype)
+    }
+
+    fn embedding_and_tied_head(
+        &mut self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Linear)> {
+        let table = self.load(name, device, dtype)?;
+        Ok((table.clone(), Linear::Dense(table)))
+    }
+}
