@@ -1,0 +1,244 @@
+//! `candela generate` as a user runs it: the built binary on the real default model.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn model_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn reference(id: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/reference/smollm2-greedy.jsonl");
+    let text = std::fs::read_to_string(path).expect("the reference file exists");
+    text.lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("valid JSON line"))
+        .find(|record| record["id"] == id)
+        .unwrap_or_else(|| panic!("no record {id}"))
+}
+
+fn candela(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_candela"))
+        .arg("generate")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the binary runs")
+}
+
+fn ids(value: &Value) -> Vec<u64> {
+    value
+        .as_array()
+        .expect("an id array")
+        .iter()
+        .map(|x| x.as_u64().expect("an id"))
+        .collect()
+}
+
+/// The reference's output ids up to its first near-tie (top-2 logprobs within 0.1 nats).
+fn comparable_output(record: &Value) -> Vec<u64> {
+    let output = ids(&record["output_token_ids"]);
+    let entries = record["output_top_logprobs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut next = 0;
+    let mut end = output.len();
+    for (i, &token) in output.iter().enumerate() {
+        let Some(entry) = entries.get(next) else {
+            break;
+        };
+        if entry["id"].as_u64() != Some(token) {
+            continue;
+        }
+        next += 1;
+        let top = &entry["top"];
+        if let (Some(a), Some(b)) = (top[0][1].as_f64(), top[1][1].as_f64()) {
+            if (a - b).abs() < 0.1 {
+                end = i;
+                break;
+            }
+        }
+    }
+    output[..end].to_vec()
+}
+
+fn json_line(output: &Output) -> Value {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "failed: {stderr}");
+    let stdout = String::from_utf8(output.stdout.clone()).expect("UTF-8 output");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line, got {stdout:?}");
+    serde_json::from_str(lines[0]).expect("valid JSON")
+}
+
+#[test]
+fn json_output_matches_the_reference_for_a_completion() {
+    let record = reference("q02-completion");
+    let prompt = record["prompt"].as_str().expect("a prompt");
+    let model = model_path();
+    let output = candela(&[
+        "--model",
+        model.to_str().expect("UTF-8 path"),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "48",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    let line = json_line(&output);
+    assert_eq!(
+        ids(&line["prompt_token_ids"]),
+        ids(&record["prompt_token_ids"])
+    );
+    let expected = comparable_output(&record);
+    let got = ids(&line["output_token_ids"]);
+    assert!(got.len() >= expected.len(), "{got:?} vs {expected:?}");
+    assert_eq!(got[..expected.len()], expected[..]);
+    if expected.len() == ids(&record["output_token_ids"]).len() {
+        assert_eq!(line["text"], record["output_text"]);
+        assert_eq!(line["finish_reason"], record["finish_reason"]);
+    }
+    for key in ["ttft_ms", "prompt_tokens_per_s", "generation_tokens_per_s"] {
+        let value = line["timings"][key].as_f64().unwrap_or(-1.0);
+        assert!(value > 0.0, "timings.{key} = {}", line["timings"][key]);
+    }
+}
+
+#[test]
+fn messages_go_through_the_chat_template() {
+    let record = reference("q04-chat");
+    let messages = serde_json::to_string(&record["messages"]).expect("serializable");
+    let model = model_path();
+    let output = candela(&[
+        "--model",
+        model.to_str().expect("UTF-8 path"),
+        "--messages",
+        &messages,
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    let line = json_line(&output);
+    assert_eq!(
+        ids(&line["prompt_token_ids"]),
+        ids(&record["prompt_token_ids"])
+    );
+    let expected = comparable_output(&record);
+    let got = ids(&line["output_token_ids"]);
+    let n = expected.len().min(6);
+    assert_eq!(got[..n], expected[..n]);
+    assert_eq!(line["finish_reason"], "length");
+}
+
+#[test]
+fn text_streams_to_stdout_and_timings_go_to_stderr() {
+    let record = reference("a02-completion-qa");
+    let prompt = record["prompt"].as_str().expect("a prompt");
+    let model = model_path();
+    let output = candela(&[
+        "--model",
+        model.to_str().expect("UTF-8 path"),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "8",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("TTFT") && stderr.contains("tokens/s"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // llama.cpp's greedy answer begins " 7 * 8 = 56".
+    assert!(stdout.starts_with(" 7 * 8 = 56"), "{stdout:?}");
+}
+
+/// Runs with bad input and checks for a clean failure whose message contains `expected`.
+fn assert_fails_cleanly(args: &[&str], expected: &str) {
+    let output = candela(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "succeeded with {args:?}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&expected.to_lowercase()),
+        "expected {expected:?} in: {stderr}"
+    );
+}
+
+#[test]
+fn bad_inputs_fail_with_clear_messages() {
+    let model = model_path();
+    let model = model.to_str().expect("UTF-8 path");
+    let dir = tempfile::tempdir().expect("a temp dir");
+
+    let missing = dir.path().join("nope.gguf");
+    assert_fails_cleanly(
+        &[
+            "--model",
+            missing.to_str().expect("UTF-8"),
+            "--prompt",
+            "hi",
+        ],
+        "not found",
+    );
+
+    let truncated = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(model_path()).expect("the model file");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).expect("writes");
+    assert_fails_cleanly(
+        &[
+            "--model",
+            truncated.to_str().expect("UTF-8"),
+            "--prompt",
+            "hi",
+        ],
+        "truncated",
+    );
+
+    assert_fails_cleanly(
+        &[
+            "--model",
+            model,
+            "--messages",
+            "[{\"role\": \"user\", \"content\": ",
+        ],
+        "not valid JSON",
+    );
+
+    let template = dir.path().join("raises.jinja");
+    std::fs::write(
+        &template,
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come first') }}{% endif %}",
+    )
+    .expect("writes");
+    assert_fails_cleanly(
+        &[
+            "--model",
+            model,
+            "--chat-template",
+            template.to_str().expect("UTF-8"),
+            "--messages",
+            "[{\"role\": \"user\", \"content\": \"hi\"}]",
+        ],
+        "a system message must come first",
+    );
+
+    let long_prompt = "hello ".repeat(9000);
+    assert_fails_cleanly(
+        &[
+            "--model",
+            model,
+            "--prompt",
+            &long_prompt,
+            "--max-tokens",
+            "16",
+        ],
+        "too long",
+    );
+}
