@@ -647,10 +647,9 @@ impl EngineCore {
     /// Samples every sampled sequence of the batch, emits its events and fills `outputs`.
     fn sample_batch(&mut self, batch: &ScheduledBatch, outputs: &mut Vec<StepOutput>) {
         let vocab_size = self.info.vocab_size;
-        let mut row = 0usize;
-        for seq in batch.seqs.iter().filter(|s| s.sample) {
+        // Logit rows follow the sampled sequences in batch order.
+        for (row, seq) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
             let logits = &mut self.logits_host[row * vocab_size..(row + 1) * vocab_size];
-            row += 1;
             let Some(&(request_id, index)) = self.seq_owner.get(&seq.seq_id) else {
                 // Aborted after scheduling: the scheduler ignores outputs of unknown sequences.
                 continue;

@@ -428,7 +428,7 @@ mod tests {
         p.logit_bias = vec![(2, 100.0), (99, 5.0)];
         let mut scratch = SamplerScratch::default();
         let mut sampler = ChoiceSampler::new(p.clone(), 0, &[]);
-        assert_eq!(sampler.sample(&mut vec![3.0, 1.0, 0.0], &mut scratch).0, 2);
+        assert_eq!(sampler.sample(&mut [3.0, 1.0, 0.0], &mut scratch).0, 2);
         p.logit_bias = vec![(0, -100.0)];
         p.temperature = 1.0;
         let counts = histogram(&mut ChoiceSampler::new(p, 0, &[]), &[3.0, 1.0, 0.0], 200);
@@ -458,7 +458,7 @@ mod tests {
         sampler.apply_processors(&mut row, None);
         assert_eq!(row, vec![3.0, 3.5, 5.0]);
         let mut scratch = SamplerScratch::default();
-        assert_eq!(sampler.sample(&mut vec![5.0, 5.0, 4.9], &mut scratch).0, 2);
+        assert_eq!(sampler.sample(&mut [5.0, 5.0, 4.9], &mut scratch).0, 2);
     }
 
     #[test]

@@ -72,10 +72,12 @@ struct ChoiceOutput {
     usage: Usage,
 }
 
+/// A choice's tokens and text so far, and its end once finished.
+type PartialOutput = (Vec<TokenId>, String, Option<(FinishReason, Usage)>);
+
 /// Reads events until every one of `n` choices has finished.
 fn collect(mut events: UnboundedReceiver<GenerateEvent>, n: usize) -> Vec<ChoiceOutput> {
-    let mut outputs: Vec<(Vec<TokenId>, String, Option<(FinishReason, Usage)>)> =
-        vec![(Vec::new(), String::new(), None); n];
+    let mut outputs: Vec<PartialOutput> = vec![(Vec::new(), String::new(), None); n];
     while outputs.iter().any(|o| o.2.is_none()) {
         match events
             .blocking_recv()
