@@ -171,6 +171,9 @@ pub struct PackedWeight {
     layout: pack::PackLayout,
     data: pack::AlignedBytes,
     source: Option<GgmlDType>,
+    /// The same bytes on a CUDA device, uploaded by the first `matmul` of a CUDA tensor.
+    #[cfg(feature = "cuda")]
+    cuda: std::sync::OnceLock<crate::cuda::CudaPackedWeight>,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -264,9 +267,14 @@ impl PackedWeight {
         driver::matmul(self, kernel, x, m, y)
     }
 
-    /// `x: [.., k]` f32 on the CPU (any rank >= 1) -> `[.., n]` f32. A CUDA or Metal tensor is
-    /// an `Err` until those paths exist.
+    /// `x: [.., k]` f32 on the CPU (any rank >= 1) -> `[.., n]` f32. With the `cuda` feature,
+    /// a CUDA `x` (f32, f16 or bf16) -> `[.., n]` in its dtype, on the device (the weight is
+    /// uploaded on first use; see [`crate::cuda::CudaPackedWeight`]). Metal is an `Err`.
     pub fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return crate::cuda::quant::matmul_cached(self, &self.cuda, x);
+        }
         if !x.device().is_cpu() {
             candle_core::bail!(
                 "candela packed qmatmul: only CPU tensors are supported for now, got {:?}",

@@ -53,10 +53,10 @@ pub(crate) struct PackLayout {
 
 impl PackLayout {
     pub(crate) fn new(n: usize, k: usize, bits: QuantBits, group_size: usize) -> Result<Self> {
-        if group_size == 0 || group_size % 32 != 0 || group_size > GROUP_SIZE_MAX {
+        if group_size == 0 || !group_size.is_multiple_of(32) || group_size > GROUP_SIZE_MAX {
             return Err(QuantError::GroupSize { group_size });
         }
-        if k == 0 || k % group_size != 0 {
+        if k == 0 || !k.is_multiple_of(group_size) {
             return Err(QuantError::KNotMultipleOfGroup { k, group_size });
         }
         if n == 0 {
@@ -178,6 +178,8 @@ impl Packer {
             layout: self.layout,
             data: self.data,
             source,
+            #[cfg(feature = "cuda")]
+            cuda: std::sync::OnceLock::new(),
         }
     }
 }

@@ -76,6 +76,9 @@ unsafe fn run_avx512(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
 }
 
 /// Rows `r0..r0 + MR`, tiles `t0..t0 + NC`.
+// Register blocking: `(r, t)` index the accumulator grid, the activation rows and the tiles at
+// once; the constant-bound loops unroll, and the arrays live in registers.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
     a: &KernelArgs<'_>,
@@ -251,6 +254,9 @@ unsafe fn run_256<D: Dot256>(a: &KernelArgs<'_>, tile_begin: usize, tile_end: us
 }
 
 /// Rows `r0..r0 + MR` of tile `t0`.
+// Register blocking: `(r, t)` index the accumulator grid, the activation rows and the tiles at
+// once; the constant-bound loops unroll, and the arrays live in registers.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
     a: &KernelArgs<'_>,
