@@ -2,6 +2,9 @@
 //! (serve, generate, chat, batch, bench). Each subcommand lives in its own module;
 //! this file only parses arguments and dispatches.
 
+mod batch;
+mod bench;
+mod chat;
 mod generate;
 mod serve;
 
@@ -20,6 +23,12 @@ enum Command {
     Generate(generate::Args),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(serve::Args),
+    /// Run an offline batch job (OpenAI Batch API JSONL), in-process.
+    Batch(batch::Args),
+    /// Load-test an OpenAI-compatible server at fixed concurrency levels.
+    Bench(bench::Args),
+    /// Chat with a model in the terminal, in-process.
+    Chat(chat::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +42,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Batch(args) => batch::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Chat(args) => chat::run(args),
     }
 }
