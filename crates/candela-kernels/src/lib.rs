@@ -2,6 +2,8 @@
 #![deny(missing_docs)]
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod kv_cache;
 pub mod quant;
