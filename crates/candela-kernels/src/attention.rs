@@ -120,6 +120,7 @@ pub fn paged_attention(
         max_context_len: meta.max_context_len,
         scale,
         dims,
+        simd: Simd::detect(),
     };
     q.apply_op3_no_bwd(key_cache, value_cache, &op)
 }
@@ -689,6 +690,8 @@ pub struct PagedAttentionOp {
     pub(crate) max_context_len: usize,
     pub(crate) scale: f32,
     pub(crate) dims: AttentionDims,
+    /// The CPU kernel's instruction set (fixed at construction so tests can pin the baseline).
+    simd: Simd,
 }
 
 /// Holds the read guard of a metadata tensor's storage while its slice is used.
@@ -971,7 +974,7 @@ impl PagedAttentionOp {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         };
-        let simd = Simd::detect();
+        let simd = self.simd;
         tasks
             .par_iter()
             .for_each_init(Scratch::default, |scratch, task| {
@@ -982,7 +985,7 @@ impl PagedAttentionOp {
 }
 
 /// The instruction set the CPU kernel was compiled for, picked once per call.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Simd {
     /// Whatever the build target allows (SSE2 on a default x86_64 build).
     Baseline,
@@ -1081,13 +1084,23 @@ fn attend<T: KvElem, const FMA: bool>(
         let p0 = b * bs;
         let len = (last_pos + 1 - p0).min(bs);
         let block_base = block as usize * bs * kv_row + task.kv_head * d;
+        // Blocks are scattered, so the hardware prefetcher cannot guess the next one: ask for
+        // it now, while this block is computed (decode is bound by these loads).
+        if let Some(&next) = table.get(b + 1) {
+            let next_base = next as usize * bs * kv_row + task.kv_head * d;
+            let next_len = (last_pos + 1 - (b + 1) * bs).min(bs);
+            for i in 0..next_len {
+                prefetch_row(&args.k_cache[next_base + i * kv_row..][..d]);
+                prefetch_row(&args.v_cache[next_base + i * kv_row..][..d]);
+            }
+        }
 
         for i in 0..len {
             let from = block_base + i * kv_row;
             let k_row = T::as_f32(&args.k_cache[from..from + d], row_buf);
             let r_min = (p0 + i).saturating_sub(first_pos) * g;
             for r in r_min..rows {
-                scores[r * bs + i] = dot::<FMA>(&q[r * d..(r + 1) * d], k_row);
+                scores[r * bs + i] = dot_fast::<FMA>(&q[r * d..(r + 1) * d], k_row);
             }
         }
 
@@ -1118,7 +1131,7 @@ fn attend<T: KvElem, const FMA: bool>(
             let v_row = T::as_f32(&args.v_cache[from..from + d], row_buf);
             let r_min = (p0 + i).saturating_sub(first_pos) * g;
             for r in r_min..rows {
-                axpy::<FMA>(scores[r * bs + i], v_row, &mut acc[r * d..(r + 1) * d]);
+                axpy_fast::<FMA>(scores[r * bs + i], v_row, &mut acc[r * d..(r + 1) * d]);
             }
         }
     }
@@ -1146,6 +1159,24 @@ fn attend<T: KvElem, const FMA: bool>(
 // ---------------------------------------------------------------------------------------------
 // Vector helpers, written so the compiler vectorises them (fixed-width lane accumulators: a
 // plain float reduction cannot be reordered, so it would stay scalar).
+
+/// Hints the CPU to pull `row` into the cache; a no-op where there is no such hint.
+#[inline(always)]
+fn prefetch_row<T>(row: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE_BYTES: usize = 64;
+        let bytes = std::mem::size_of_val(row);
+        let start = row.as_ptr().cast::<i8>();
+        for offset in (0..bytes).step_by(LINE_BYTES) {
+            // SAFETY: prefetch never faults, and the address is inside `row` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
 
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -1185,6 +1216,92 @@ pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     hsum(lanes) + tail
+}
+
+/// `dot`, with explicit AVX2 code when `FMA` (the auto-vectoriser picks 128-bit lanes for the
+/// 16-lane form). `FMA == true` is only instantiated under `attend_avx2_fma`.
+#[inline(always)]
+fn dot_fast<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA = true only runs inside `attend_avx2_fma`, on a CPU with avx2 and fma.
+        return unsafe { x86::dot(a, b) };
+    }
+    dot::<FMA>(a, b)
+}
+
+/// `axpy`, with explicit AVX2 code when `FMA` (see `dot_fast`).
+#[inline(always)]
+fn axpy_fast<const FMA: bool>(w: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in `dot_fast`.
+        return unsafe { x86::axpy(w, x, y) };
+    }
+    axpy::<FMA>(w, x, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Dot product of the common prefix of `a` and `b`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at i..i + 8 <= n, inside both slices.
+        unsafe {
+            while i + 16 <= n {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8)),
+                    _mm256_loadu_ps(pb.add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+            if i + 8 <= n {
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+                i += 8;
+            }
+        }
+        let s = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        let mut sum = _mm_cvtss_f32(s);
+        while i < n {
+            sum = a[i].mul_add(b[i], sum);
+            i += 1;
+        }
+        sum
+    }
+
+    /// `y += w * x` over the common prefix.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        // SAFETY: every load and store touches 8 floats at i..i + 8 <= n, inside both slices.
+        unsafe {
+            while i + 8 <= n {
+                let r = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), r);
+                i += 8;
+            }
+        }
+        while i < n {
+            y[i] = w.mul_add(x[i], y[i]);
+            i += 1;
+        }
+    }
 }
 
 #[inline(always)]
@@ -1399,6 +1516,56 @@ mod tests {
         assert!(matches!(
             check_attention_args(&strided, &cache, &cache, &m, 1.0),
             Err(KernelError::Layout { tensor: "q", .. })
+        ));
+    }
+
+    #[test]
+    fn baseline_and_avx2_kernels_agree() {
+        // The integration tests run whatever this CPU detects; pin the portable path here.
+        let dev = Device::Cpu;
+        let (num_blocks, bs, hkv, d) = (6, 4, 2, 24);
+        let kc = Tensor::randn(0f32, 1.0, (num_blocks, bs, hkv, d), &dev).unwrap();
+        let vc = Tensor::randn(0f32, 1.0, (num_blocks, bs, hkv, d), &dev).unwrap();
+        // A 5-token chunk over a 9-token context, then a decode over 7.
+        let m = meta(&dev, &[0, 5, 6], &[9, 7], &[4, 0, 2, 1, 5, 3], 3);
+        let q = Tensor::randn(0f32, 1.0, (6, 6, d), &dev).unwrap();
+        let dims = check_attention_args(&q, &kc, &vc, &m, 0.2).unwrap();
+        let run = |simd| {
+            let op = PagedAttentionOp {
+                block_tables: m.block_tables.clone(),
+                context_lens: m.context_lens.clone(),
+                cu_seqlens_q: m.cu_seqlens_q.clone(),
+                max_seqlen_q: m.max_seqlen_q,
+                max_context_len: m.max_context_len,
+                scale: 0.2,
+                dims,
+                simd,
+            };
+            q.apply_op3_no_bwd(&kc, &vc, &op)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (base, detected) = (run(Simd::Baseline), run(Simd::detect()));
+        let diff = base
+            .iter()
+            .zip(&detected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "max diff {diff}");
+    }
+
+    #[test]
+    fn gqa_needs_a_whole_number_of_query_heads_per_kv_head() {
+        let dev = Device::Cpu;
+        let cache = Tensor::zeros((4, 4, 2, 8), DType::F32, &dev).unwrap();
+        let m = meta(&dev, &[0, 1], &[1], &[0, 0], 2);
+        let q = Tensor::zeros((1, 3, 8), DType::F32, &dev).unwrap();
+        assert!(matches!(
+            check_attention_args(&q, &cache, &cache, &m, 1.0),
+            Err(KernelError::Shape { tensor: "q", .. })
         ));
     }
 
