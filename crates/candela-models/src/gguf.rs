@@ -53,7 +53,7 @@ impl GgufFile {
             let dtype = info.ggml_dtype;
             let elems = info.shape.elem_count() as u64;
             let block = dtype.block_size() as u64;
-            if elems % block != 0 {
+            if !elems.is_multiple_of(block) {
                 return Err(Error::InvalidGguf {
                     path,
                     reason: format!(

@@ -21,6 +21,10 @@ pub enum Linear {
 
 impl Linear {
     /// Wraps a tensor read from a GGUF file.
+    ///
+    /// Honours candle's `CANDLE_DEQUANTIZE_ALL=1` (f32 dense weights instead of quantized):
+    /// `tests/model.rs` relies on it to compare with candle-transformers without 8-bit
+    /// activation rounding, so a faster variant chosen here must respect it too.
     pub fn from_qtensor(weight: QTensor) -> Result<Self> {
         Ok(Self::Quantized(QMatMul::from_qtensor(weight)?))
     }
