@@ -280,7 +280,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => (read_prompts(path)?, path.display().to_string()),
         None => (
             builtin_prompts(args.prompts),
-            format!("{:?}", args.prompts).to_lowercase(),
+            clap::ValueEnum::to_possible_value(&args.prompts)
+                .map_or_else(String::new, |v| v.get_name().to_owned()),
         ),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

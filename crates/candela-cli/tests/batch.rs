@@ -240,9 +240,10 @@ fn an_interrupted_job_resumes_without_losing_or_repeating_requests() {
     let dir = tempfile::tempdir().expect("temp dir");
     let input = dir.path().join("requests.jsonl");
     let output = dir.path().join("results.jsonl");
-    let total = 24;
-    // Long enough replies that the job is still running when the first results land.
-    std::fs::write(&input, many_requests(total, 48).join("\n")).expect("write input");
+    let total = 12;
+    // Long enough replies, few at a time, that the job is still running when the first
+    // results land.
+    std::fs::write(&input, many_requests(total, 32).join("\n")).expect("write input");
 
     let mut child = batch_command(
         &input,
