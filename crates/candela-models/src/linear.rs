@@ -5,6 +5,7 @@
 //! and faster repacked forms (candela-kernels' `PackedWeight`) slot in as new
 //! variants built in [`Linear::from_qtensor`] without touching the model.
 
+use candela_kernels::quant::{PackedWeight, QuantError};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 
@@ -17,6 +18,9 @@ pub enum Linear {
     Quantized(QMatMul),
     /// A dense `[out, in]` tensor in the activation dtype.
     Dense(Tensor),
+    /// GGML blocks repacked losslessly into candela-kernels' int4/int8 layout: its SIMD CPU
+    /// matmul, or its fused CUDA GEMV (uploaded to the device by the first forward).
+    Packed(PackedWeight),
 }
 
 impl Linear {
@@ -25,8 +29,46 @@ impl Linear {
     /// Honours candle's `CANDLE_DEQUANTIZE_ALL=1` (f32 dense weights instead of quantized):
     /// `tests/model.rs` relies on it to compare with candle-transformers without 8-bit
     /// activation rounding, so a faster variant chosen here must respect it too.
+    ///
+    /// On the CPU, GGML types that candle runs without SIMD or without its tiled paths at
+    /// our shapes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are repacked losslessly into
+    /// [`PackedWeight`]: measured in `benches/qmatmul.rs`, 5x to 200x faster than candle's
+    /// `QMatMul` at SmolLM2's shapes. k-quants stay with candle, whose Q4K path is fast.
+    /// `CANDELA_CPU_QMATMUL=candle` keeps candle's path for every type (to compare).
     pub fn from_qtensor(weight: QTensor) -> Result<Self> {
+        let dequantize_all = std::env::var("CANDLE_DEQUANTIZE_ALL").is_ok_and(|v| v == "1");
+        let candle_only = std::env::var("CANDELA_CPU_QMATMUL").is_ok_and(|v| v == "candle");
+        if weight.device().is_cpu() && !dequantize_all && !candle_only {
+            if let Some(packed) = Self::packed(&weight)? {
+                return Ok(packed);
+            }
+        }
         Ok(Self::Quantized(QMatMul::from_qtensor(weight)?))
+    }
+
+    /// `weight` repacked into a [`PackedWeight`] when its GGML type repacks losslessly,
+    /// `None` for the other types.
+    fn packed(weight: &QTensor) -> Result<Option<Self>> {
+        let (n, k) = weight.shape().dims2()?;
+        match PackedWeight::from_ggml(weight.dtype(), &weight.data()?, n, k) {
+            Ok(w) => {
+                tracing::debug!(dtype = ?weight.dtype(), n, k, "weight repacked for candela's quantized matmul");
+                Ok(Some(Self::Packed(w)))
+            }
+            Err(QuantError::UnsupportedGgml { .. }) => Ok(None),
+            Err(e) => Err(candle_core::Error::Msg(e.to_string()).into()),
+        }
+    }
+
+    /// For a CUDA device: `weight` (read on the CPU) repacked into a [`PackedWeight`] when
+    /// its GGML type repacks losslessly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); `None` otherwise, or
+    /// when `CANDELA_CUDA_QMATMUL=candle` asks for candle's CUDA quantized matmul (to compare
+    /// the two).
+    pub fn packed_for_cuda(weight: &QTensor) -> Result<Option<Self>> {
+        if std::env::var("CANDELA_CUDA_QMATMUL").is_ok_and(|v| v == "candle") {
+            return Ok(None);
+        }
+        Self::packed(weight)
     }
 
     /// Wraps a dense `[out, in]` weight, converted to `dtype` once here.
@@ -39,6 +81,7 @@ impl Linear {
         let y = match self {
             Self::Quantized(w) => w.forward(x)?,
             Self::Dense(w) => x.matmul(&w.t()?)?,
+            Self::Packed(w) => w.matmul(x)?,
         };
         Ok(y)
     }
