@@ -145,13 +145,13 @@ def test_n2(client, model_name):
 
 def test_seed_reproducible(client, model_name):
     def run(seed):
-        return client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=20,
+        return client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=12,
                                               temperature=1.0, top_p=0.95, seed=seed).choices[0].message.content
     a, b = run(1234), run(1234)
     assert a == b
     # Different seeds explore: at least one of a few differs (bounded, and the chance that all
-    # five 20-token samples at temperature 1 coincide is negligible).
-    assert any(run(s) != a for s in range(5))
+    # three 12-token samples at temperature 1 coincide with the first is negligible).
+    assert any(run(s) != a for s in range(3))
 
 
 def test_return_token_ids_chat(client, model_name):

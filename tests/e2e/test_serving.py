@@ -51,7 +51,7 @@ def wait_idle(url: str):
 
 def test_concurrent_streams_match_sequential(client, model_name):
     def stream(prompt):
-        chunks = client.completions.create(model=model_name, prompt=prompt, max_tokens=24, temperature=0,
+        chunks = client.completions.create(model=model_name, prompt=prompt, max_tokens=16, temperature=0,
                                            stream=True)
         return "".join(c.choices[0].text for c in chunks if c.choices)
 
