@@ -70,17 +70,22 @@ def test_concurrent_streams_match_sequential(client, model_name):
 def test_disconnect_mid_stream_frees_the_request(server, model_name):
     body = {"model": model_name, "prompt": "Tell me a very long story.", "max_tokens": 2000,
             "ignore_eos": True, "stream": True}
+    running = None
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         lines = 0
         for line in r.iter_lines():
             lines += bool(line.startswith("data: "))
             if lines >= 3:
+                # Read while the generator is still alive: leaving it (break) lets httpx close
+                # the connection, which is the disconnect this test is about.
+                running = metric(httpx.get(f"{server.url}/metrics", timeout=10).text,
+                                 "candela:num_requests_running")
                 break
-        running = metric(httpx.get(f"{server.url}/metrics", timeout=10).text, "candela:num_requests_running")
-        assert running >= 1
+    assert running is not None and running >= 1
     # Leaving the block closed the connection mid-stream.
-    wait_idle(server.url)
+    text = wait_idle(server.url)
+    assert 'candela:request_success_total{finished_reason="abort"}' in text
 
 
 def test_metrics_content(server, client, model_name):
