@@ -61,9 +61,16 @@ pub struct Args {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
-    /// Memory for the KV cache, in MiB.
+    /// Memory for the KV cache, in MiB (CPU).
     #[arg(long, default_value_t = 256)]
     kv_cache_memory_mib: u64,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// On CUDA: the fraction of the GPU's memory the engine may use (weights, activations
+    /// and the KV cache, which gets the rest); replaces --kv-cache-memory-mib there.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
     /// Print one JSON line (ids, text, finish reason, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -86,6 +93,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let config = EngineConfig {
         model: args.model.clone(),
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
+        device: crate::serve::parse_device(&args.device)?,
+        gpu_memory_utilization: Some(args.gpu_memory_utilization),
         queue_waiting_max: 1,
         chat_template,
         ..EngineConfig::default()

@@ -52,6 +52,10 @@ pub struct Args {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On CUDA: the fraction of the GPU's memory the engine may use (weights, activations
+    /// and the KV cache, which gets the rest); replaces --kv-cache-memory there.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
     /// Turn off prefix caching.
     #[arg(long)]
     no_prefix_caching: bool,
@@ -66,7 +70,7 @@ pub struct Args {
     ready_timeout_s: u64,
 }
 
-fn parse_device(device: &str) -> anyhow::Result<EngineDevice> {
+pub(crate) fn parse_device(device: &str) -> anyhow::Result<EngineDevice> {
     match device {
         "cpu" => Ok(EngineDevice::Cpu),
         "cuda" => Ok(EngineDevice::Cuda(0)),
@@ -98,6 +102,7 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
         served_model_name: Some(served_model_name.to_owned()),
         device: parse_device(&args.device)?,
         kv_cache_memory_bytes: (args.kv_cache_memory * f64::from(1u32 << 30)) as u64,
+        gpu_memory_utilization: Some(args.gpu_memory_utilization),
         kv_block_size_tokens: args.block_size,
         seqs_running_max: args.max_num_seqs,
         batch_tokens_max: args.max_num_batched_tokens,

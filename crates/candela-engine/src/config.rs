@@ -22,6 +22,11 @@ pub struct EngineConfig {
     pub device: EngineDevice,
     /// Memory for the paged KV cache (K and V, all layers), in bytes.
     pub kv_cache_memory_bytes: u64,
+    /// On a CUDA device: the fraction of the GPU's total memory the engine may use; the KV
+    /// cache gets what is free of it after the weights load and a warm-up step (vLLM's
+    /// `--gpu-memory-utilization`), and `kv_cache_memory_bytes` is ignored. `None`, or a CPU
+    /// device: `kv_cache_memory_bytes` sizes the cache.
+    pub gpu_memory_utilization: Option<f64>,
     /// Tokens per KV block.
     pub kv_block_size_tokens: usize,
     /// Most sequences (choices) in one step.
@@ -47,6 +52,7 @@ impl Default for EngineConfig {
             served_model_name: None,
             device: EngineDevice::Cpu,
             kv_cache_memory_bytes: 512 << 20,
+            gpu_memory_utilization: None,
             kv_block_size_tokens: 16,
             seqs_running_max: 64,
             batch_tokens_max: 2048,
@@ -80,11 +86,41 @@ impl EngineConfig {
                 "model_len_max must be positive".into(),
             ));
         }
+        if let Some(fraction) = self.gpu_memory_utilization {
+            if fraction.is_nan() || fraction <= 0.0 || fraction > 1.0 {
+                return Err(crate::EngineError::Config(format!(
+                    "gpu_memory_utilization must be in (0, 1], got {fraction}"
+                )));
+            }
+        }
         if self.kv_cache_memory_bytes == 0 {
             return Err(crate::EngineError::Config(
                 "kv_cache_memory_bytes must be positive".into(),
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_memory_utilization_must_be_a_fraction() {
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let config = EngineConfig {
+                gpu_memory_utilization: Some(bad),
+                ..EngineConfig::default()
+            };
+            assert!(config.validate().is_err(), "{bad} was accepted");
+        }
+        for good in [None, Some(0.05), Some(0.9), Some(1.0)] {
+            let config = EngineConfig {
+                gpu_memory_utilization: good,
+                ..EngineConfig::default()
+            };
+            assert!(config.validate().is_ok(), "{good:?} was refused");
+        }
     }
 }

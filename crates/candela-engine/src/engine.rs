@@ -186,8 +186,14 @@ impl EngineCore {
         };
         let block_size = config.kv_block_size_tokens;
         let dtype = model.dtype();
+        let kv_cache_memory_bytes = match config.gpu_memory_utilization {
+            Some(fraction) if device.is_cuda() => {
+                gpu_kv_cache_bytes(&*model, &device, fraction, block_size)?
+            }
+            _ => config.kv_cache_memory_bytes,
+        };
         let num_blocks = PagedKvCache::num_blocks_for_bytes(
-            config.kv_cache_memory_bytes,
+            kv_cache_memory_bytes,
             model_config.num_layers,
             block_size,
             model_config.num_kv_heads,
@@ -196,8 +202,7 @@ impl EngineCore {
         );
         if num_blocks == 0 {
             return Err(EngineError::Config(format!(
-                "kv_cache_memory_bytes ({}) is too small for one KV block",
-                config.kv_cache_memory_bytes
+                "kv_cache_memory_bytes ({kv_cache_memory_bytes}) is too small for one KV block"
             )));
         }
         let to_u32 = |name: &str, value: usize| {
@@ -225,6 +230,7 @@ impl EngineCore {
         .map_err(|e| EngineError::Load(format!("allocating the KV cache: {e}")))?;
         tracing::info!(
             model = %config.model,
+            kv_cache_memory_bytes,
             num_blocks,
             block_size,
             kv_cache_tokens = num_blocks * block_size,
@@ -916,4 +922,60 @@ fn copy_logits_to_host(logits: &Tensor, host: &mut Vec<f32>) -> candle_core::Res
         }
     }
     Ok(())
+}
+
+/// KV-cache bytes on a CUDA device, as vLLM's `--gpu-memory-utilization`: the engine may use
+/// `fraction` of the device's total memory, so the cache gets what is free after the weights
+/// loaded and one warm-up forward ran (through a one-block cache, dropped after), less the
+/// `1 - fraction` of the total left to other processes and to step activations.
+fn gpu_kv_cache_bytes(
+    model: &dyn Model,
+    device: &Device,
+    fraction: f64,
+    block_size: usize,
+) -> Result<u64, EngineError> {
+    #[cfg(feature = "cuda")]
+    {
+        let c = model.config();
+        let probe = |e: &dyn std::fmt::Display| EngineError::Warmup(format!("KV sizing: {e}"));
+        let mut kv = PagedKvCache::new(
+            c.num_layers,
+            1,
+            block_size,
+            c.num_kv_heads,
+            c.head_dim,
+            model.dtype(),
+            device,
+        )
+        .map_err(|e| probe(&e))?;
+        let tokens = WARMUP_TOKENS.min(block_size).min(c.vocab_size);
+        let token_ids: Vec<u32> = (0..tokens as u32).collect();
+        let chunk = SeqChunk {
+            token_ids: &token_ids,
+            tokens_cached: 0,
+            block_table: &[0],
+            sample: true,
+        };
+        let inputs = BatchInputs::from_seqs(&[chunk], block_size, device).map_err(|e| probe(&e))?;
+        let logits = model.forward(&inputs, &mut kv).map_err(|e| probe(&e))?;
+        drop((logits, inputs, kv));
+        let (free, total) = candela_kernels::cuda::memory_info(device).map_err(|e| probe(&e))?;
+        let reserved = (total as f64 * (1.0 - fraction)) as u64;
+        let bytes = (free as u64).saturating_sub(reserved);
+        tracing::info!(
+            free,
+            total,
+            fraction,
+            kv_cache_memory_bytes = bytes,
+            "GPU memory after warm-up"
+        );
+        Ok(bytes)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (model, fraction, block_size);
+        Err(EngineError::Config(format!(
+            "{device:?}: this build has no CUDA support (build with --features cuda)"
+        )))
+    }
 }

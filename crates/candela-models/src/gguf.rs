@@ -307,6 +307,12 @@ impl WeightSource for GgufFile {
     }
 
     fn linear(&mut self, name: &str, device: &Device, _dtype: DType) -> Result<Linear> {
+        if device.is_cuda() {
+            if let Some(packed) = Linear::packed_for_cuda(&self.read_qtensor(name, &Device::Cpu)?)?
+            {
+                return Ok(packed);
+            }
+        }
         Linear::from_qtensor(self.read_qtensor(name, device)?)
     }
 
@@ -325,6 +331,12 @@ impl WeightSource for GgufFile {
         let table = q.dequantize(device)?.to_dtype(dtype)?;
         // The tied head keeps the stored type (Q8_0 for SmolLM2): a quarter of f32's bytes
         // to stream per step.
+        if device.is_cuda() {
+            if let Some(packed) = Linear::packed_for_cuda(&self.read_qtensor(name, &Device::Cpu)?)?
+            {
+                return Ok((table, packed));
+            }
+        }
         Ok((table, Linear::from_qtensor(q)?))
     }
 }

@@ -42,6 +42,23 @@ impl KernelDType for bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
+/// `(free, total)` bytes of the CUDA device `device` is on, as the driver reports them
+/// (`cuMemGetInfo`): the engine sizes its KV cache from this after loading the weights.
+/// Memory held by candle's allocator counts as used. `Err` for a non-CUDA device.
+pub fn memory_info(device: &candle_core::Device) -> Result<(usize, usize)> {
+    use candle_core::cuda_backend::WrapErr;
+    match device {
+        candle_core::Device::Cuda(dev) => {
+            device.synchronize()?;
+            dev.cuda_stream().context().mem_get_info().w()
+        }
+        other => candle_core::bail!(
+            "memory_info needs a CUDA device, got {:?}",
+            other.location()
+        ),
+    }
+}
+
 /// Loads (once per device and module) and returns a kernel; launch it on
 /// `dev.cuda_stream()`, candle's stream, so it is ordered with candle's own work.
 pub(crate) fn kernel(dev: &CudaDevice, module: (&str, &str), name: &str) -> Result<CudaFunction> {
