@@ -2,7 +2,6 @@
 //! greedy outputs against llama.cpp's reference, batch invariance, seeded sampling, parallel
 //! choices, abort, preemption, requests that never fit, and stop strings.
 
-
 /// Near-tie margin. The reference README says 0.1 nats, but our model (like candle-transformers'
 /// own quantized_llama on the same file) rounds activations to 8 bits differently from llama.cpp
 /// and leaves its output at 3 of 42 records at margins of 0.10-0.35 nats; every measured
