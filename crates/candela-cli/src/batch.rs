@@ -434,14 +434,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let chat_template = args
-        .chat_template
-        .as_ref()
-        .map(|path| {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the chat template {}", path.display()))
-        })
-        .transpose()?;
+    let chat_template = crate::generate::read_chat_template(args.chat_template.as_deref())?;
     anyhow::ensure!(args.max_waiting > 0, "--max-waiting must be at least 1");
     let config = EngineConfig {
         model: args.model.clone(),

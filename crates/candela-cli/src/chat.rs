@@ -94,14 +94,7 @@ impl History {
 /// Runs `candela chat`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let max_tokens = NonZeroU32::new(args.max_tokens).context("--max-tokens must be at least 1")?;
-    let chat_template = args
-        .chat_template
-        .as_ref()
-        .map(|path| {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the chat template {}", path.display()))
-        })
-        .transpose()?;
+    let chat_template = crate::generate::read_chat_template(args.chat_template.as_deref())?;
     let config = EngineConfig {
         model: args.model.clone(),
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,

@@ -76,19 +76,21 @@ pub struct Args {
     json: bool,
 }
 
+/// The `--chat-template` file's text, read before the (slow) model load.
+pub(crate) fn read_chat_template(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    path.map(|path| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the chat template {}", path.display()))
+    })
+    .transpose()
+}
+
 /// Runs `candela generate`.
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Parse everything the user gave before the (slow) model load.
     let messages = args.messages.as_deref().map(parse_messages).transpose()?;
     let max_tokens = NonZeroU32::new(args.max_tokens).context("--max-tokens must be at least 1")?;
-    let chat_template = args
-        .chat_template
-        .as_ref()
-        .map(|path| {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the chat template {}", path.display()))
-        })
-        .transpose()?;
+    let chat_template = read_chat_template(args.chat_template.as_deref())?;
 
     let config = EngineConfig {
         model: args.model.clone(),
