@@ -135,6 +135,16 @@ struct RequestState {
     choices_unfinished: u32,
 }
 
+impl RequestState {
+    /// Leaves the waiting count once: when first scheduled, or when it ends before that.
+    fn uncount_waiting(&mut self, shared: &SharedState) {
+        if self.counted_waiting {
+            self.counted_waiting = false;
+            shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Everything the engine thread owns.
 struct EngineCore {
     model: Box<dyn Model>,
@@ -438,7 +448,7 @@ impl EngineCore {
         };
         if self.shutdown_deadline.is_some() {
             // Accepted just before shutdown began; it would never be scheduled in time.
-            self.uncount_waiting(&mut state);
+            state.uncount_waiting(&self.shared);
             finish_all(&mut state, &FinishReason::Abort, &self.shared);
             return;
         }
@@ -459,20 +469,13 @@ impl EngineCore {
                 self.requests.insert(id, state);
             }
             Err(error) => {
-                self.uncount_waiting(&mut state);
+                state.uncount_waiting(&self.shared);
                 finish_all(
                     &mut state,
                     &FinishReason::Error(error.to_string()),
                     &self.shared,
                 );
             }
-        }
-    }
-
-    fn uncount_waiting(&self, state: &mut RequestState) {
-        if state.counted_waiting {
-            state.counted_waiting = false;
-            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -488,7 +491,7 @@ impl EngineCore {
                 self.scheduler.abort(choice.seq_id);
             }
         }
-        self.uncount_waiting(&mut state);
+        state.uncount_waiting(&self.shared);
         if notify {
             finish_all(&mut state, &FinishReason::Abort, &self.shared);
         } else {
@@ -586,10 +589,7 @@ impl EngineCore {
             let Some(state) = self.requests.get_mut(&request_id) else {
                 continue;
             };
-            if state.counted_waiting {
-                state.counted_waiting = false;
-                self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
-            }
+            state.uncount_waiting(&self.shared);
             let choice = &mut state.choices[index];
             if choice.first_scheduled.is_none() {
                 choice.first_scheduled = Some(now);
@@ -696,10 +696,7 @@ impl EngineCore {
         let Some(state) = self.requests.get_mut(&request_id) else {
             return;
         };
-        if state.counted_waiting {
-            state.counted_waiting = false;
-            self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
-        }
+        state.uncount_waiting(&self.shared);
         finish_choice(state, index, &reason, &self.shared);
         if state.choices_unfinished == 0 {
             self.requests.remove(&request_id);
