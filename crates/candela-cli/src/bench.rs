@@ -458,12 +458,22 @@ async fn one_request(
     prompt: &Prompt,
 ) -> Result<Sample, String> {
     let started = Instant::now();
-    let response = client
-        .post(format!("{base}{}", prompt.path()))
-        .json(&prompt.body(model, max_tokens))
-        .send()
-        .await
-        .map_err(|e| format!("sending: {e}"))?;
+    let send = || {
+        client
+            .post(format!("{base}{}", prompt.path()))
+            .json(&prompt.body(model, max_tokens))
+            .send()
+    };
+    let response = match send().await {
+        Ok(response) => response,
+        // A pooled keep-alive connection that the server has already closed fails at once,
+        // before the request reached it, and hyper never retries a POST by itself: one retry
+        // on a fresh connection (seen against llama-server, 1-2 requests per level).
+        Err(e) if e.is_request() && !e.is_timeout() => {
+            send().await.map_err(|e| format!("sending: {e}"))?
+        }
+        Err(e) => return Err(format!("sending: {e}")),
+    };
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
