@@ -7,11 +7,11 @@ import pytest
 
 from conftest import REFERENCE
 
-# The reference README says 0.1 nats. Our model rounds activations to 8 bits differently from
-# llama.cpp and leaves its output at 3 of 42 records (q02-chat, q03-chat, a01-chat) at margins
-# of 0.12-0.21 nats; every measured divergence is below 0.4 (candela-models/tests/reference.rs).
-# Closing that gap is an open item.
-NEAR_TIE_NATS = 0.4
+# The reference README says 0.1 nats, a rule only llama.cpp's exact default numerics keep:
+# llama.cpp itself misses it on 5 of 42 records with flash attention off and an f32 KV cache
+# (gaps up to 0.195), we on 3 (gaps up to 0.208). Measured by scripts/reference-agreement
+# (bench/results/reference-agreement.md); why: candela-models/tests/reference.rs.
+NEAR_TIE_NATS = 0.25
 
 
 def records():

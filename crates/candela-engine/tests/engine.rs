@@ -2,11 +2,10 @@
 //! greedy outputs against llama.cpp's reference, batch invariance, seeded sampling, parallel
 //! choices, abort, preemption, requests that never fit, and stop strings.
 
-/// Near-tie margin. The reference README says 0.1 nats, but our model (like candle-transformers'
-/// own quantized_llama on the same file) rounds activations to 8 bits differently from llama.cpp
-/// and leaves its output at 3 of 42 records at margins of 0.10-0.35 nats; every measured
-/// divergence is below 0.4 (see candela-models/tests/reference.rs). The 0.1 gap is an open item.
-const NEAR_TIE_NATS: f64 = 0.4;
+/// Near-tie margin: 0.25 nats, not the reference README's 0.1, which llama.cpp itself misses on
+/// 5 of 42 records with flash attention off and an f32 KV cache (measured by
+/// scripts/reference-agreement; why: candela-models/tests/reference.rs).
+const NEAR_TIE_NATS: f64 = 0.25;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -539,9 +538,10 @@ fn logprobs_and_tokenizer_round_trip() {
             assert_eq!(lp.token_id, token_ids[0]);
             assert_eq!(lp.top.len(), 3);
             assert_eq!(lp.top[0].0, lp.token_id, "greedy picks the top token");
-            // llama.cpp: EOS (2) at -0.439, then 198 at -1.707 and 378 at -2.946. Ours with
-            // the packed int4 matmul: -0.316, -2.028, -3.256. The up-to-0.32-nat gap is the
-            // open numerics item noted at NEAR_TIE_NATS; the ranking must agree exactly.
+            // llama.cpp's reference: EOS (2) at -0.439, then 198 at -1.707 and 378 at -2.946.
+            // Ours: -0.316, -2.028, -3.256. llama.cpp's own spread is as wide: with flash
+            // attention off it gives -0.290, -2.122, -3.262 on the same file (see
+            // NEAR_TIE_NATS). The ranking must agree exactly.
             assert_eq!(lp.token_id, 2);
             let top_ids: Vec<TokenId> = lp.top.iter().map(|t| t.0).collect();
             assert_eq!(top_ids, [2, 198, 378], "{lp:?}");

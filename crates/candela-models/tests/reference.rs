@@ -6,13 +6,15 @@
 //! near-tie, where two correct implementations of the same quantized model may part ways;
 //! a reference that stops at EOS with no near-tie on the way must stop at the same place.
 //!
-//! Near-tie: top-1 and top-2 reference logprobs within 0.4 nats, not the README's 0.1.
-//! Why: candle's quantized matmul rounds activations to 8 bits per block of 32 (as
-//! llama.cpp does, but not with the same float inputs), and SmolLM2's outlier activations
-//! make one flipped rounding step worth tenths of a nat. Measured: candle-transformers' own
-//! `quantized_llama`, greedy on this file, leaves llama.cpp's path at 6 of 42 records at
-//! margins 0.10-0.23 nats before any 0.1-nat tie; our model at 5 records, margins
-//! 0.10-0.35 nats. Every divergence is at a margin below 0.4.
+//! Near-tie: top-1 and top-2 reference logprobs within 0.25 nats, not the README's 0.1.
+//! Why: the 0.1-nat rule holds only for llama.cpp's exact default numerics. Activations are
+//! rounded to 8 bits per block of 32 before every quantized matmul, so a change in the last
+//! float bit anywhere upstream can flip a rounding step, and SmolLM2's outlier activations make
+//! one flip worth tenths of a nat. `scripts/reference-agreement` measures it
+//! (bench/results/reference-agreement.md): llama.cpp itself, on this file with flash attention
+//! off and an f32 KV cache, leaves its own reference at 5 of 42 records (gaps up to 0.195 nats);
+//! we leave it at 3 (q02-chat, q03-chat, a01-chat; gaps 0.119-0.208). With 0.25 all 42 agree,
+//! with every CPU kernel (`CANDELA_CPU_KERNEL=avx512vnni|avx2|portable`).
 
 #[path = "model_support/mod.rs"]
 mod support;
@@ -24,7 +26,7 @@ use serde_json::Value;
 use support::{greedy, Blocks, GreedySeq, DEFAULT_MODEL};
 
 const REFERENCE: &str = "/work/shared/reference/smollm2-greedy.jsonl";
-const NEAR_TIE_NATS: f64 = 0.4;
+const NEAR_TIE_NATS: f64 = 0.25;
 const EOS: u32 = 2;
 
 struct Record {

@@ -89,14 +89,43 @@ impl Kernel {
         }
     }
 
-    /// The fastest kernel this CPU runs (detected once, then cached).
+    /// The kernel's name, as `CANDELA_CPU_KERNEL` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512Vnni => "avx512vnni",
+            Kernel::AvxVnni => "avxvnni",
+            Kernel::Avx512VlVnni256 => "avx512vl-vnni256",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// The kernel every packed matmul uses (chosen once, then cached): the one named by
+    /// `CANDELA_CPU_KERNEL` when this CPU runs it (to reproduce what another CPU computes, or
+    /// to measure one kernel end to end), else the fastest this CPU runs.
     pub fn detect() -> Kernel {
         static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            Kernel::ALL
-                .into_iter()
-                .find(|k| k.is_available())
-                .unwrap_or(Kernel::Portable)
+            let requested = std::env::var("CANDELA_CPU_KERNEL").ok();
+            let named = requested.as_deref().and_then(|name| {
+                let k = Kernel::ALL.into_iter().find(|k| k.name() == name);
+                match k {
+                    Some(k) if k.is_available() => Some(k),
+                    _ => {
+                        tracing::warn!(
+                            name,
+                            "CANDELA_CPU_KERNEL names no kernel this CPU runs; ignored"
+                        );
+                        None
+                    }
+                }
+            });
+            named.unwrap_or_else(|| {
+                Kernel::ALL
+                    .into_iter()
+                    .find(|k| k.is_available())
+                    .unwrap_or(Kernel::Portable)
+            })
         })
     }
 
