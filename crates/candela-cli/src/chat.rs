@@ -25,6 +25,8 @@ pub struct Args {
     /// A GGUF file, a directory with safetensors, or a Hugging Face model id.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
+    #[command(flatten)]
+    quantize: crate::quantize::QuantizeArgs,
     /// A system prompt to start with.
     #[arg(long)]
     system: Option<String>,
@@ -97,6 +99,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let chat_template = crate::generate::read_chat_template(args.chat_template.as_deref())?;
     let config = EngineConfig {
         model: args.model.clone(),
+        quantize: args.quantize.to_quantize()?,
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         queue_waiting_max: 1,
         chat_template,

@@ -26,6 +26,8 @@ pub struct Args {
     /// Model: a .gguf file, a directory with safetensors, or a Hugging Face model id.
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
+    #[command(flatten)]
+    quantize: crate::quantize::QuantizeArgs,
     /// Raw completion prompt (no chat template).
     #[arg(
         long,
@@ -94,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let config = EngineConfig {
         model: args.model.clone(),
+        quantize: args.quantize.to_quantize()?,
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         device: crate::serve::parse_device(&args.device)?,
         gpu_memory_utilization: Some(args.gpu_memory_utilization),

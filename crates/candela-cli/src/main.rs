@@ -6,6 +6,7 @@ mod batch;
 mod bench;
 mod chat;
 mod generate;
+mod quantize;
 mod serve;
 
 use clap::{Parser, Subcommand};

@@ -243,3 +243,82 @@ fn bad_inputs_fail_with_clear_messages() {
         "too long",
     );
 }
+
+/// The default model exported as an f32 safetensors checkpoint (config, weights, tokenizer,
+/// chat template), shared by the `--quantize` tests and kept across runs in the build tree.
+fn float_checkpoint() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-135m-f32");
+    if !dir.join("model.safetensors").is_file() {
+        let partial = dir.with_extension("cli-partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        candela_models::export::gguf_to_safetensors(&model_path(), &partial).expect("export");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&partial, &dir).expect("rename the export");
+    }
+    dir
+}
+
+#[test]
+fn quantize_runs_a_float_checkpoint_end_to_end_and_reports_each_path() {
+    let dir = float_checkpoint();
+    let model = dir.to_str().expect("utf-8");
+    // The reference's top-2 logprobs stay at least 0.5 nats apart for this answer's first 18
+    // tokens, so int8's rounding (about 0.03 nats on average) cannot change them.
+    let messages = r#"[{"role":"user","content":"What is 12 + 35?"}]"#;
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            model,
+            "--messages",
+            messages,
+            "--max-tokens",
+            "10",
+        ];
+        args.extend_from_slice(&["--temperature", "0", "--json"]);
+        args.extend_from_slice(extra);
+        let out = Command::new(env!("CARGO_BIN_EXE_candela"))
+            .arg("generate")
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+        (ids(&line["output_token_ids"]), stderr)
+    };
+    let (float, log) = run(&[]);
+    assert!(log.contains("211 x dense F32 matmul"), "{log}");
+    let (int8, log) = run(&["--quantize", "int8"]);
+    assert!(log.contains("210 x packed int8 g32 (--quantize)"), "{log}");
+    assert!(
+        log.contains("1 x dense F32 matmul (first: model.embed_tokens.weight (tied LM head))"),
+        "{log}"
+    );
+    // k = 576 takes 64 for groups of 128; the MLP down projection (k = 1536) takes 128.
+    let (_, log) = run(&["--quantize", "int4", "--quant-group-size", "128"]);
+    assert!(log.contains("180 x packed int4 g64 (--quantize)"), "{log}");
+    assert!(log.contains("30 x packed int4 g128 (--quantize)"), "{log}");
+    assert_eq!(float.len(), 10);
+    assert_eq!(float, int8);
+}
+
+#[test]
+fn quantize_flags_are_checked_before_loading() {
+    let out = candela(&["--prompt", "hi", "--quant-group-size", "64"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--quantize"));
+    let out = candela(&[
+        "--prompt",
+        "hi",
+        "--quantize",
+        "int4",
+        "--quant-group-size",
+        "48",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: 32, 64, 128"));
+    let out = candela(&["--prompt", "hi", "--quantize", "int3"]);
+    assert!(!out.status.success());
+}

@@ -43,6 +43,8 @@ pub struct EngineConfig {
     pub seed: u64,
     /// A Jinja chat template that replaces the model's own (vLLM's `--chat-template`).
     pub chat_template: Option<String>,
+    /// `--quantize`: pack float linear weights into int8/int4 at load.
+    pub quantize: Option<candela_models::Quantize>,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +63,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             seed: 0,
             chat_template: None,
+            quantize: None,
         }
     }
 }

@@ -184,7 +184,10 @@ impl EngineCore {
         let files = candela_models::hub::resolve(&config.model)
             .map_err(|e| EngineError::Load(e.to_string()))?;
         let text = Arc::new(TextTools::load(&files, config.chat_template.as_deref())?);
-        let loaded = candela_models::load_files(files, &device)
+        let options = candela_models::LoadOptions {
+            quantize: config.quantize,
+        };
+        let loaded = candela_models::load_files_with(files, &device, &options)
             .map_err(|e| EngineError::Load(e.to_string()))?;
         let model_config = loaded.config().clone();
         let model = loaded.model;

@@ -112,6 +112,9 @@ pub enum Error {
     /// An error from candle (tensor ops, kernels).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A tokenizer that cannot be built or written.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
 }
 
 /// Result of candela-models.

@@ -10,12 +10,12 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{invalid, Architecture, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantize};
 use crate::model::WeightSource;
 
 /// An open GGUF file.
@@ -306,7 +306,21 @@ impl WeightSource for GgufFile {
         self.tensor_dims(name)
     }
 
-    fn linear(&mut self, name: &str, device: &Device, _dtype: DType) -> Result<Linear> {
+    fn linear(
+        &mut self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        quantize: Option<Quantize>,
+    ) -> Result<Linear> {
+        // `--quantize` is for float tensors; GGML-quantized ones keep their own (lossless) form.
+        if quantize.is_some() {
+            let q = self.read_qtensor(name, &Device::Cpu)?;
+            if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                let w = q.dequantize(&Device::Cpu)?.to_device(device)?;
+                return Linear::from_float(w, dtype, quantize);
+            }
+        }
         if device.is_cuda() {
             if let Some(packed) = Linear::packed_for_cuda(&self.read_qtensor(name, &Device::Cpu)?)?
             {

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod chat_template;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod hub;
 pub mod linear;
@@ -14,7 +15,11 @@ pub mod safetensors;
 pub mod tokenizer;
 
 pub use batch::{BatchInputs, SeqChunk};
+pub use candela_kernels::quant::QuantBits;
 pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 pub use error::{Error, Result};
 pub use hub::ModelFiles;
-pub use model::{load_files, load_model, LoadedModel, Model};
+pub use linear::Quantize;
+pub use model::{
+    load_files, load_files_with, load_model, load_model_with, LoadOptions, LoadedModel, Model,
+};

@@ -5,11 +5,46 @@
 //! and faster repacked forms (candela-kernels' `PackedWeight`) slot in as new
 //! variants built in [`Linear::from_qtensor`] without touching the model.
 
-use candela_kernels::quant::{PackedWeight, QuantError};
+use candela_kernels::quant::{Kernel, PackedWeight, QuantBits, QuantError};
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// `--quantize`: float weights of linear layers packed into candela-kernels' int8 or int4
+/// format at load (embeddings, norms and a tied LM head stay as stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quantize {
+    /// int8 (symmetric) or int4 (with a per-group min).
+    pub bits: QuantBits,
+    /// Weights per scale along the input dimension: 32, 64 or 128.
+    pub group_size: usize,
+}
+
+impl Quantize {
+    /// The group sizes `--quant-group-size` accepts.
+    pub const GROUP_SIZES: [usize; 3] = [32, 64, 128];
+
+    /// Checks the group size.
+    pub fn new(bits: QuantBits, group_size: usize) -> Result<Self> {
+        if !Self::GROUP_SIZES.contains(&group_size) {
+            return Err(Error::UnsupportedFeature(format!(
+                "quantization group size {group_size} (expected one of 32, 64, 128)"
+            )));
+        }
+        Ok(Self { bits, group_size })
+    }
+
+    /// The group size used for a weight with `k` inputs: the requested one when it divides
+    /// `k`, else the largest smaller one that does (SmolLM2's k = 576 is not a multiple of
+    /// 128), `None` when not even 32 does.
+    pub fn group_size_for(&self, k: usize) -> Option<usize> {
+        Self::GROUP_SIZES
+            .into_iter()
+            .rev()
+            .find(|&g| g <= self.group_size && k.is_multiple_of(g))
+    }
+}
 
 /// A linear layer's weight `W: [out_features, in_features]` (no bias).
 #[derive(Debug, Clone)]
@@ -76,6 +111,53 @@ impl Linear {
         Ok(Self::Dense(weight.to_dtype(dtype)?.contiguous()?))
     }
 
+    /// A float `[out, in]` weight: packed as `quantize` asks (on any device: a CUDA forward
+    /// uploads the packed bytes), else dense in `dtype`. A weight whose `in` is not a
+    /// multiple of 32 cannot be grouped and stays dense.
+    pub fn from_float(weight: Tensor, dtype: DType, quantize: Option<Quantize>) -> Result<Self> {
+        let Some(q) = quantize else {
+            return Self::from_dense(weight, dtype);
+        };
+        let (n, k) = weight.dims2()?;
+        let Some(group_size) = q.group_size_for(k) else {
+            return Self::from_dense(weight, dtype);
+        };
+        let w = weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let packed = PackedWeight::quantize_f32(&w, n, k, q.bits, group_size)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Self::Packed(packed))
+    }
+
+    /// How this weight is stored and which matmul runs it, as printed at load.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Quantized(QMatMul::QTensor(q)) => format!("candle QMatMul {:?}", q.dtype()),
+            Self::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                format!("candle matmul {:?}", t.dtype())
+            }
+            Self::Dense(t) => format!("dense {:?} matmul", t.dtype()),
+            Self::Packed(w) => {
+                let bits = match w.bits() {
+                    QuantBits::Int8 => "int8",
+                    QuantBits::Int4 => "int4",
+                };
+                let from = match w.source_ggml() {
+                    Some(t) => format!("{t:?}, lossless"),
+                    None => "--quantize".to_string(),
+                };
+                format!(
+                    "packed {bits} g{} ({from}), candela matmul [{} on CPU]",
+                    w.group_size(),
+                    Kernel::detect().name()
+                )
+            }
+        }
+    }
+
     /// `x: [m, in]` -> `[m, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self {
@@ -104,6 +186,57 @@ mod tests {
         let diff = (dense - q)?.abs()?.max_all()?.to_scalar::<f32>()?;
         // Q8_0 keeps ~2 significant digits per weight; sums of 64 products of N(0,1) values.
         assert!(diff < 0.5, "diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn group_size_falls_back_to_one_that_divides_k() -> Result<()> {
+        let q = Quantize::new(QuantBits::Int4, 128)?;
+        assert_eq!(q.group_size_for(1536), Some(128));
+        assert_eq!(q.group_size_for(576), Some(64));
+        assert_eq!(q.group_size_for(96), Some(32));
+        assert_eq!(q.group_size_for(100), None);
+        assert!(Quantize::new(QuantBits::Int8, 48).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn float_weights_quantize_on_request() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (16, 128), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 128), &dev)?;
+        let dense = Linear::from_float(w.clone(), DType::F32, None)?;
+        assert!(matches!(dense, Linear::Dense(_)));
+        let reference = dense.forward(&x)?;
+        for (bits, group, tol) in [(QuantBits::Int8, 32, 0.1f32), (QuantBits::Int4, 64, 2.0)] {
+            let packed =
+                Linear::from_float(w.clone(), DType::F32, Some(Quantize::new(bits, group)?))?;
+            let Linear::Packed(p) = &packed else {
+                panic!("expected a packed weight, got {}", packed.describe());
+            };
+            assert_eq!(
+                (p.bits(), p.group_size(), p.source_ggml()),
+                (bits, group, None)
+            );
+            assert!(
+                packed.describe().contains("--quantize"),
+                "{}",
+                packed.describe()
+            );
+            let diff = (packed.forward(&x)? - &reference)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            // int8: d = amax/127 per group, int4: (max-min)/15; sums of 128 N(0,1) products.
+            assert!(diff < tol, "{bits:?} g{group}: diff {diff}");
+        }
+        // An input size no group divides stays dense.
+        let odd = Tensor::randn(0f32, 1.0, (4, 40), &dev)?;
+        let q = Some(Quantize::new(QuantBits::Int8, 32)?);
+        assert!(matches!(
+            Linear::from_float(odd, DType::F32, q)?,
+            Linear::Dense(_)
+        ));
         Ok(())
     }
 }

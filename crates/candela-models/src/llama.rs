@@ -18,12 +18,12 @@ use candle_core::{DType, Device, Tensor};
 use crate::batch::BatchInputs;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantize};
 use crate::model::{LlamaNames, Model, WeightSource};
 
 /// Weight of one tensor role in a layer, for naming.
-#[derive(Clone, Copy)]
-enum Role {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
     AttnNorm,
     Q,
     K,
@@ -35,8 +35,23 @@ enum Role {
     Down,
 }
 
+impl Role {
+    /// Every role, with bias vectors aside.
+    pub(crate) const ALL: [Role; 9] = [
+        Role::AttnNorm,
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::O,
+        Role::FfnNorm,
+        Role::Gate,
+        Role::Up,
+        Role::Down,
+    ];
+}
+
 impl LlamaNames {
-    fn layer(self, i: usize, role: Role) -> String {
+    pub(crate) fn layer(self, i: usize, role: Role) -> String {
         let (g, h) = match role {
             Role::AttnNorm => ("attn_norm", "input_layernorm"),
             Role::Q => ("attn_q", "self_attn.q_proj"),
@@ -54,21 +69,21 @@ impl LlamaNames {
         }
     }
 
-    fn embedding(self) -> &'static str {
+    pub(crate) fn embedding(self) -> &'static str {
         match self {
             Self::Gguf => "token_embd.weight",
             Self::HuggingFace => "model.embed_tokens.weight",
         }
     }
 
-    fn final_norm(self) -> &'static str {
+    pub(crate) fn final_norm(self) -> &'static str {
         match self {
             Self::Gguf => "output_norm.weight",
             Self::HuggingFace => "model.norm.weight",
         }
     }
 
-    fn head(self) -> &'static str {
+    pub(crate) fn head(self) -> &'static str {
         match self {
             Self::Gguf => "output.weight",
             Self::HuggingFace => "lm_head.weight",
@@ -113,6 +128,8 @@ pub struct Llama {
     rope_cos: Tensor,
     rope_sin: Tensor,
     attn_scale: f32,
+    /// `(tensor, storage and matmul)` of every matrix, for the load report.
+    weight_paths: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Llama {
@@ -131,6 +148,7 @@ impl Llama {
         device: &Device,
         dtype: DType,
         names: LlamaNames,
+        quantize: Option<Quantize>,
     ) -> Result<Self> {
         config.validate()?;
         let c = &config;
@@ -149,10 +167,14 @@ impl Llama {
             }
             Ok(())
         };
-        let linear = |src: &mut S, name: String, shape: [usize; 2]| -> Result<Linear> {
+        // Every matrix's storage and matmul, in load order, for the load report.
+        let mut weight_paths = Vec::new();
+        let mut linear = |src: &mut S, name: String, shape: [usize; 2]| -> Result<Linear> {
             let name = format!("{name}.weight");
             check(src, &name, &shape)?;
-            src.linear(&name, device, dtype)
+            let l = src.linear(&name, device, dtype, quantize)?;
+            weight_paths.push((name, l.describe()));
+            Ok(l)
         };
         let vector = |src: &mut S, name: String, len: usize| -> Result<Tensor> {
             check(src, &name, &[len])?;
@@ -162,11 +184,13 @@ impl Llama {
         let embed_name = names.embedding();
         check(src, embed_name, &[c.vocab_size, hidden])?;
         let (embedding, tied_head) = src.embedding_and_tied_head(embed_name, device, dtype)?;
-        let head = if src.contains(names.head()) {
+        // The LM head stays as stored, as vLLM leaves it unquantized: it decides every token.
+        let (head, head_name) = if src.contains(names.head()) {
             check(src, names.head(), &[c.vocab_size, hidden])?;
-            src.linear(names.head(), device, dtype)?
+            let head = src.linear(names.head(), device, dtype, None)?;
+            (head, names.head().to_string())
         } else {
-            tied_head
+            (tied_head, format!("{embed_name} (tied LM head)"))
         };
         let final_norm = vector(src, names.final_norm().to_string(), hidden)?;
 
@@ -199,6 +223,7 @@ impl Llama {
                 },
             });
         }
+        weight_paths.push((head_name, head.describe()));
         let (rope_cos, rope_sin) = config.rope_tables(device)?;
         let (rope_cos, rope_sin) = (rope_cos.to_dtype(dtype)?, rope_sin.to_dtype(dtype)?);
         Ok(Self {
@@ -212,6 +237,7 @@ impl Llama {
             head,
             rope_cos,
             rope_sin,
+            weight_paths,
         })
     }
 
@@ -319,5 +345,9 @@ impl Model for Llama {
 
     fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    fn weight_paths(&self) -> &[(String, String)] {
+        &self.weight_paths
     }
 }

@@ -15,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::hub::{self, ModelFiles};
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantize};
 use crate::llama::Llama;
 use crate::safetensors::SafetensorsModel;
 
@@ -30,6 +30,15 @@ pub trait Model: Send {
     fn device(&self) -> &Device;
     /// Activation dtype, also the dtype the KV cache must have.
     fn dtype(&self) -> DType;
+    /// `(tensor, storage and matmul)` of every weight matrix, as printed at load.
+    fn weight_paths(&self) -> &[(String, String)];
+}
+
+/// Choices made while loading, beyond what the files say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `--quantize`: pack float linear weights into int8/int4.
+    pub quantize: Option<Quantize>,
 }
 
 /// A model with what was learnt while loading it.
@@ -64,8 +73,51 @@ pub fn load_model(path_or_id: &str, device: &Device) -> Result<LoadedModel> {
     load_files(hub::resolve(path_or_id)?, device)
 }
 
+/// [`load_model`] with options (`--quantize`).
+pub fn load_model_with(
+    path_or_id: &str,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel> {
+    load_files_with(hub::resolve(path_or_id)?, device, options)
+}
+
 /// Loads a model from files already located (see [`hub::resolve_with_cache`]).
 pub fn load_files(files: ModelFiles, device: &Device) -> Result<LoadedModel> {
+    load_files_with(files, device, &LoadOptions::default())
+}
+
+/// [`load_files`] with options. Logs which storage and matmul every weight matrix got: a
+/// summary at `info` (counted by kind) and each tensor at `debug`.
+pub fn load_files_with(
+    files: ModelFiles,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<LoadedModel> {
+    let loaded = load_files_inner(files, device, options.quantize)?;
+    report_weight_paths(loaded.model.weight_paths());
+    Ok(loaded)
+}
+
+fn report_weight_paths(paths: &[(String, String)]) {
+    let mut kinds: Vec<(&str, usize, &str)> = Vec::new();
+    for (name, path) in paths {
+        tracing::debug!(tensor = %name, "{path}");
+        match kinds.iter_mut().find(|(p, _, _)| *p == path.as_str()) {
+            Some((_, count, _)) => *count += 1,
+            None => kinds.push((path, 1, name)),
+        }
+    }
+    for (path, count, first) in kinds {
+        tracing::info!("weights: {count} x {path} (first: {first})");
+    }
+}
+
+fn load_files_inner(
+    files: ModelFiles,
+    device: &Device,
+    quantize: Option<Quantize>,
+) -> Result<LoadedModel> {
     // f32 activations everywhere for now: the CPU kernels require it, and f16/bf16
     // checkpoints are widened once at load.
     let dtype = DType::F32;
@@ -73,7 +125,7 @@ pub fn load_files(files: ModelFiles, device: &Device) -> Result<LoadedModel> {
         ModelFiles::Gguf { path } => {
             let mut gguf = GgufFile::open(path)?;
             let config = gguf.model_config()?;
-            let model = Llama::load(&mut gguf, config, device, dtype, LlamaNames::Gguf)?;
+            let model = Llama::load(&mut gguf, config, device, dtype, LlamaNames::Gguf, quantize)?;
             Ok(LoadedModel {
                 model: Box::new(model),
                 gguf_metadata: Some(gguf.into_metadata()),
@@ -83,7 +135,8 @@ pub fn load_files(files: ModelFiles, device: &Device) -> Result<LoadedModel> {
         ModelFiles::Safetensors { dir } => {
             let mut st = SafetensorsModel::open(dir)?;
             let config = st.model_config().clone();
-            let model = Llama::load(&mut st, config, device, dtype, LlamaNames::HuggingFace)?;
+            let names = LlamaNames::HuggingFace;
+            let model = Llama::load(&mut st, config, device, dtype, names, quantize)?;
             Ok(LoadedModel {
                 model: Box::new(model),
                 gguf_metadata: None,
@@ -108,8 +161,15 @@ pub(crate) trait WeightSource {
     fn contains(&self, name: &str) -> bool;
     /// Stored shape (`[out, in]` for matrices).
     fn dims(&self, name: &str) -> Result<Vec<usize>>;
-    /// A matrix as a linear layer, in its fastest stored form.
-    fn linear(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Linear>;
+    /// A matrix as a linear layer, in its fastest stored form; float weights are packed
+    /// when `quantize` asks for it.
+    fn linear(
+        &mut self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        quantize: Option<Quantize>,
+    ) -> Result<Linear>;
     /// A tensor made dense in `dtype` (norm weights, biases).
     fn dense(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor>;
     /// The embedding table (dense, for row lookups) and the same matrix as an LM head.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::config::{invalid, Architecture, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
-use crate::linear::Linear;
+use crate::linear::{Linear, Quantize};
 use crate::model::WeightSource;
 
 /// The fields of `config.json` we read. Everything else is ignored.
@@ -303,8 +303,14 @@ impl WeightSource for SafetensorsModel {
             })
     }
 
-    fn linear(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Linear> {
-        Linear::from_dense(self.load(name, device, dtype)?, dtype)
+    fn linear(
+        &mut self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        quantize: Option<Quantize>,
+    ) -> Result<Linear> {
+        Linear::from_float(self.load(name, device, dtype)?, dtype, quantize)
     }
 
     fn dense(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {

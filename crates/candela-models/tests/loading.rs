@@ -372,6 +372,80 @@ fn safetensors_and_gguf_of_the_same_weights_agree() {
     assert!(d01 > 1e-2);
 }
 
+#[test]
+fn a_gguf_exported_as_safetensors_computes_the_same_logits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weights = tiny_weights();
+    let gguf_path = dir.path().join("tiny.gguf");
+    write_gguf(&gguf_path, "llama", &weights);
+    let out = dir.path().join("exported");
+    candela_models::export::gguf_to_safetensors(&gguf_path, &out).expect("export");
+
+    let gg = load_model(gguf_path.to_str().expect("utf-8"), &Device::Cpu).expect("gguf");
+    let ex = load_model(out.to_str().expect("utf-8"), &Device::Cpu).expect("exported");
+    // q/k rows are back in transformers' order, for rotate-half rope.
+    assert_eq!(ex.config().rope_style, RopeStyle::Half);
+    assert_eq!(ex.config().num_kv_heads, KV_HEADS);
+    let a = tiny_forward(gg.model.as_ref());
+    let b = tiny_forward(ex.model.as_ref());
+    for (ra, rb) in a.iter().zip(&b) {
+        let d = ra
+            .iter()
+            .zip(rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-4, "log-softmax differs by {d}");
+    }
+    // No vocabulary in the file: no tokenizer files either.
+    assert!(!out.join("tokenizer.json").exists());
+}
+
+#[test]
+fn quantize_packs_float_weights_and_keeps_the_tiny_model_close() {
+    use candela_models::{load_model_with, LoadOptions, QuantBits, Quantize};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weights = tiny_weights();
+    write_safetensors_dir(dir.path(), &weights);
+    let path = dir.path().to_str().expect("utf-8");
+    let float = load_model(path, &Device::Cpu).expect("float");
+    assert!(float
+        .model
+        .weight_paths()
+        .iter()
+        .all(|(_, p)| p.starts_with("dense F32")));
+    let a = tiny_forward(float.model.as_ref());
+    // Random Gaussian weights are hard on 4 bits (a sixteenth of each group's range per
+    // step): int4 only has to stay recognisably the same model here; tests/quantize.rs
+    // measures the quality that matters, on the real model.
+    for (bits, tol) in [(QuantBits::Int8, 0.1f32), (QuantBits::Int4, 0.9)] {
+        let options = LoadOptions {
+            quantize: Some(Quantize::new(bits, 32).expect("group size")),
+        };
+        let q = load_model_with(path, &Device::Cpu, &options).expect("quantized");
+        let paths = q.model.weight_paths();
+        // 7 matrices per layer packed; the tied LM head stays dense.
+        let packed = paths
+            .iter()
+            .filter(|(_, p)| p.contains("--quantize"))
+            .count();
+        assert_eq!(packed, 7 * LAYERS, "{paths:?}");
+        assert!(paths
+            .last()
+            .is_some_and(|(n, p)| n.contains("tied") && p.starts_with("dense")));
+        let b = tiny_forward(q.model.as_ref());
+        for (ra, rb) in a.iter().zip(&b) {
+            // Probabilities, not log-probabilities: the random model's logits span tens of
+            // nats, and the far tail's log-probabilities move with any rounding.
+            let d = ra
+                .iter()
+                .zip(rb)
+                .map(|(x, y)| (x.exp() - y.exp()).abs())
+                .fold(0f32, f32::max);
+            assert!(d < tol, "{bits:?}: probabilities differ by {d}");
+        }
+    }
+}
+
 /// Lays out `models--test-org--tiny-llama` the way hf-hub / huggingface-cli do.
 fn hub_cache(root: &Path, weights: &[(String, Tensor)]) -> (PathBuf, PathBuf) {
     let hash = "0123456789abcdef0123456789abcdef01234567";
