@@ -287,6 +287,36 @@ impl Llama {
 
 impl Model for Llama {
     fn forward(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            // Called from outside the thread pool (the engine thread), every parallel op of
+            // the step (about ten per layer) would inject its job into the pool and sleep on
+            // a latch until a worker woke up and finished it: two thread wake-ups per op,
+            // hundreds per decode step. Run the whole step on a pool worker instead: nested
+            // ops then start on that worker at once and the other workers steal from it.
+            return rayon::scope(|_| self.forward_on_pool(input, kv));
+        }
+        self.forward_on_pool(input, kv)
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn weight_paths(&self) -> &[(String, String)] {
+        &self.weight_paths
+    }
+}
+
+impl Llama {
+    fn forward_on_pool(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
         let t = self.check_inputs(input, kv)?;
         let c = &self.config;
         let (h, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -335,19 +365,4 @@ impl Model for Llama {
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn device(&self) -> &Device {
-        &self.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    fn weight_paths(&self) -> &[(String, String)] {
-        &self.weight_paths
-    }
 }
