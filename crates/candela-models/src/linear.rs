@@ -132,6 +132,27 @@ impl Linear {
         Ok(Self::Packed(packed))
     }
 
+    /// `parts` (weights applied to the same input) stacked into one weight when all are
+    /// packed alike, else `None`: one matmul instead of several, one parallel region per
+    /// projection group on the CPU and one launch on the GPU.
+    pub fn stack(parts: &[&Linear]) -> Result<Option<Self>> {
+        let packed: Option<Vec<&PackedWeight>> = parts
+            .iter()
+            .map(|l| match l {
+                Self::Packed(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        let Some(packed) = packed else {
+            return Ok(None);
+        };
+        match PackedWeight::concat_rows(&packed) {
+            Ok(w) => Ok(Some(Self::Packed(w))),
+            Err(QuantError::Incompatible) => Ok(None),
+            Err(e) => Err(candle_core::Error::Msg(e.to_string()).into()),
+        }
+    }
+
     /// How this weight is stored and which matmul runs it, as printed at load.
     pub fn describe(&self) -> String {
         match self {

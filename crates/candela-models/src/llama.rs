@@ -91,18 +91,51 @@ impl LlamaNames {
     }
 }
 
+/// Projections of the same input: one stacked matmul whose output columns are split again,
+/// or, for weights that cannot be stacked (dense, candle-quantized), one matmul each.
+enum Projections {
+    Stacked { weight: Linear, widths: Vec<usize> },
+    Each(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>, widths: Vec<usize>) -> Result<Self> {
+        let refs: Vec<&Linear> = parts.iter().collect();
+        Ok(match Linear::stack(&refs)? {
+            Some(weight) => Self::Stacked { weight, widths },
+            None => Self::Each(parts),
+        })
+    }
+
+    /// One `[t, width]` output per projection, in order.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Stacked { weight, widths } => {
+                let y = weight.forward(x)?;
+                let mut start = 0;
+                let mut outs = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    outs.push(y.narrow(1, start, w)?);
+                    start += w;
+                }
+                Ok(outs)
+            }
+            Self::Each(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Projections,
     o: Linear,
     /// q/k/v biases (Qwen2).
     bias: Option<[Tensor; 3]>,
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Projections,
     down: Linear,
 }
 
@@ -209,16 +242,26 @@ impl Llama {
             layers.push(Layer {
                 attn_norm: vector(src, format!("{}.weight", n(Role::AttnNorm)), hidden)?,
                 attn: Attention {
-                    q: linear(src, n(Role::Q), [q_out, hidden])?,
-                    k: linear(src, n(Role::K), [kv_out, hidden])?,
-                    v: linear(src, n(Role::V), [kv_out, hidden])?,
+                    qkv: Projections::new(
+                        vec![
+                            linear(src, n(Role::Q), [q_out, hidden])?,
+                            linear(src, n(Role::K), [kv_out, hidden])?,
+                            linear(src, n(Role::V), [kv_out, hidden])?,
+                        ],
+                        vec![q_out, kv_out, kv_out],
+                    )?,
                     o: linear(src, n(Role::O), [hidden, q_out])?,
                     bias,
                 },
                 ffn_norm: vector(src, format!("{}.weight", n(Role::FfnNorm)), hidden)?,
                 mlp: Mlp {
-                    gate: linear(src, n(Role::Gate), [inter, hidden])?,
-                    up: linear(src, n(Role::Up), [inter, hidden])?,
+                    gate_up: Projections::new(
+                        vec![
+                            linear(src, n(Role::Gate), [inter, hidden])?,
+                            linear(src, n(Role::Up), [inter, hidden])?,
+                        ],
+                        vec![inter, inter],
+                    )?,
                     down: linear(src, n(Role::Down), [hidden, inter])?,
                 },
             });
@@ -336,7 +379,11 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let hs = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let (mut q, mut k, mut v) = (a.q.forward(&hs)?, a.k.forward(&hs)?, a.v.forward(&hs)?);
+            let [mut q, mut k, mut v]: [Tensor; 3] = a
+                .qkv
+                .forward(&hs)?
+                .try_into()
+                .map_err(|_| Error::InvalidBatch("q/k/v projections".into()))?;
             if let Some([bq, bk, bv]) = &a.bias {
                 q = q.broadcast_add(bq)?;
                 k = k.broadcast_add(bk)?;
@@ -352,7 +399,12 @@ impl Llama {
 
             let hs = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let m = &layer.mlp;
-            let act = (candle_nn::ops::silu(&m.gate.forward(&hs)?)? * m.up.forward(&hs)?)?;
+            let [gate, up]: [Tensor; 2] = m
+                .gate_up
+                .forward(&hs)?
+                .try_into()
+                .map_err(|_| Error::InvalidBatch("gate/up projections".into()))?;
+            let act = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + m.down.forward(&act)?)?;
         }
         // Norm and head only for the sampled rows: both are row-wise.

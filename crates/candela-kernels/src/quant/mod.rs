@@ -182,6 +182,9 @@ pub enum QuantError {
         /// Group index along k.
         group: usize,
     },
+    /// Weights stacked with [`PackedWeight::concat_rows`] must share k, bits and group size.
+    #[error("cannot stack packed weights of different k, bits or group size")]
+    Incompatible,
     /// The requested kernel needs CPU features this machine lacks.
     #[error("kernel {kernel:?} is not supported by this CPU")]
     KernelUnavailable {
@@ -235,6 +238,13 @@ impl PackedWeight {
     /// size 32. Other types (k-quants, floats) return [`QuantError::UnsupportedGgml`].
     pub fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<Self> {
         pack::from_ggml(dtype, data, n, k)
+    }
+
+    /// The output features of `parts`, stacked in order into one weight (codes and scales
+    /// copied as they are): q/k/v or gate/up projections of the same input then run as one
+    /// matmul, one parallel region instead of three or two.
+    pub fn concat_rows(parts: &[&PackedWeight]) -> Result<Self> {
+        pack::concat_rows(parts)
     }
 
     /// The weight as row-major `[n, k]` f32, computed as `q * d + m` (bit-exact with candle's

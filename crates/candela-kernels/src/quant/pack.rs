@@ -205,6 +205,32 @@ fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f
     )
 }
 
+pub(crate) fn concat_rows(parts: &[&PackedWeight]) -> Result<PackedWeight> {
+    let first = parts.first().ok_or(QuantError::EmptyN)?.layout;
+    let compatible = |l: &PackLayout| {
+        (l.k, l.bits, l.group_size) == (first.k, first.bits, first.group_size)
+    };
+    if !parts.iter().all(|p| compatible(&p.layout)) {
+        return Err(QuantError::Incompatible);
+    }
+    let n = parts.iter().map(|p| p.layout.n).sum();
+    let mut packer = Packer::new(PackLayout::new(n, first.k, first.bits, first.group_size)?);
+    let mut codes = vec![0u8; first.group_size];
+    let mut base = 0;
+    for part in parts {
+        for col in 0..part.layout.n {
+            for g in 0..first.groups {
+                let (d, m) = get_group(part, col, g, &mut codes);
+                packer.set_group(base + col, g, &codes, d, m);
+            }
+        }
+        base += part.layout.n;
+    }
+    let source = parts[0].source;
+    let same_source = parts.iter().all(|p| p.source == source);
+    Ok(packer.finish(if same_source { source } else { None }))
+}
+
 pub(crate) fn dequantize(w: &PackedWeight) -> Vec<f32> {
     let l = w.layout;
     let mut out = vec![0f32; l.n * l.k];
@@ -391,6 +417,50 @@ mod tests {
             let want = if bits == QuantBits::Int8 { 1 } else { 1 + 16 };
             assert!(seen.iter().all(|&s| s == want), "{bits:?}");
         }
+    }
+
+    #[test]
+    fn stacked_rows_compute_what_the_parts_compute() -> Result<()> {
+        // Odd n (not a multiple of TILE_COLS) so parts straddle tiles once stacked.
+        let k = 96;
+        let shapes = [(21usize, QuantBits::Int4), (7, QuantBits::Int4), (37, QuantBits::Int4)];
+        let weights: Vec<PackedWeight> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, bits))| {
+                let w: Vec<f32> = (0..n * k)
+                    .map(|j| ((j * 37 + i * 11) % 101) as f32 / 50.0 - 1.0)
+                    .collect();
+                quantize_f32(&w, n, k, bits, 32)
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<&PackedWeight> = weights.iter().collect();
+        let stacked = concat_rows(&refs)?;
+        assert_eq!(stacked.n(), 21 + 7 + 37);
+        let expected: Vec<f32> = weights.iter().flat_map(|w| w.dequantize()).collect();
+        assert_eq!(stacked.dequantize(), expected);
+        let m = 3;
+        let x: Vec<f32> = (0..m * k).map(|j| (j % 13) as f32 / 6.0 - 1.0).collect();
+        let mut y = vec![0f32; m * stacked.n()];
+        stacked.matmul_f32(&x, m, &mut y)?;
+        let mut col = 0;
+        for w in &weights {
+            let mut part = vec![0f32; m * w.n()];
+            w.matmul_f32(&x, m, &mut part)?;
+            for r in 0..m {
+                for c in 0..w.n() {
+                    let (a, b) = (y[r * stacked.n() + col + c], part[r * w.n() + c]);
+                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "row {r} col {c}: {a} vs {b}");
+                }
+            }
+            col += w.n();
+        }
+        let int8 = quantize_f32(&vec![0.5; 16 * k], 16, k, QuantBits::Int8, 32)?;
+        assert!(matches!(
+            concat_rows(&[&weights[0], &int8]),
+            Err(QuantError::Incompatible)
+        ));
+        Ok(())
     }
 
     #[test]
