@@ -322,10 +322,7 @@ impl WeightSource for GgufFile {
             }
         }
         if device.is_cuda() {
-            if let Some(packed) = Linear::packed_for_cuda(&self.read_qtensor(name, &Device::Cpu)?)?
-            {
-                return Ok(packed);
-            }
+            return Linear::for_cuda(self.read_qtensor(name, &Device::Cpu)?, device);
         }
         Linear::from_qtensor(self.read_qtensor(name, device)?)
     }
@@ -346,10 +343,8 @@ impl WeightSource for GgufFile {
         // The tied head keeps the stored type (Q8_0 for SmolLM2): a quarter of f32's bytes
         // to stream per step.
         if device.is_cuda() {
-            if let Some(packed) = Linear::packed_for_cuda(&self.read_qtensor(name, &Device::Cpu)?)?
-            {
-                return Ok((table, packed));
-            }
+            let head = Linear::for_cuda(self.read_qtensor(name, &Device::Cpu)?, device)?;
+            return Ok((table, head));
         }
         Ok((table, Linear::from_qtensor(q)?))
     }

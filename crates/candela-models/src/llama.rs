@@ -416,5 +416,4 @@ impl Llama {
         let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
         Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
     }
-
 }

@@ -207,9 +207,8 @@ fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f
 
 pub(crate) fn concat_rows(parts: &[&PackedWeight]) -> Result<PackedWeight> {
     let first = parts.first().ok_or(QuantError::EmptyN)?.layout;
-    let compatible = |l: &PackLayout| {
-        (l.k, l.bits, l.group_size) == (first.k, first.bits, first.group_size)
-    };
+    let compatible =
+        |l: &PackLayout| (l.k, l.bits, l.group_size) == (first.k, first.bits, first.group_size);
     if !parts.iter().all(|p| compatible(&p.layout)) {
         return Err(QuantError::Incompatible);
     }
@@ -423,7 +422,11 @@ mod tests {
     fn stacked_rows_compute_what_the_parts_compute() -> Result<()> {
         // Odd n (not a multiple of TILE_COLS) so parts straddle tiles once stacked.
         let k = 96;
-        let shapes = [(21usize, QuantBits::Int4), (7, QuantBits::Int4), (37, QuantBits::Int4)];
+        let shapes = [
+            (21usize, QuantBits::Int4),
+            (7, QuantBits::Int4),
+            (37, QuantBits::Int4),
+        ];
         let weights: Vec<PackedWeight> = shapes
             .iter()
             .enumerate()
@@ -450,7 +453,10 @@ mod tests {
             for r in 0..m {
                 for c in 0..w.n() {
                     let (a, b) = (y[r * stacked.n() + col + c], part[r * w.n() + c]);
-                    assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "row {r} col {c}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "row {r} col {c}: {a} vs {b}"
+                    );
                 }
             }
             col += w.n();
