@@ -205,6 +205,13 @@ fn write_gguf(path: &Path, architecture: &str, weights: &[(String, Tensor)]) {
     gguf_file::write(&mut file, &md, &ts).expect("write gguf");
 }
 
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn tiny_forward(model: &dyn Model) -> Vec<Vec<f32>> {
     let c = model.config();
     let mut kv = PagedKvCache::new(
@@ -356,19 +363,11 @@ fn safetensors_and_gguf_of_the_same_weights_agree() {
     for (ra, rb) in a.iter().zip(&b) {
         // Same f32 weights, same ops up to float summation order (f32 matmul vs candle's
         // f32 QMatMul path): differences stay at rounding level.
-        let d = ra
-            .iter()
-            .zip(rb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(ra, rb);
         assert!(d < 1e-4, "log-softmax differs by {d}");
     }
     // The model is not degenerate: the two sequences get different distributions.
-    let d01 = a[0]
-        .iter()
-        .zip(&a[1])
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let d01 = max_abs_diff(&a[0], &a[1]);
     assert!(d01 > 1e-2);
 }
 
@@ -389,11 +388,7 @@ fn a_gguf_exported_as_safetensors_computes_the_same_logits() {
     let a = tiny_forward(gg.model.as_ref());
     let b = tiny_forward(ex.model.as_ref());
     for (ra, rb) in a.iter().zip(&b) {
-        let d = ra
-            .iter()
-            .zip(rb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(ra, rb);
         assert!(d < 1e-4, "log-softmax differs by {d}");
     }
     // No vocabulary in the file: no tokenizer files either.
