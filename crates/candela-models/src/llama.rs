@@ -267,6 +267,14 @@ impl Llama {
             });
         }
         weight_paths.push((head_name, head.describe()));
+        let stacked = layers
+            .iter()
+            .filter(|l| matches!(l.attn.qkv, Projections::Stacked { .. }))
+            .count();
+        tracing::info!(
+            "q/k/v and gate/up stacked into one matmul each in {stacked} of {} layers",
+            layers.len()
+        );
         let (rope_cos, rope_sin) = config.rope_tables(device)?;
         let (rope_cos, rope_sin) = (rope_cos.to_dtype(dtype)?, rope_sin.to_dtype(dtype)?);
         Ok(Self {

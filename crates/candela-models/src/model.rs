@@ -95,7 +95,17 @@ pub fn load_files_with(
     options: &LoadOptions,
 ) -> Result<LoadedModel> {
     let loaded = load_files_inner(files, device, options.quantize)?;
-    report_weight_paths(loaded.model.weight_paths());
+    let paths = loaded.model.weight_paths();
+    report_weight_paths(paths);
+    if let Some(q) = options.quantize {
+        if !paths.iter().any(|(_, p)| p.contains("--quantize")) {
+            tracing::warn!(
+                "--quantize {:?} applies to float weights; this model has none, so its weights \
+                 keep their stored types",
+                q.bits
+            );
+        }
+    }
     Ok(loaded)
 }
 
