@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use candela_kernels::kv_cache::PagedKvCache;
 use candela_models::tokenizer::IncrementalDecoder;
-use candela_models::{BatchInputs, Model, SeqChunk};
+use candela_models::{BatchBuilder, BatchInputs, Model, SeqChunk};
 use candela_scheduler::{
     Policy, ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats, SeqId, StepOutput,
 };
@@ -171,6 +171,8 @@ struct EngineCore {
     scratch: SamplerScratch,
     logits_host: Vec<f32>,
     block_tables_host: Vec<u32>,
+    /// Host buffers of the step's inputs, reused from step to step.
+    batch_builder: BatchBuilder,
     step_outputs: Vec<StepOutput>,
 }
 
@@ -287,6 +289,7 @@ impl EngineCore {
             scratch: SamplerScratch::default(),
             logits_host: Vec::new(),
             block_tables_host: Vec::new(),
+            batch_builder: BatchBuilder::default(),
             step_outputs: Vec::new(),
         })
     }
@@ -628,7 +631,9 @@ impl EngineCore {
                 sample: seq.sample,
             })
             .collect();
-        let inputs = BatchInputs::from_seqs(&chunks, self.block_size, &self.device)
+        let inputs = self
+            .batch_builder
+            .build(&chunks, self.block_size, &self.device)
             .map_err(|e| e.to_string())?;
         let num_sampled = inputs.num_sampled();
         if num_sampled == 0 {

@@ -50,24 +50,54 @@ pub struct BatchInputs {
     pub sample_rows: Tensor,
 }
 
-impl BatchInputs {
+/// Host buffers for building [`BatchInputs`], kept across steps so a step only allocates the
+/// tensors themselves (candle tensors own their storage, so those are new each step).
+#[derive(Debug, Default)]
+pub struct BatchBuilder {
+    token_ids: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    cu: Vec<u32>,
+    context_lens: Vec<u32>,
+    tables: Vec<u32>,
+    sample_rows: Vec<u32>,
+}
+
+impl BatchBuilder {
     /// Builds the step's tensors from per-sequence chunks (see the module doc for the layout).
-    pub fn from_seqs(seqs: &[SeqChunk<'_>], block_size: usize, device: &Device) -> Result<Self> {
+    pub fn build(
+        &mut self,
+        seqs: &[SeqChunk<'_>],
+        block_size: usize,
+        device: &Device,
+    ) -> Result<BatchInputs> {
         if seqs.is_empty() {
             return Err(Error::InvalidBatch("no sequences".into()));
         }
         if block_size == 0 {
             return Err(Error::InvalidBatch("block size 0".into()));
         }
-        let total: usize = seqs.iter().map(|s| s.token_ids.len()).sum();
         let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
-        let mut token_ids = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut slots = Vec::with_capacity(total);
-        let mut cu = Vec::with_capacity(seqs.len() + 1);
-        let mut context_lens = Vec::with_capacity(seqs.len());
-        let mut tables = Vec::with_capacity(seqs.len() * max_blocks);
-        let mut sample_rows = Vec::new();
+        let Self {
+            token_ids,
+            positions,
+            slots,
+            cu,
+            context_lens,
+            tables,
+            sample_rows,
+        } = self;
+        for v in [
+            &mut *token_ids,
+            positions,
+            slots,
+            cu,
+            context_lens,
+            tables,
+            sample_rows,
+        ] {
+            v.clear();
+        }
         let (mut max_q, mut max_ctx) = (0usize, 0usize);
         cu.push(0u32);
         for (i, s) in seqs.iter().enumerate() {
@@ -105,18 +135,26 @@ impl BatchInputs {
         }
         let attn = AttentionMetadata {
             slot_mapping: Tensor::new(slots.as_slice(), device)?,
-            block_tables: Tensor::from_vec(tables, (seqs.len(), max_blocks), device)?,
+            block_tables: Tensor::from_slice(tables, (seqs.len(), max_blocks), device)?,
             context_lens: Tensor::new(context_lens.as_slice(), device)?,
             cu_seqlens_q: Tensor::new(cu.as_slice(), device)?,
             max_seqlen_q: max_q,
             max_context_len: max_ctx,
         };
-        Ok(Self {
+        Ok(BatchInputs {
             token_ids: Tensor::new(token_ids.as_slice(), device)?,
             positions: Tensor::new(positions.as_slice(), device)?,
             attn,
             sample_rows: Tensor::new(sample_rows.as_slice(), device)?,
         })
+    }
+}
+
+impl BatchInputs {
+    /// Builds the step's tensors from per-sequence chunks (see the module doc for the layout);
+    /// a loop that builds one batch a step keeps a [`BatchBuilder`] instead.
+    pub fn from_seqs(seqs: &[SeqChunk<'_>], block_size: usize, device: &Device) -> Result<Self> {
+        BatchBuilder::default().build(seqs, block_size, device)
     }
 
     /// Tokens in the step (T).
@@ -137,6 +175,53 @@ fn to_u32(x: usize) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_builder_gives_what_a_fresh_one_gives() -> Result<()> {
+        let big = [
+            SeqChunk {
+                token_ids: &[1, 2, 3, 4, 5],
+                tokens_cached: 0,
+                block_table: &[3, 8],
+                sample: true,
+            },
+            SeqChunk {
+                token_ids: &[6],
+                tokens_cached: 9,
+                block_table: &[0, 1, 2],
+                sample: true,
+            },
+        ];
+        let small = [SeqChunk {
+            token_ids: &[7],
+            tokens_cached: 2,
+            block_table: &[5],
+            sample: false,
+        }];
+        let mut builder = BatchBuilder::default();
+        let dev = Device::Cpu;
+        for seqs in [&big[..], &small[..], &big[..]] {
+            let reused = builder.build(seqs, 4, &dev)?;
+            let fresh = BatchInputs::from_seqs(seqs, 4, &dev)?;
+            let pairs = [
+                (&reused.token_ids, &fresh.token_ids),
+                (&reused.positions, &fresh.positions),
+                (&reused.sample_rows, &fresh.sample_rows),
+                (&reused.attn.slot_mapping, &fresh.attn.slot_mapping),
+                (&reused.attn.context_lens, &fresh.attn.context_lens),
+                (&reused.attn.cu_seqlens_q, &fresh.attn.cu_seqlens_q),
+            ];
+            for (a, b) in pairs {
+                assert_eq!(a.to_vec1::<u32>()?, b.to_vec1::<u32>()?);
+            }
+            assert_eq!(
+                reused.attn.block_tables.to_vec2::<u32>()?,
+                fresh.attn.block_tables.to_vec2::<u32>()?
+            );
+            assert_eq!(reused.attn.max_context_len, fresh.attn.max_context_len);
+        }
+        Ok(())
+    }
 
     #[test]
     fn module_doc_example() -> Result<()> {

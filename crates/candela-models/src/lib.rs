@@ -14,7 +14,7 @@ pub mod model;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use batch::{BatchInputs, SeqChunk};
+pub use batch::{BatchBuilder, BatchInputs, SeqChunk};
 pub use candela_kernels::quant::QuantBits;
 pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 pub use error::{Error, Result};
