@@ -5,7 +5,9 @@
 //! and faster repacked forms (candela-kernels' `PackedWeight`) slot in as new
 //! variants built in [`Linear::from_qtensor`] without touching the model.
 
-use candela_kernels::quant::{Kernel, PackedWeight, QuantBits, QuantError};
+use candela_kernels::quant::{
+    Kernel, PackedWeight, QuantBits, QuantError, CUDA_GEMV_ROWS_MAX as GEMV_ROWS_MAX,
+};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -69,9 +71,6 @@ pub enum Linear {
     },
 }
 
-/// Most input rows the CUDA GEMV serves; candela-kernels' `cuda::GEMV_ROWS_MAX`.
-pub const GEMV_ROWS_MAX: usize = 8;
-
 impl Linear {
     /// Wraps a tensor read from a GGUF file.
     ///
@@ -115,10 +114,7 @@ impl Linear {
     /// shape (to compare them).
     pub fn for_cuda(weight: QTensor, device: &Device) -> Result<Self> {
         let choice = std::env::var("CANDELA_CUDA_QMATMUL").unwrap_or_default();
-        let on_device = |w: &QTensor| -> Result<QMatMul> {
-            let q = qtensor_from_ggml(w.dtype(), &w.data()?, w.shape().dims().to_vec(), device)?;
-            Ok(QMatMul::from_qtensor(q)?)
-        };
+        let on_device = |w: &QTensor| qmatmul_on(w.dtype(), &w.data()?, w.shape().dims2()?, device);
         if choice == "candle" {
             return Ok(Self::Quantized(on_device(&weight)?));
         }
@@ -200,13 +196,8 @@ impl Linear {
                     bytes.extend_from_slice(&q.data()?);
                     n += q.shape().dims2()?.0;
                 }
-                let k = gemv.k();
-                let device = qs[0].device();
-                let q = qtensor_from_ggml(qs[0].dtype(), &bytes, vec![n, k], &device)?;
-                Ok(Some(Self::Hybrid {
-                    gemv,
-                    gemm: QMatMul::from_qtensor(q)?,
-                }))
+                let gemm = qmatmul_on(qs[0].dtype(), &bytes, (n, gemv.k()), &qs[0].device())?;
+                Ok(Some(Self::Hybrid { gemv, gemm }))
             }
             _ => Ok(None),
         }
@@ -263,6 +254,17 @@ impl Linear {
         };
         Ok(y)
     }
+}
+
+/// candle's quantized matmul over raw GGML blocks of an `[n, k]` weight, on `device`.
+fn qmatmul_on(
+    dtype: candle_core::quantized::GgmlDType,
+    bytes: &[u8],
+    (n, k): (usize, usize),
+    device: &Device,
+) -> Result<QMatMul> {
+    let q = qtensor_from_ggml(dtype, bytes, vec![n, k], device)?;
+    Ok(QMatMul::from_qtensor(q)?)
 }
 
 fn bits_name(bits: QuantBits) -> &'static str {

@@ -23,9 +23,7 @@ const QUANT_PTX: (&str, &str) = (
     include_str!(concat!(env!("OUT_DIR"), "/quant.ptx")),
 );
 
-/// Most input rows served by the fused matrix-vector kernel; must match `GEMV_ROWS_MAX` in
-/// the kernel. Past it, dequantize + cuBLAS wins (the weight read is shared by the rows).
-pub const GEMV_ROWS_MAX: usize = 8;
+pub use crate::quant::CUDA_GEMV_ROWS_MAX as GEMV_ROWS_MAX;
 const GEMV_THREADS: u32 = 256;
 const DEQUANT_THREADS: u32 = 256;
 const OP: &str = "candela-packed-qmatmul (cuda)";

@@ -28,6 +28,12 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 pub use pack::TILE_COLS;
 
+/// Most input rows the fused CUDA matrix-vector kernel serves; must match `GEMV_ROWS_MAX` in
+/// kernels/quant.cu. Past it, a GEMM wins (the weight read is shared by the rows). Defined
+/// here, not behind the `cuda` feature, so callers that choose a path by row count compile
+/// without it.
+pub const CUDA_GEMV_ROWS_MAX: usize = 8;
+
 /// Width of the stored integer codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantBits {
