@@ -10,7 +10,6 @@ mod support;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candela_kernels::kv_cache::PagedKvCache;
 use candela_models::gguf::GgufFile;
 use candela_models::hub::{resolve_with_cache, ModelFiles};
 use candela_models::{
@@ -19,7 +18,7 @@ use candela_models::{
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use support::{log_softmax_rows, DEFAULT_MODEL};
+use support::{log_softmax_rows, max_abs_diff, new_cache, DEFAULT_MODEL};
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -205,25 +204,8 @@ fn write_gguf(path: &Path, architecture: &str, weights: &[(String, Tensor)]) {
     gguf_file::write(&mut file, &md, &ts).expect("write gguf");
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
-
 fn tiny_forward(model: &dyn Model) -> Vec<Vec<f32>> {
-    let c = model.config();
-    let mut kv = PagedKvCache::new(
-        c.num_layers,
-        16,
-        4,
-        c.num_kv_heads,
-        c.head_dim,
-        model.dtype(),
-        model.device(),
-    )
-    .expect("kv");
+    let mut kv = new_cache(model, 16, 4);
     let a: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
     let b: Vec<u32> = vec![5, 9, 77, 1];
     let seqs = [

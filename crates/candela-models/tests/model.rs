@@ -14,11 +14,10 @@
 #[path = "model_support/mod.rs"]
 mod support;
 
-use candela_kernels::kv_cache::PagedKvCache;
-use candela_models::{load_model, BatchInputs, Model, SeqChunk};
+use candela_models::{load_model, BatchInputs, SeqChunk};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use support::{log_softmax_rows, Blocks, DEFAULT_MODEL};
+use support::{log_softmax_rows, max_abs_diff, new_cache, Blocks, DEFAULT_MODEL};
 
 const TOLERANCE_NATS: f32 = 1e-3;
 
@@ -38,28 +37,6 @@ fn candle_reference() -> ModelWeights {
     let mut file = std::fs::File::open(DEFAULT_MODEL).expect("default model");
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf header");
     ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("candle model")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn new_cache(model: &dyn Model, num_blocks: usize, block_size: usize) -> PagedKvCache {
-    let c = model.config();
-    PagedKvCache::new(
-        c.num_layers,
-        num_blocks,
-        block_size,
-        c.num_kv_heads,
-        c.head_dim,
-        model.dtype(),
-        model.device(),
-    )
-    .expect("kv cache")
 }
 
 /// One sequence's plan: chunks of new tokens, each fed in one step.

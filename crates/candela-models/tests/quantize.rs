@@ -18,14 +18,13 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use candela_kernels::kv_cache::PagedKvCache;
 use candela_models::tokenizer::Tokenizer;
 use candela_models::{
     load_model_with, BatchInputs, LoadOptions, Model, QuantBits, Quantize, SeqChunk,
 };
 use candle_core::{Device, Tensor};
 use serde_json::Value;
-use support::{greedy, log_softmax_rows, Blocks, GreedySeq, DEFAULT_MODEL};
+use support::{greedy, log_softmax_rows, new_cache, Blocks, GreedySeq, DEFAULT_MODEL};
 
 const REFERENCE: &str = "/work/shared/reference/smollm2-greedy.jsonl";
 /// Tokens generated per prompt (the reference's max_tokens).
@@ -91,27 +90,13 @@ fn load(dir: &Path, quantize: Option<Quantize>) -> Box<dyn Model> {
         .model
 }
 
-fn kv_cache(model: &dyn Model) -> PagedKvCache {
-    let c = model.config();
-    PagedKvCache::new(
-        c.num_layers,
-        NUM_BLOCKS,
-        BLOCK_SIZE,
-        c.num_kv_heads,
-        c.head_dim,
-        model.dtype(),
-        model.device(),
-    )
-    .expect("KV cache")
-}
-
 /// Greedy continuations of every prompt, all decoded in one batch.
 fn greedy_all(model: &dyn Model, prompts: &[Prompt]) -> Vec<Vec<u32>> {
     let mut seqs: Vec<GreedySeq> = prompts
         .iter()
         .map(|p| GreedySeq::new(p.ids.clone(), MAX_NEW))
         .collect();
-    let mut kv = kv_cache(model);
+    let mut kv = new_cache(model, NUM_BLOCKS, BLOCK_SIZE);
     let mut blocks = Blocks::new(NUM_BLOCKS, BLOCK_SIZE);
     greedy(model, &mut kv, &mut blocks, &mut seqs, 512).expect("greedy");
     seqs.into_iter().map(|s| s.generated).collect()
@@ -134,7 +119,7 @@ fn forced_logprobs(model: &dyn Model, prompt: &[u32], output: &[u32]) -> Vec<Vec
         .map(|t| (prompt.len() - 1 + t) as u32)
         .collect();
     input.sample_rows = Tensor::new(rows.as_slice(), model.device()).expect("rows");
-    let mut kv = kv_cache(model);
+    let mut kv = new_cache(model, NUM_BLOCKS, BLOCK_SIZE);
     let logits = model.forward(&input, &mut kv).expect("forward");
     log_softmax_rows(&logits).expect("log-softmax")
 }

@@ -19,11 +19,10 @@
 #[path = "model_support/mod.rs"]
 mod support;
 
-use candela_kernels::kv_cache::PagedKvCache;
 use candela_models::load_model;
 use candle_core::Device;
 use serde_json::Value;
-use support::{greedy, Blocks, GreedySeq, DEFAULT_MODEL};
+use support::{greedy, new_cache, Blocks, GreedySeq, DEFAULT_MODEL};
 
 const REFERENCE: &str = "/work/shared/reference/smollm2-greedy.jsonl";
 const NEAR_TIE_NATS: f64 = 0.25;
@@ -95,16 +94,7 @@ fn greedy_matches_llama_cpp_reference() -> candela_models::Result<()> {
         .collect();
     let block_size = 16;
     let num_blocks = 512;
-    let c = model.config();
-    let mut kv = PagedKvCache::new(
-        c.num_layers,
-        num_blocks,
-        block_size,
-        c.num_kv_heads,
-        c.head_dim,
-        model.dtype(),
-        &device,
-    )?;
+    let mut kv = new_cache(model, num_blocks, block_size);
     let mut blocks = Blocks::new(num_blocks, block_size);
     greedy(model, &mut kv, &mut blocks, &mut seqs, 512)?;
 

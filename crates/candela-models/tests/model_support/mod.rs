@@ -120,6 +120,30 @@ pub fn greedy(
     Ok(())
 }
 
+/// A paged KV cache shaped for `model`, on its device and in its dtype.
+pub fn new_cache(model: &dyn Model, num_blocks: usize, block_size: usize) -> PagedKvCache {
+    let c = model.config();
+    PagedKvCache::new(
+        c.num_layers,
+        num_blocks,
+        block_size,
+        c.num_kv_heads,
+        c.head_dim,
+        model.dtype(),
+        model.device(),
+    )
+    .expect("kv cache")
+}
+
+/// Largest absolute elementwise difference of two equally long rows.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 pub fn argmax_rows(logits: &Tensor) -> candela_models::Result<Vec<u32>> {
     Ok(logits.argmax(1)?.to_vec1::<u32>()?)
 }
