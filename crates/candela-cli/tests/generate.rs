@@ -248,13 +248,7 @@ fn bad_inputs_fail_with_clear_messages() {
 /// chat template), shared by the `--quantize` tests and kept across runs in the build tree.
 fn float_checkpoint() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smollm2-135m-f32");
-    if !dir.join("model.safetensors").is_file() {
-        let partial = dir.with_extension("cli-partial");
-        let _ = std::fs::remove_dir_all(&partial);
-        candela_models::export::gguf_to_safetensors(&model_path(), &partial).expect("export");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&partial, &dir).expect("rename the export");
-    }
+    candela_models::export::gguf_to_safetensors_once(&model_path(), &dir).expect("export");
     dir
 }
 

@@ -141,6 +141,24 @@ pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> Result<()> {
     write_json(&out_dir.join("tokenizer_config.json"), &tokenizer_config)
 }
 
+/// [`gguf_to_safetensors`] unless `out_dir` already holds a finished export. The export is
+/// written beside `out_dir` and renamed into place, so an interrupted run never leaves half a
+/// checkpoint there.
+pub fn gguf_to_safetensors_once(gguf: &Path, out_dir: &Path) -> Result<()> {
+    if out_dir.join("model.safetensors").is_file() {
+        return Ok(());
+    }
+    let io = |source| Error::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    };
+    let partial = out_dir.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    gguf_to_safetensors(gguf, &partial)?;
+    let _ = std::fs::remove_dir_all(out_dir);
+    std::fs::rename(&partial, out_dir).map_err(io)
+}
+
 /// Undoes llama.cpp's `permute`: rows `[heads, 2, d/2]` became `[heads, d/2, 2]`.
 fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;

@@ -38,15 +38,8 @@ fn float_checkpoint() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-135m-f32");
-        if !dir.join("model.safetensors").is_file() {
-            // Written beside and renamed, so a killed run never leaves half a checkpoint.
-            let partial = dir.with_extension("partial");
-            let _ = std::fs::remove_dir_all(&partial);
-            candela_models::export::gguf_to_safetensors(Path::new(DEFAULT_MODEL), &partial)
-                .expect("export the default model");
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&partial, &dir).expect("rename the export");
-        }
+        candela_models::export::gguf_to_safetensors_once(Path::new(DEFAULT_MODEL), &dir)
+            .expect("export the default model");
         dir
     })
 }
