@@ -21,6 +21,8 @@ import threading
 import time
 import urllib.request
 
+from reference_ties import first_near_tie, top2_gaps
+
 # The tests' margin (see crates/candela-models/tests/reference.rs) and the reference README's.
 NEAR_TIES = (0.25, 0.1)
 ROOFLINE_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
@@ -36,14 +38,6 @@ def generate(args, extra, env=None, timeout=180):
     if p.returncode != 0:
         raise RuntimeError(f"exit {p.returncode}: {p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def first_near_tie(rec, margin):
-    for i, step in enumerate(rec.get("output_top_logprobs") or []):
-        top = step["top"]
-        if len(top) >= 2 and top[0][1] - top[1][1] < margin:
-            return i
-    return None
 
 
 def reference(args):
@@ -79,8 +73,8 @@ def reference(args):
                 passed[margin] += 1
             else:
                 div = next((i for i, (a, b) in enumerate(zip(got, ref_ids)) if a != b), min(len(got), len(ref_ids)))
-                top = rec["output_top_logprobs"][div]["top"] if div < len(rec["output_top_logprobs"]) else None
-                gap = round(top[0][1] - top[1][1], 3) if top else None
+                gaps = top2_gaps(rec)
+                gap = round(gaps[div], 3) if div < len(gaps) and gaps[div] is not None else None
                 print(f"  {rec['id']} at {margin}: MISMATCH prompt_ids_equal={prompt_ok} at {div} (reference gap {gap})")
     for margin in NEAR_TIES:
         print(f"reference (greedy, {DEVICE}, near-tie {margin} nats): {passed[margin]}/{len(records)} pass, "

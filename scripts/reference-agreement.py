@@ -15,6 +15,8 @@ import os
 import sys
 import urllib.request
 
+from reference_ties import first_near_tie, top2_gaps
+
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "smollm2-greedy.jsonl")
 
 
@@ -40,22 +42,12 @@ def main():
     diverging = []
     for r in records:
         ref = r["output_token_ids"]
-        # Top logprobs may skip incomplete UTF-8 pieces: align them by id, in order.
-        tops, j = [], 0
-        lps = r["output_top_logprobs"]
-        for tid in ref:
-            if j < len(lps) and lps[j]["id"] == tid:
-                top = lps[j]["top"]
-                tops.append(top[0][1] - top[1][1])
-                j += 1
-            else:
-                tops.append(None)
-        first_tie = next((i for i, g in enumerate(tops) if g is not None and g < margin), len(ref))
+        tie = first_near_tie(r, margin)
+        n = len(ref) if tie is None else tie
         out = decode(url, api, r["prompt_token_ids"], len(ref))
-        n = first_tie
         if out[:n] != ref[:n]:
             pos = next(i for i in range(n) if i >= len(out) or out[i] != ref[i])
-            gap = tops[pos]
+            gap = top2_gaps(r)[pos]
             diverging.append([r["id"], pos, None if gap is None else round(gap, 3)])
     print(json.dumps({"agree": len(records) - len(diverging), "records": len(records), "margin": margin,
                       "diverging": diverging}))
