@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 
@@ -118,15 +118,11 @@ pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> Result<()> {
 
     // The tokenizer and chat template come from the GGUF header, as the engine reads them;
     // a file without a vocabulary (a test model) exports its weights only.
-    let mut reader = std::fs::File::open(gguf).map_err(|source| Error::Io {
-        path: gguf.to_path_buf(),
-        source,
-    })?;
-    let content = Content::read(&mut reader)?;
+    let content = file.content();
     if !content.metadata.contains_key("tokenizer.ggml.tokens") {
         return Ok(());
     }
-    let tokenizer = Tokenizer::from_gguf(&content)?;
+    let tokenizer = Tokenizer::from_gguf(content)?;
     let json_text = tokenizer.to_json()?;
     std::fs::write(out_dir.join("tokenizer.json"), json_text).map_err(io)?;
     let template = match content.metadata.get("tokenizer.chat_template") {

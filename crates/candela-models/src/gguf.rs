@@ -88,6 +88,11 @@ impl GgufFile {
         &self.content.metadata
     }
 
+    /// The parsed header (what the tokenizer is built from).
+    pub(crate) fn content(&self) -> &Content {
+        &self.content
+    }
+
     /// Gives up the file, keeping its metadata (for the tokenizer and chat template).
     pub fn into_metadata(self) -> HashMap<String, Value> {
         self.content.metadata
