@@ -45,6 +45,11 @@ pub struct EngineConfig {
     pub chat_template: Option<String>,
     /// `--quantize`: pack float linear weights into int8/int4 at load.
     pub quantize: Option<candela_models::Quantize>,
+    /// Pick the tokens of plain greedy rows (no logprobs, bias or penalties) with an argmax on
+    /// the model's device and copy only those ids to the host, instead of every row's logits.
+    /// `None`: on for a GPU (a `[64, 49152]` f32 copy and host scan per step saved), off on
+    /// the CPU, where the logits already are in host memory.
+    pub greedy_on_device: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +69,7 @@ impl Default for EngineConfig {
             seed: 0,
             chat_template: None,
             quantize: None,
+            greedy_on_device: None,
         }
     }
 }

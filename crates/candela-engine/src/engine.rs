@@ -169,6 +169,14 @@ struct EngineCore {
     stats_exported: SchedulerStats,
     // Host buffers reused between steps (allocation-light steady state).
     scratch: SamplerScratch,
+    /// Reduce plain greedy rows to their argmax on the device (`EngineConfig::greedy_on_device`).
+    greedy_on_device: bool,
+    /// This step's sampled rows: whether the device picks each one's token.
+    rows_on_device: Vec<bool>,
+    /// This step's sampled rows: the token the device picked, or `None` for a row whose
+    /// logits are in `logits_host`.
+    device_tokens: Vec<Option<TokenId>>,
+    /// Logits of the sampled rows the host samples, `[rows, vocab]`, in batch order.
     logits_host: Vec<f32>,
     block_tables_host: Vec<u32>,
     /// Host buffers of the step's inputs, reused from step to step.
@@ -265,6 +273,7 @@ impl EngineCore {
                 |s| s.to_string_lossy().into_owned(),
             )
         });
+        let greedy_on_device = config.greedy_on_device.unwrap_or(!device.is_cpu());
         Ok(Self {
             model,
             kv,
@@ -287,6 +296,9 @@ impl EngineCore {
             commands_closed: false,
             stats_exported: SchedulerStats::default(),
             scratch: SamplerScratch::default(),
+            greedy_on_device,
+            rows_on_device: Vec::new(),
+            device_tokens: Vec::new(),
             logits_host: Vec::new(),
             block_tables_host: Vec::new(),
             batch_builder: BatchBuilder::default(),
@@ -320,6 +332,16 @@ impl EngineCore {
                 "the model returned logits of shape {dims:?}, expected [1, {}]",
                 self.info.vocab_size
             )));
+        }
+        // Both ways to the host, so the first request compiles no kernel.
+        if self.greedy_on_device {
+            logits_to_host(
+                &logits,
+                &[true],
+                &mut self.device_tokens,
+                &mut self.logits_host,
+            )
+            .map_err(|e| EngineError::Warmup(e.to_string()))?;
         }
         copy_logits_to_host(&logits, &mut self.logits_host)
             .map_err(|e| EngineError::Warmup(e.to_string()))?;
@@ -608,8 +630,8 @@ impl EngineCore {
         }
     }
 
-    /// Builds the step's inputs, runs the forward pass and copies the logits to the host
-    /// buffer (`[num_sampled, vocab]`, row-major).
+    /// Builds the step's inputs, runs the forward pass and brings the sampled rows to the
+    /// host: `device_tokens` for rows the device reduced, `logits_host` for the others.
     fn run_model(&mut self, batch: &ScheduledBatch) -> Result<(), String> {
         // Block tables as u32, one after another; chunks borrow slices of this buffer.
         self.block_tables_host.clear();
@@ -641,6 +663,7 @@ impl EngineCore {
             self.model
                 .forward(&inputs, &mut self.kv)
                 .map_err(|e| e.to_string())?;
+            self.device_tokens.clear();
             self.logits_host.clear();
             return Ok(());
         }
@@ -655,15 +678,46 @@ impl EngineCore {
                 self.info.vocab_size
             ));
         }
-        copy_logits_to_host(&logits, &mut self.logits_host).map_err(|e| e.to_string())
+        self.rows_on_device.clear();
+        if self.greedy_on_device {
+            for seq in batch.seqs.iter().filter(|s| s.sample) {
+                let plain = match self.seq_owner.get(&seq.seq_id) {
+                    Some((request_id, index)) => self
+                        .requests
+                        .get(request_id)
+                        .and_then(|state| state.choices.get(*index))
+                        .is_none_or(|choice| choice.sampler.is_plain_greedy()),
+                    // Aborted after scheduling: its output is dropped, any token will do.
+                    None => true,
+                };
+                self.rows_on_device.push(plain);
+            }
+        }
+        logits_to_host(
+            &logits,
+            &self.rows_on_device,
+            &mut self.device_tokens,
+            &mut self.logits_host,
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Samples every sampled sequence of the batch, emits its events and fills `outputs`.
     fn sample_batch(&mut self, batch: &ScheduledBatch, outputs: &mut Vec<StepOutput>) {
         let vocab_size = self.info.vocab_size;
-        // Logit rows follow the sampled sequences in batch order.
+        // Sampled rows follow the sampled sequences in batch order; host logit rows follow the
+        // rows the device did not reduce, in the same order.
+        let mut host_row = 0;
         for (row, seq) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
-            let logits = &mut self.logits_host[row * vocab_size..(row + 1) * vocab_size];
+            let pick = match self.device_tokens.get(row).copied().flatten() {
+                Some(token) => Pick::Token(token),
+                None => {
+                    host_row += 1;
+                    Pick::Logits(
+                        &mut self.logits_host[(host_row - 1) * vocab_size..host_row * vocab_size],
+                    )
+                }
+            };
             let Some(&(request_id, index)) = self.seq_owner.get(&seq.seq_id) else {
                 // Aborted after scheduling: the scheduler ignores outputs of unknown sequences.
                 continue;
@@ -675,7 +729,7 @@ impl EngineCore {
             let decision = step_choice(
                 state,
                 index,
-                logits,
+                pick,
                 &mut self.scratch,
                 &self.info.eos_token_ids,
                 now,
@@ -746,6 +800,14 @@ impl EngineCore {
     }
 }
 
+/// How one choice's token is chosen this step.
+enum Pick<'a> {
+    /// Sample from this raw logits row (overwritten with the processed logits).
+    Logits(&'a mut [f32]),
+    /// The device already took the argmax of a plain greedy row.
+    Token(TokenId),
+}
+
 /// The outcome of sampling one choice in one step.
 struct ChoiceStep {
     token: TokenId,
@@ -756,14 +818,17 @@ struct ChoiceStep {
 fn step_choice(
     state: &mut RequestState,
     index: usize,
-    logits: &mut [f32],
+    pick: Pick<'_>,
     scratch: &mut SamplerScratch,
     eos_token_ids: &[TokenId],
     now: Instant,
     shared: &SharedState,
 ) -> ChoiceStep {
     let choice = &mut state.choices[index];
-    let (token, logprob) = choice.sampler.sample(logits, scratch);
+    let (token, logprob) = match pick {
+        Pick::Logits(logits) => choice.sampler.sample(logits, scratch),
+        Pick::Token(token) => (token, None),
+    };
     choice.sampler.record_output(token);
     choice.tokens_generated += 1;
     let metrics = &shared.metrics;
@@ -903,6 +968,47 @@ fn finish_all(state: &mut RequestState, reason: &FinishReason, shared: &SharedSt
     }
 }
 
+/// Brings a step's `[rows, vocab]` logits to the host. Rows marked in `on_device` are reduced
+/// to their argmax where the logits are (one `u32` per row crosses to the host) and their ids
+/// go to `tokens`; the other rows' logits go to `host`, in order, and get `None` in `tokens`.
+/// An empty `on_device` means every row goes to `host`.
+fn logits_to_host(
+    logits: &Tensor,
+    on_device: &[bool],
+    tokens: &mut Vec<Option<TokenId>>,
+    host: &mut Vec<f32>,
+) -> candle_core::Result<()> {
+    let rows = logits.dim(0)?;
+    tokens.clear();
+    if !on_device.contains(&true) {
+        tokens.resize(rows, None);
+        return copy_logits_to_host(logits, host);
+    }
+    if on_device.len() != rows {
+        candle_core::bail!("{} row flags for {rows} logit rows", on_device.len());
+    }
+    // On the CPU candle keeps the first of equal maxima, as the host sampler does; its CUDA
+    // reduction may pick another of exactly equal maxima (a tie of f32 logits, rare).
+    let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+    let mut to_host = Vec::new();
+    for (row, (&device, &id)) in on_device.iter().zip(&ids).enumerate() {
+        if device {
+            tokens.push(Some(id));
+        } else {
+            tokens.push(None);
+            to_host.push(
+                u32::try_from(row).map_err(|_| candle_core::Error::Msg(format!("row {row}")))?,
+            );
+        }
+    }
+    if to_host.is_empty() {
+        host.clear();
+        return Ok(());
+    }
+    let index = Tensor::new(to_host.as_slice(), logits.device())?;
+    copy_logits_to_host(&logits.index_select(&index, 0)?, host)
+}
+
 /// Copies `[rows, vocab]` f32 logits into `host` (resized), reusing its allocation on CPU.
 fn copy_logits_to_host(logits: &Tensor, host: &mut Vec<f32>) -> candle_core::Result<()> {
     let logits = if logits.dtype() == DType::F32 {
@@ -982,5 +1088,37 @@ fn gpu_kv_cache_bytes(
         Err(EngineError::Config(format!(
             "{device:?}: this build has no CUDA support (build with --features cuda)"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logits_to_host_splits_device_rows_from_host_rows() {
+        let logits = Tensor::new(
+            &[
+                [0.0f32, 3.0, 1.0, 3.0],
+                [5.0, 1.0, 2.0, 0.0],
+                [-1.0, -2.0, -0.5, -3.0],
+            ],
+            &Device::Cpu,
+        )
+        .expect("tensor");
+        let (mut tokens, mut host) = (Vec::new(), Vec::new());
+        logits_to_host(&logits, &[true, false, true], &mut tokens, &mut host).expect("splits");
+        assert_eq!(tokens, [Some(1), None, Some(2)]);
+        assert_eq!(host, [5.0, 1.0, 2.0, 0.0]);
+
+        logits_to_host(&logits, &[], &mut tokens, &mut host).expect("copies");
+        assert_eq!(tokens, [None, None, None]);
+        assert_eq!(host.len(), 12);
+
+        logits_to_host(&logits, &[true; 3], &mut tokens, &mut host).expect("reduces");
+        assert_eq!(tokens, [Some(1), Some(0), Some(2)]);
+        assert!(host.is_empty());
+
+        assert!(logits_to_host(&logits, &[true, false], &mut tokens, &mut host).is_err());
     }
 }

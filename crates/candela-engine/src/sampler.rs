@@ -72,6 +72,18 @@ impl ChoiceSampler {
         self.params.temperature < TEMPERATURE_GREEDY_MAX
     }
 
+    /// Whether the next token is the argmax of the raw logits, whatever they are: greedy, with
+    /// no logprobs to report and no bias or penalty to apply. Such a row can be reduced on the
+    /// device; [`Self::sample`] would pick the same token from the host row.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy()
+            && self.params.logprobs.is_none()
+            && self.params.logit_bias.is_empty()
+            && self.params.repetition_penalty == 1.0
+            && self.params.frequency_penalty == 0.0
+            && self.params.presence_penalty == 0.0
+    }
+
     /// Records a token appended to this choice's output (for the penalties). Tokens that were
     /// generated before a preemption stay recorded: the output continues seamlessly.
     pub fn record_output(&mut self, token: TokenId) {

@@ -557,3 +557,58 @@ fn logprobs_and_tokenizer_round_trip() {
         .expect("renders");
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
 }
+
+#[test]
+fn tokens_picked_on_the_device_equal_host_sampling() {
+    // `greedy_on_device` is what a GPU engine does by default; on the CPU it is forced here so
+    // the path (device argmax for plain greedy rows, host sampling of the others from the
+    // gathered remaining rows) runs against the host-only path in the same mixed batches.
+    let on_device = start(EngineConfig {
+        greedy_on_device: Some(true),
+        ..EngineConfig::default()
+    });
+    let records = records();
+    let mut with_logprobs = greedy(16);
+    with_logprobs.logprobs = Some(2);
+    let mut penalized = greedy(16);
+    penalized.frequency_penalty = 1.5;
+    let mut biased = greedy(16);
+    biased.logit_bias = vec![(198, 5.0)];
+    let params = [
+        greedy(16),
+        with_logprobs,
+        greedy(16),
+        penalized,
+        sampled(99, 16),
+        biased,
+        greedy(16),
+    ];
+    let requests = || {
+        records
+            .iter()
+            .zip(&params)
+            .map(|(r, p)| request(&r.prompt_token_ids, p.clone()))
+            .collect::<Vec<_>>()
+    };
+    let device = generate_concurrently(&on_device, requests());
+    let host = generate_concurrently(shared_engine(), requests());
+    for (i, (d, h)) in device.iter().zip(&host).enumerate() {
+        assert_eq!(d, h, "request {i}");
+    }
+    // All plain greedy: no row goes to the host at all.
+    let device = generate_concurrently(
+        &on_device,
+        records[..4]
+            .iter()
+            .map(|r| request(&r.prompt_token_ids, greedy(12)))
+            .collect(),
+    );
+    let host = generate_concurrently(
+        shared_engine(),
+        records[..4]
+            .iter()
+            .map(|r| request(&r.prompt_token_ids, greedy(12)))
+            .collect(),
+    );
+    assert_eq!(device, host);
+}
