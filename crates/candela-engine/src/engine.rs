@@ -188,7 +188,7 @@ impl EngineCore {
     fn load(config: &EngineConfig, shared: Arc<SharedState>) -> Result<Self, EngineError> {
         let device = match config.device {
             EngineDevice::Cpu => Device::Cpu,
-            EngineDevice::Cuda(ordinal) => Device::new_cuda(ordinal)
+            EngineDevice::Cuda(ordinal) => open_cuda(ordinal)
                 .map_err(|e| EngineError::Load(format!("CUDA device {ordinal}: {e}")))?,
         };
         let files = candela_models::hub::resolve(&config.model)
@@ -1033,6 +1033,18 @@ fn copy_logits_to_host(logits: &Tensor, host: &mut Vec<f32>) -> candle_core::Res
         }
     }
     Ok(())
+}
+
+/// Opens CUDA device `ordinal` for the engine (see `candela_kernels::cuda::open_device`).
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        candela_kernels::cuda::open_device(ordinal)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Device::new_cuda(ordinal)
+    }
 }
 
 /// KV-cache bytes on a CUDA device, as vLLM's `--gpu-memory-utilization`: the engine may use

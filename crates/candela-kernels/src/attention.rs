@@ -148,7 +148,7 @@ pub(crate) struct AttentionDims {
     pub(crate) head_dim: usize,
 }
 
-fn check_rank<'t>(
+pub(crate) fn check_rank<'t>(
     op: &'static str,
     tensor: &'static str,
     t: &'t Tensor,
@@ -167,7 +167,7 @@ fn check_rank<'t>(
     Ok(dims)
 }
 
-fn check_dtype(
+pub(crate) fn check_dtype(
     op: &'static str,
     tensor: &'static str,
     t: &Tensor,
@@ -184,7 +184,7 @@ fn check_dtype(
     Ok(())
 }
 
-fn check_device(
+pub(crate) fn check_device(
     op: &'static str,
     tensor: &'static str,
     t: &Tensor,
@@ -201,7 +201,7 @@ fn check_device(
     Ok(())
 }
 
-fn layout_error(
+pub(crate) fn layout_error(
     op: &'static str,
     tensor: &'static str,
     t: &Tensor,
@@ -217,7 +217,7 @@ fn layout_error(
     }
 }
 
-fn check_contiguous(
+pub(crate) fn check_contiguous(
     op: &'static str,
     tensor: &'static str,
     t: &Tensor,
@@ -550,7 +550,7 @@ pub struct WriteKvOp {
 }
 
 /// A contiguous CPU tensor's elements.
-fn contiguous_slice<'s, T>(
+pub(crate) fn contiguous_slice<'s, T>(
     op: &'static str,
     tensor: &'static str,
     data: &'s [T],

@@ -5,9 +5,13 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod fused;
 pub mod kv_cache;
+pub mod norm;
 pub mod quant;
 
 pub use attention::{paged_attention, write_kv, AttentionMetadata};
 pub use error::KernelError;
+pub use fused::{rope_qkv, silu_mul, RopeStyle};
 pub use kv_cache::PagedKvCache;
+pub use norm::add_rms_norm;

@@ -12,7 +12,9 @@
 //! [`AttentionMetadata`]: candela_kernels::attention::AttentionMetadata
 
 use candela_kernels::attention::{paged_attention, write_kv};
+use candela_kernels::fused::{rope_qkv, silu_mul, RopeStyle as FusedRope};
 use candela_kernels::kv_cache::PagedKvCache;
+use candela_kernels::norm::add_rms_norm;
 use candle_core::{DType, Device, Tensor};
 
 use crate::batch::BatchInputs;
@@ -91,36 +93,34 @@ impl LlamaNames {
     }
 }
 
-/// Projections of the same input: one stacked matmul whose output columns are split again,
-/// or, for weights that cannot be stacked (dense, candle-quantized), one matmul each.
+/// Projections of the same input, side by side in one output row: one stacked matmul, or,
+/// for weights that cannot be stacked (dense, candle-quantized), one matmul each, concatenated.
 enum Projections {
-    Stacked { weight: Linear, widths: Vec<usize> },
+    Stacked(Linear),
     Each(Vec<Linear>),
 }
 
 impl Projections {
-    fn new(parts: Vec<Linear>, widths: Vec<usize>) -> Result<Self> {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
         let refs: Vec<&Linear> = parts.iter().collect();
         Ok(match Linear::stack(&refs)? {
-            Some(weight) => Self::Stacked { weight, widths },
+            Some(weight) => Self::Stacked(weight),
             None => Self::Each(parts),
         })
     }
 
-    /// One `[t, width]` output per projection, in order.
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+    /// `[t, sum of widths]`: the projections side by side, in order (the fused ops after
+    /// them read the parts from one row).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Stacked { weight, widths } => {
-                let y = weight.forward(x)?;
-                let mut start = 0;
-                let mut outs = Vec::with_capacity(widths.len());
-                for &w in widths {
-                    outs.push(y.narrow(1, start, w)?);
-                    start += w;
-                }
-                Ok(outs)
+            Self::Stacked(weight) => Ok(weight.forward(x)?),
+            Self::Each(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|l| l.forward(x))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                Ok(Tensor::cat(&outs, 1)?)
             }
-            Self::Each(parts) => parts.iter().map(|l| l.forward(x)).collect(),
         }
     }
 }
@@ -129,8 +129,8 @@ struct Attention {
     /// q, k and v.
     qkv: Projections,
     o: Linear,
-    /// q/k/v biases (Qwen2).
-    bias: Option<[Tensor; 3]>,
+    /// q, k and v biases side by side (Qwen2).
+    bias: Option<Tensor>,
 }
 
 struct Mlp {
@@ -231,37 +231,34 @@ impl Llama {
         for i in 0..c.num_layers {
             let n = |role| names.layer(i, role);
             let bias = if c.attention_bias {
-                Some([
-                    vector(src, format!("{}.bias", n(Role::Q)), q_out)?,
-                    vector(src, format!("{}.bias", n(Role::K)), kv_out)?,
-                    vector(src, format!("{}.bias", n(Role::V)), kv_out)?,
-                ])
+                Some(Tensor::cat(
+                    &[
+                        vector(src, format!("{}.bias", n(Role::Q)), q_out)?,
+                        vector(src, format!("{}.bias", n(Role::K)), kv_out)?,
+                        vector(src, format!("{}.bias", n(Role::V)), kv_out)?,
+                    ],
+                    0,
+                )?)
             } else {
                 None
             };
             layers.push(Layer {
                 attn_norm: vector(src, format!("{}.weight", n(Role::AttnNorm)), hidden)?,
                 attn: Attention {
-                    qkv: Projections::new(
-                        vec![
-                            linear(src, n(Role::Q), [q_out, hidden])?,
-                            linear(src, n(Role::K), [kv_out, hidden])?,
-                            linear(src, n(Role::V), [kv_out, hidden])?,
-                        ],
-                        vec![q_out, kv_out, kv_out],
-                    )?,
+                    qkv: Projections::new(vec![
+                        linear(src, n(Role::Q), [q_out, hidden])?,
+                        linear(src, n(Role::K), [kv_out, hidden])?,
+                        linear(src, n(Role::V), [kv_out, hidden])?,
+                    ])?,
                     o: linear(src, n(Role::O), [hidden, q_out])?,
                     bias,
                 },
                 ffn_norm: vector(src, format!("{}.weight", n(Role::FfnNorm)), hidden)?,
                 mlp: Mlp {
-                    gate_up: Projections::new(
-                        vec![
-                            linear(src, n(Role::Gate), [inter, hidden])?,
-                            linear(src, n(Role::Up), [inter, hidden])?,
-                        ],
-                        vec![inter, inter],
-                    )?,
+                    gate_up: Projections::new(vec![
+                        linear(src, n(Role::Gate), [inter, hidden])?,
+                        linear(src, n(Role::Up), [inter, hidden])?,
+                    ])?,
                     down: linear(src, n(Role::Down), [hidden, inter])?,
                 },
             });
@@ -269,7 +266,7 @@ impl Llama {
         weight_paths.push((head_name, head.describe()));
         let stacked = layers
             .iter()
-            .filter(|l| matches!(l.attn.qkv, Projections::Stacked { .. }))
+            .filter(|l| matches!(l.attn.qkv, Projections::Stacked(_)))
             .count();
         tracing::info!(
             "q/k/v and gate/up stacked into one matmul each in {stacked} of {} layers",
@@ -321,19 +318,6 @@ impl Llama {
         }
         Ok(t)
     }
-
-    /// `x: [T, heads, head_dim]` rotated by each token's position; `cos`/`sin`: `[T, 1, head_dim/2]`.
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        // candle's rope ops take `[b, h, seq, d]` with per-batch tables `[b, seq, d/2]`:
-        // each token becomes its own batch entry of length 1, at its own position.
-        let x = x.reshape((t, h, 1, d))?;
-        let y = match self.config.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
-            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
-        };
-        Ok(y.reshape((t, h, d))?)
-    }
 }
 
 impl Model for Llama {
@@ -374,54 +358,56 @@ impl Llama {
         let eps = c.rms_norm_eps as f32;
 
         let half = d / 2;
-        let cos = self
-            .rope_cos
-            .index_select(&input.positions, 0)?
-            .reshape((t, 1, half))?;
-        let sin = self
-            .rope_sin
-            .index_select(&input.positions, 0)?
-            .reshape((t, 1, half))?;
+        let cos = self.rope_cos.index_select(&input.positions, 0)?;
+        let sin = self.rope_sin.index_select(&input.positions, 0)?;
+        debug_assert_eq!(cos.dims(), [t, half]);
+        let rope_style = match c.rope_style {
+            RopeStyle::Interleaved => FusedRope::Interleaved,
+            RopeStyle::Half => FusedRope::Half,
+        };
 
+        // Each residual add is fused with the norm after it: the attention output's with the
+        // layer's MLP norm, the MLP output's with the next layer's attention norm (the final
+        // norm after the last layer). On a GPU that halves the launches of the small ops.
         let mut x = self.embedding.index_select(&input.token_ids, 0)?;
+        let mut hs = match self.layers.first() {
+            Some(layer) => candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?,
+            None => candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let hs = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [mut q, mut k, mut v]: [Tensor; 3] = a
-                .qkv
-                .forward(&hs)?
-                .try_into()
-                .map_err(|_| Error::InvalidBatch("q/k/v projections".into()))?;
-            if let Some([bq, bk, bv]) = &a.bias {
-                q = q.broadcast_add(bq)?;
-                k = k.broadcast_add(bk)?;
-                v = v.broadcast_add(bv)?;
+            let mut qkv = a.qkv.forward(&hs)?;
+            if let Some(bias) = &a.bias {
+                qkv = qkv.broadcast_add(bias)?;
             }
-            let q = self.rope(&q.reshape((t, h, d))?, &cos, &sin)?;
-            let k = self.rope(&k.reshape((t, kvh, d))?, &cos, &sin)?;
-            let v = v.reshape((t, kvh, d))?.contiguous()?;
+            // `[t, h + 2 kvh, d]`: q and k rotated, v copied, in one pass over the row.
+            let qkv = rope_qkv(&qkv, &cos, &sin, h, kvh, d, rope_style)?;
+            let (q, k, v) = (
+                qkv.narrow(1, 0, h)?,
+                qkv.narrow(1, h, kvh)?,
+                qkv.narrow(1, h + kvh, kvh)?,
+            );
             let (key_cache, value_cache) = kv.layer(i);
             write_kv(&k, &v, key_cache, value_cache, &input.attn.slot_mapping)?;
             let o = paged_attention(&q, key_cache, value_cache, &input.attn, self.attn_scale)?;
-            x = (x + a.o.forward(&o.reshape((t, h * d))?)?)?;
+            let attn_out = a.o.forward(&o.reshape((t, h * d))?)?;
+            let (sum, normed) = add_rms_norm(&x, &attn_out, &layer.ffn_norm, eps)?;
 
-            let hs = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
             let m = &layer.mlp;
-            let [gate, up]: [Tensor; 2] = m
-                .gate_up
-                .forward(&hs)?
-                .try_into()
-                .map_err(|_| Error::InvalidBatch("gate/up projections".into()))?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + m.down.forward(&act)?)?;
+            let act = silu_mul(&m.gate_up.forward(&normed)?, c.intermediate_size)?;
+            let mlp_out = m.down.forward(&act)?;
+            let next_norm = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.final_norm, |next| &next.attn_norm);
+            (x, hs) = add_rms_norm(&sum, &mlp_out, next_norm, eps)?;
         }
-        // Norm and head only for the sampled rows: both are row-wise.
+        // `hs` is the final norm of every row now; the head runs only on the sampled rows.
         if input.sample_rows.dims1()? == 0 {
             // A step of non-final prefill chunks samples nothing.
             return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?);
         }
-        let x = x.index_select(&input.sample_rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
-        Ok(self.head.forward(&x)?.to_dtype(DType::F32)?)
+        let rows = hs.index_select(&input.sample_rows, 0)?;
+        Ok(self.head.forward(&rows)?.to_dtype(DType::F32)?)
     }
 }

@@ -476,3 +476,114 @@ fn model_id_resolves_through_the_hub_cache() {
     let loaded = load_model("test-org/tiny-llama", &Device::Cpu).expect("load by id");
     assert_eq!(loaded.config().num_layers, LAYERS);
 }
+
+/// Log-softmax of the last token after a prefill of `prompt`, then after one decode step of
+/// `next`, through candela's paged model.
+fn prefill_then_decode(model: &dyn Model, prompt: &[u32], next: u32) -> [Vec<f32>; 2] {
+    let mut kv = new_cache(model, 8, 4);
+    let table = [5, 1, 7];
+    let prefill = BatchInputs::from_seqs(
+        &[SeqChunk {
+            token_ids: prompt,
+            tokens_cached: 0,
+            block_table: &table,
+            sample: true,
+        }],
+        4,
+        model.device(),
+    )
+    .expect("batch");
+    let a = model.forward(&prefill, &mut kv).expect("prefill");
+    let decode = BatchInputs::from_seqs(
+        &[SeqChunk {
+            token_ids: &[next],
+            tokens_cached: prompt.len(),
+            block_table: &table,
+            sample: true,
+        }],
+        4,
+        model.device(),
+    )
+    .expect("batch");
+    let b = model.forward(&decode, &mut kv).expect("decode");
+    [
+        log_softmax_rows(&a).expect("rows").remove(0),
+        log_softmax_rows(&b).expect("rows").remove(0),
+    ]
+}
+
+#[test]
+fn a_qwen2_checkpoint_with_qkv_bias_matches_candle_transformers() {
+    use candle_transformers::models::qwen2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut weights = tiny_weights();
+    for i in 0..LAYERS {
+        for (proj, len) in [
+            ("q_proj", HEADS * HEAD_DIM),
+            ("k_proj", KV_HEADS * HEAD_DIM),
+            ("v_proj", KV_HEADS * HEAD_DIM),
+        ] {
+            let bias = Tensor::randn(0f32, 0.5, len, &Device::Cpu).expect("bias");
+            weights.push((format!("model.layers.{i}.self_attn.{proj}.bias"), bias));
+        }
+    }
+    let config = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": CONTEXT,
+        "sliding_window": CONTEXT,
+        "max_window_layers": LAYERS,
+        "use_sliding_window": false,
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32"
+    })
+    .to_string();
+    std::fs::write(dir.path().join("config.json"), &config).expect("config");
+    let file = dir.path().join("model.safetensors");
+    let map: HashMap<String, Tensor> = weights.into_iter().collect();
+    candle_core::safetensors::save(&map, &file).expect("safetensors");
+
+    let ours = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    assert!(ours.config().attention_bias);
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 11 + 4) % VOCAB as u32).collect();
+    let got = prefill_then_decode(ours.model.as_ref(), &prompt, 17);
+
+    let cfg: qwen2::Config = serde_json::from_str(&config).expect("candle's config");
+    // SAFETY: the file was written above and is not modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu)
+    }
+    .expect("var builder");
+    let mut reference = qwen2::ModelForCausalLM::new(&cfg, vb).expect("candle's qwen2");
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("ids");
+    let last = |logits: Tensor| {
+        log_softmax_rows(&logits.flatten_to(1).expect("[1, vocab]"))
+            .expect("rows")
+            .remove(0)
+    };
+    let want_prefill = last(reference.forward(&ids, 0).expect("prefill"));
+    let next = Tensor::new(&[[17u32]], &Device::Cpu).expect("next");
+    let want_decode = last(reference.forward(&next, prompt.len()).expect("decode"));
+    for (what, g, w) in [
+        ("prefill", &got[0], &want_prefill),
+        ("decode", &got[1], &want_decode),
+    ] {
+        // Same f32 weights and math up to summation order.
+        let d = max_abs_diff(g, w);
+        assert!(d < 1e-4, "{what}: log-softmax differs by {d}");
+    }
+    assert!(max_abs_diff(&got[0], &got[1]) > 1e-2, "degenerate model");
+}

@@ -9,6 +9,8 @@
 //! In `candela-kernels` a CUDA thread block is called a *cta*: "block" means a KV-cache block.
 
 pub(crate) mod attention;
+pub(crate) mod fused;
+pub(crate) mod norm;
 pub mod quant;
 
 pub use quant::CudaPackedWeight;
@@ -24,6 +26,18 @@ use half::{bf16, f16};
 pub(crate) const PAGED_ATTENTION_PTX: (&str, &str) = (
     "candela_paged_attention",
     include_str!(concat!(env!("OUT_DIR"), "/paged_attention.ptx")),
+);
+
+/// PTX of `kernels/fused.cu` (module name, source).
+pub(crate) const FUSED_PTX: (&str, &str) = (
+    "candela_fused",
+    include_str!(concat!(env!("OUT_DIR"), "/fused.ptx")),
+);
+
+/// PTX of `kernels/norm.cu` (module name, source).
+pub(crate) const NORM_PTX: (&str, &str) = (
+    "candela_norm",
+    include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")),
 );
 
 /// An element type the kernels are instantiated for, and its suffix in kernel names.
@@ -57,6 +71,22 @@ pub fn memory_info(device: &candle_core::Device) -> Result<(usize, usize)> {
             other.location()
         ),
     }
+}
+
+/// Opens CUDA device `ordinal` as the engine uses it: candle's device with cudarc's event
+/// tracking off. With tracking on (cudarc's default) every allocation creates a read and a
+/// write CUDA event and every free destroys them, four driver calls around each of the
+/// hundreds of small tensors a decode step allocates; the events only order work across
+/// streams, and candle issues all of it on one stream, which never puts the context in
+/// cudarc's multi-stream mode, so they are created and never waited on.
+pub fn open_device(ordinal: usize) -> Result<candle_core::Device> {
+    let device = candle_core::Device::new_cuda(ordinal)?;
+    if let candle_core::Device::Cuda(dev) = &device {
+        // SAFETY: candle launches, copies and frees on the device's one stream, so stream
+        // order alone keeps every use before its free; no second stream is ever created.
+        unsafe { dev.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 /// Loads (once per device and module) and returns a kernel; launch it on
@@ -146,4 +176,9 @@ pub(crate) fn dim_u32(op: &str, what: &str, v: usize) -> Result<u32> {
 /// A scalar kernel argument as `i32`, or an error naming it.
 pub(crate) fn arg_i32(op: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {what} = {v} exceeds i32")))
+}
+
+/// A scalar kernel argument as `i64` (row strides, element counts), or an error naming it.
+pub(crate) fn arg_i64(op: &str, what: &str, v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{op}: {what} = {v} exceeds i64")))
 }
