@@ -10,10 +10,15 @@
 3. Batch-1 decode as a share of the memory-bandwidth roofline: weight bytes read per token
    (the GGUF's tensor bytes: every matrix, the tied head once; norms are noise) x tokens/s
    over ROOFLINE_BYTES_PER_S.
+4. Where a batch-1 decode step goes (the engine's `candela_engine::step` trace): building
+   inputs, the forward call (on a GPU: launching its kernels), the copy to the host (waiting
+   for the GPU), sampling. A forward close to the whole step means the host is the bound.
 """
 import argparse
 import json
 import os
+import re
+import statistics
 import socket
 import subprocess
 import sys
@@ -96,6 +101,30 @@ def single(args, label, env):
           f"{weight_bytes * tps / 1e9:.1f} GB/s = {share:.2f}% of {ROOFLINE_BYTES_PER_S / 1e12:.2f} TB/s")
 
 
+def step_profile(args):
+    env = dict(os.environ, RUST_LOG="warn,candela_engine::step=trace", NO_COLOR="1")
+    cmd = [args.bin, "generate", "--device", DEVICE, "--json", "--model", args.model,
+           "--prompt", "The history of the city " * 4, "--max-tokens", "128", "--ignore-eos"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"exit {p.returncode}: {p.stderr[-2000:]}")
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", p.stderr)
+    fields = ("inputs_us", "forward_us", "to_host_us", "sample_us")
+    steps = []
+    for line in plain.splitlines():
+        if "candela_engine::step" not in line or "tokens=1 " not in line:
+            continue
+        kv = dict(re.findall(r"(\w+)=(\d+)", line))
+        if all(f in kv for f in fields):
+            steps.append([int(kv[f]) for f in fields])
+    if not steps:
+        raise RuntimeError("no step trace lines (is the trace compiled in?)")
+    med = [statistics.median(col) for col in zip(*steps)]
+    total = sum(med)
+    parts = ", ".join(f"{f[:-3]} {m:.0f} us ({m / total * 100:.0f}%)" for f, m in zip(fields, med))
+    print(f"batch-1 decode step (median of {len(steps)}): {total:.0f} us = {parts}")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -175,6 +204,7 @@ def main():
     args = ap.parse_args()
     steps = [("serve", lambda: served(args)),
              ("ours", lambda: single(args, "candela PackedWeight GEMV", None)),
+             ("profile", lambda: step_profile(args)),
              ("candle", lambda: single(args, "candle CUDA QMatMul", dict(os.environ, CANDELA_CUDA_QMATMUL="candle"))),
              ("reference", lambda: reference(args))]
     only = os.environ.get("E2E_STEPS")

@@ -178,6 +178,8 @@ struct EngineCore {
     device_tokens: Vec<Option<TokenId>>,
     /// Logits of the sampled rows the host samples, `[rows, vocab]`, in batch order.
     logits_host: Vec<f32>,
+    /// Where the last `run_model` spent its time (for the step trace).
+    model_times: ModelTimes,
     block_tables_host: Vec<u32>,
     /// Host buffers of the step's inputs, reused from step to step.
     batch_builder: BatchBuilder,
@@ -300,6 +302,7 @@ impl EngineCore {
             rows_on_device: Vec::new(),
             device_tokens: Vec::new(),
             logits_host: Vec::new(),
+            model_times: ModelTimes::default(),
             block_tables_host: Vec::new(),
             batch_builder: BatchBuilder::default(),
             step_outputs: Vec::new(),
@@ -568,7 +571,21 @@ impl EngineCore {
         let mut outputs = std::mem::take(&mut self.step_outputs);
         outputs.clear();
         match logits {
-            Ok(()) => self.sample_batch(&batch, &mut outputs),
+            Ok(()) => {
+                let sampling = Instant::now();
+                self.sample_batch(&batch, &mut outputs);
+                let t = &self.model_times;
+                tracing::trace!(
+                    target: STEP_TRACE,
+                    seqs = batch.seqs.len(),
+                    tokens = batch.seqs.iter().map(|s| s.positions.len()).sum::<usize>(),
+                    inputs_us = t.inputs.as_micros() as u64,
+                    forward_us = t.forward.as_micros() as u64,
+                    to_host_us = t.to_host.as_micros() as u64,
+                    sample_us = sampling.elapsed().as_micros() as u64,
+                    "step"
+                );
+            }
             Err(message) => {
                 tracing::error!(%message, "model step failed");
                 for seq in &batch.seqs {
@@ -633,6 +650,7 @@ impl EngineCore {
     /// Builds the step's inputs, runs the forward pass and brings the sampled rows to the
     /// host: `device_tokens` for rows the device reduced, `logits_host` for the others.
     fn run_model(&mut self, batch: &ScheduledBatch) -> Result<(), String> {
+        let start = Instant::now();
         // Block tables as u32, one after another; chunks borrow slices of this buffer.
         self.block_tables_host.clear();
         let mut table_ranges = Vec::with_capacity(batch.seqs.len());
@@ -658,6 +676,11 @@ impl EngineCore {
             .build(&chunks, self.block_size, &self.device)
             .map_err(|e| e.to_string())?;
         let num_sampled = inputs.num_sampled();
+        let built = Instant::now();
+        self.model_times = ModelTimes {
+            inputs: built - start,
+            ..ModelTimes::default()
+        };
         if num_sampled == 0 {
             // Only non-final prefill chunks: their KV still has to be written.
             self.model
@@ -671,6 +694,8 @@ impl EngineCore {
             .model
             .forward(&inputs, &mut self.kv)
             .map_err(|e| e.to_string())?;
+        let forwarded = Instant::now();
+        self.model_times.forward = forwarded - built;
         let dims = logits.dims();
         if dims != [num_sampled, self.info.vocab_size] {
             return Err(format!(
@@ -693,13 +718,15 @@ impl EngineCore {
                 self.rows_on_device.push(plain);
             }
         }
-        logits_to_host(
+        let copied = logits_to_host(
             &logits,
             &self.rows_on_device,
             &mut self.device_tokens,
             &mut self.logits_host,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+        self.model_times.to_host = forwarded.elapsed();
+        copied
     }
 
     /// Samples every sampled sequence of the batch, emits its events and fills `outputs`.
@@ -798,6 +825,22 @@ impl EngineCore {
         );
         self.stats_exported = stats;
     }
+}
+
+/// The tracing target of the per-step timings (`RUST_LOG=candela_engine::step=trace`).
+const STEP_TRACE: &str = "candela_engine::step";
+
+/// Where one step's model call spent its time. On a GPU the forward only enqueues kernels
+/// (the host's launch cost) and the copy to the host waits for them, so a `forward` close to
+/// the whole step means the step is bound by the host, a large `to_host` by the GPU.
+#[derive(Debug, Default, Clone, Copy)]
+struct ModelTimes {
+    /// Building and uploading the step's inputs.
+    inputs: std::time::Duration,
+    /// `Model::forward`.
+    forward: std::time::Duration,
+    /// The argmax and/or logits copy (the first synchronization with the device).
+    to_host: std::time::Duration,
 }
 
 /// How one choice's token is chosen this step.
