@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
     #[command(flatten)]
-    quantize: crate::quantize::QuantizeArgs,
+    storage: crate::storage::StorageArgs,
     /// Requests, one JSON object per line (OpenAI Batch API input format).
     #[arg(long)]
     input: PathBuf,
@@ -440,7 +440,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_waiting > 0, "--max-waiting must be at least 1");
     let config = EngineConfig {
         model: args.model.clone(),
-        quantize: args.quantize.to_quantize()?,
+        quantize: args.storage.to_quantize()?,
+        kv_cache_dtype: args.storage.kv_cache_dtype(),
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         seqs_running_max: args.max_num_seqs,
         batch_tokens_max: args.max_num_batched_tokens,

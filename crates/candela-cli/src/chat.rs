@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
     #[command(flatten)]
-    quantize: crate::quantize::QuantizeArgs,
+    storage: crate::storage::StorageArgs,
     /// A system prompt to start with.
     #[arg(long)]
     system: Option<String>,
@@ -99,7 +99,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let chat_template = crate::generate::read_chat_template(args.chat_template.as_deref())?;
     let config = EngineConfig {
         model: args.model.clone(),
-        quantize: args.quantize.to_quantize()?,
+        quantize: args.storage.to_quantize()?,
+        kv_cache_dtype: args.storage.kv_cache_dtype(),
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         queue_waiting_max: 1,
         chat_template,

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
     #[command(flatten)]
-    quantize: crate::quantize::QuantizeArgs,
+    storage: crate::storage::StorageArgs,
     /// Raw completion prompt (no chat template).
     #[arg(
         long,
@@ -96,7 +96,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let config = EngineConfig {
         model: args.model.clone(),
-        quantize: args.quantize.to_quantize()?,
+        quantize: args.storage.to_quantize()?,
+        kv_cache_dtype: args.storage.kv_cache_dtype(),
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         device: crate::serve::parse_device(&args.device)?,
         gpu_memory_utilization: Some(args.gpu_memory_utilization),

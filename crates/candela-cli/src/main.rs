@@ -6,8 +6,8 @@ mod batch;
 mod bench;
 mod chat;
 mod generate;
-mod quantize;
 mod serve;
+mod storage;
 
 use clap::{Parser, Subcommand};
 

@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: String,
     #[command(flatten)]
-    quantize: crate::quantize::QuantizeArgs,
+    storage: crate::storage::StorageArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -101,7 +101,8 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
     );
     Ok(EngineConfig {
         model: args.model.clone(),
-        quantize: args.quantize.to_quantize()?,
+        quantize: args.storage.to_quantize()?,
+        kv_cache_dtype: args.storage.kv_cache_dtype(),
         served_model_name: Some(served_model_name.to_owned()),
         device: parse_device(&args.device)?,
         kv_cache_memory_bytes: (args.kv_cache_memory * f64::from(1u32 << 30)) as u64,

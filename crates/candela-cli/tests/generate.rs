@@ -316,3 +316,57 @@ fn quantize_flags_are_checked_before_loading() {
     let out = candela(&["--prompt", "hi", "--quantize", "int3"]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn an_f16_kv_cache_gives_the_reference_output_with_twice_the_blocks() {
+    let record = reference("q02-completion");
+    let prompt = record["prompt"].as_str().expect("a prompt");
+    let model = model_path();
+    let run = |kv: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_candela"))
+            .arg("generate")
+            .args([
+                "--model",
+                model.to_str().expect("UTF-8 path"),
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "24",
+                "--temperature",
+                "0",
+                "--json",
+                "--kv-cache-dtype",
+                kv,
+            ])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{kv}: {stderr}");
+        let blocks: u64 = stderr
+            .split("num_blocks=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no num_blocks in: {stderr}"));
+        (json_line(&out), blocks, stderr)
+    };
+    let (f32_line, f32_blocks, _) = run("auto");
+    let (line, blocks, log) = run("f16");
+    assert!(log.contains("kv_dtype=F16"), "{log}");
+    assert_eq!(blocks, 2 * f32_blocks);
+    let expected = comparable_output(&record);
+    let got = ids(&line["output_token_ids"]);
+    let n = expected.len().min(got.len());
+    assert_eq!(got[..n], expected[..n]);
+    assert_eq!(ids(&f32_line["output_token_ids"])[..n], expected[..n]);
+
+    let out = candela(&["--prompt", "hi", "--kv-cache-dtype", "fp8"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("possible values: auto, f32, f16, bf16"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -11,6 +11,33 @@ pub enum EngineDevice {
     Cuda(usize),
 }
 
+/// The KV cache's element type (vLLM's `--kv-cache-dtype`, llama.cpp's `-ctk`/`-ctv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// The model's activation dtype.
+    #[default]
+    Auto,
+    /// 4 bytes an element.
+    F32,
+    /// 2 bytes an element: twice the tokens in the same memory, half the bytes attention
+    /// reads; q and the cache meet in f16 (attention itself accumulates in f32).
+    F16,
+    /// 2 bytes an element, f32's range with 8 bits of mantissa.
+    Bf16,
+}
+
+impl KvCacheDtype {
+    /// The cache dtype for a model whose activations are `model`.
+    pub fn resolve(self, model: candle_core::DType) -> candle_core::DType {
+        match self {
+            Self::Auto => model,
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// How to build an engine. `Default` gives the CLI's defaults for the default model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -50,6 +77,8 @@ pub struct EngineConfig {
     /// `None`: on for a GPU (a `[64, 49152]` f32 copy and host scan per step saved), off on
     /// the CPU, where the logits already are in host memory.
     pub greedy_on_device: Option<bool>,
+    /// The KV cache's element type.
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl Default for EngineConfig {
@@ -70,6 +99,7 @@ impl Default for EngineConfig {
             chat_template: None,
             quantize: None,
             greedy_on_device: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
         }
     }
 }

@@ -210,10 +210,10 @@ impl EngineCore {
             None => model_config.max_position,
         };
         let block_size = config.kv_block_size_tokens;
-        let dtype = model.dtype();
+        let kv_dtype = config.kv_cache_dtype.resolve(model.dtype());
         let kv_cache_memory_bytes = match config.gpu_memory_utilization {
             Some(fraction) if device.is_cuda() => {
-                gpu_kv_cache_bytes(&*model, &device, fraction, block_size)?
+                gpu_kv_cache_bytes(&*model, &device, fraction, block_size, kv_dtype)?
             }
             _ => config.kv_cache_memory_bytes,
         };
@@ -223,7 +223,7 @@ impl EngineCore {
             block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
-            dtype,
+            kv_dtype,
         );
         if num_blocks == 0 {
             return Err(EngineError::Config(format!(
@@ -249,7 +249,7 @@ impl EngineCore {
             block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
-            dtype,
+            kv_dtype,
             &device,
         )
         .map_err(|e| EngineError::Load(format!("allocating the KV cache: {e}")))?;
@@ -260,6 +260,7 @@ impl EngineCore {
             block_size,
             kv_cache_tokens = num_blocks * block_size,
             model_len_max,
+            kv_dtype = ?kv_dtype,
             "engine loaded"
         );
 
@@ -1099,6 +1100,7 @@ fn gpu_kv_cache_bytes(
     device: &Device,
     fraction: f64,
     block_size: usize,
+    kv_dtype: DType,
 ) -> Result<u64, EngineError> {
     #[cfg(feature = "cuda")]
     {
@@ -1110,7 +1112,7 @@ fn gpu_kv_cache_bytes(
             block_size,
             c.num_kv_heads,
             c.head_dim,
-            model.dtype(),
+            kv_dtype,
             device,
         )
         .map_err(|e| probe(&e))?;
@@ -1139,7 +1141,7 @@ fn gpu_kv_cache_bytes(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (model, fraction, block_size);
+        let _ = (model, fraction, block_size, kv_dtype);
         Err(EngineError::Config(format!(
             "{device:?}: this build has no CUDA support (build with --features cuda)"
         )))

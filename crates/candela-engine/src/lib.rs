@@ -16,6 +16,6 @@ pub mod sampler;
 pub mod stop;
 mod text;
 
-pub use config::{EngineConfig, EngineDevice};
+pub use config::{EngineConfig, EngineDevice, KvCacheDtype};
 pub use error::EngineError;
 pub use handle::{ChatMessage, EngineHandle};

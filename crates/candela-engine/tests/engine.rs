@@ -214,7 +214,21 @@ fn comparable_prefix(record: &Record) -> &[TokenId] {
 
 #[test]
 fn greedy_outputs_match_the_llama_cpp_reference() {
-    let engine = shared_engine();
+    assert_reference_agreement(shared_engine());
+}
+
+#[test]
+fn an_f16_kv_cache_matches_the_reference_too() {
+    // llama.cpp's own default cache type, the one the reference was taken with.
+    let engine = start(EngineConfig {
+        kv_cache_dtype: candela_engine::KvCacheDtype::F16,
+        ..EngineConfig::default()
+    });
+    assert_reference_agreement(&engine);
+}
+
+/// Greedy output ids of every reference record equal llama.cpp's up to the first near-tie.
+fn assert_reference_agreement(engine: &EngineHandle) {
     let records = records();
     assert!(
         records.len() >= 40,

@@ -361,6 +361,7 @@ impl Llama {
         let cos = self.rope_cos.index_select(&input.positions, 0)?;
         let sin = self.rope_sin.index_select(&input.positions, 0)?;
         debug_assert_eq!(cos.dims(), [t, half]);
+        let kv_dtype = kv.dtype();
         let rope_style = match c.rope_style {
             RopeStyle::Interleaved => FusedRope::Interleaved,
             RopeStyle::Half => FusedRope::Half,
@@ -381,7 +382,13 @@ impl Llama {
                 qkv = qkv.broadcast_add(bias)?;
             }
             // `[t, h + 2 kvh, d]`: q and k rotated, v copied, in one pass over the row.
-            let qkv = rope_qkv(&qkv, &cos, &sin, h, kvh, d, rope_style)?;
+            let mut qkv = rope_qkv(&qkv, &cos, &sin, h, kvh, d, rope_style)?;
+            if qkv.dtype() != kv_dtype {
+                // A KV cache narrower than the activations (`--kv-cache-dtype f16`): attention
+                // runs in the cache's dtype (f32 inside the kernels), q rounded once to it,
+                // as llama.cpp's flash attention does with an f16 cache.
+                qkv = qkv.to_dtype(kv_dtype)?;
+            }
             let (q, k, v) = (
                 qkv.narrow(1, 0, h)?,
                 qkv.narrow(1, h, kvh)?,
@@ -390,7 +397,7 @@ impl Llama {
             let (key_cache, value_cache) = kv.layer(i);
             write_kv(&k, &v, key_cache, value_cache, &input.attn.slot_mapping)?;
             let o = paged_attention(&q, key_cache, value_cache, &input.attn, self.attn_scale)?;
-            let attn_out = a.o.forward(&o.reshape((t, h * d))?)?;
+            let attn_out = a.o.forward(&o.reshape((t, h * d))?.to_dtype(x.dtype())?)?;
             let (sum, normed) = add_rms_norm(&x, &attn_out, &layer.ffn_norm, eps)?;
 
             let m = &layer.mlp;
