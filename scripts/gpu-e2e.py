@@ -86,11 +86,11 @@ def reference(args):
               f"{run - passed[margin]} mismatch, {errors} errors, {time.time() - start:.0f} s")
 
 
-def single(args, label, env):
+def single(args, label, env, extra=()):
     prompt = "The history of the city " * 4
-    dec = generate(args, ["--prompt", prompt, "--max-tokens", "256", "--ignore-eos"], env=env)
+    dec = generate(args, ["--prompt", prompt, "--max-tokens", "256", "--ignore-eos", *extra], env=env)
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 180)
-    pre = generate(args, ["--prompt", long_prompt, "--max-tokens", "1"], env=env)
+    pre = generate(args, ["--prompt", long_prompt, "--max-tokens", "1", *extra], env=env)
     tps = dec["timings"]["generation_tokens_per_s"]
     weight_bytes = os.path.getsize(args.model)
     share = weight_bytes * tps / ROOFLINE_BYTES_PER_S * 100
@@ -205,6 +205,7 @@ def main():
     steps = [("serve", lambda: served(args)),
              ("ours", lambda: single(args, "candela PackedWeight GEMV", None)),
              ("profile", lambda: step_profile(args)),
+             ("kv-f16", lambda: single(args, "f16 KV cache (--kv-cache-dtype f16)", None, ["--kv-cache-dtype", "f16"])),
              ("candle", lambda: single(args, "candle CUDA QMatMul", dict(os.environ, CANDELA_CUDA_QMATMUL="candle"))),
              ("reference", lambda: reference(args))]
     only = os.environ.get("E2E_STEPS")
