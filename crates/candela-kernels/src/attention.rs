@@ -859,22 +859,29 @@ struct Scratch {
     scores: Vec<f32>,
     /// One K or V row converted to f32 (unused for f32 caches).
     row: Vec<f32>,
+    /// `[block_size, head_dim]`: one block's V rows converted to f32 (unused for f32 caches).
+    v_block: Vec<f32>,
 }
 
 impl Scratch {
     fn prepare(&mut self, rows: usize, head_dim: usize, block_size: usize) {
-        self.q.clear();
-        self.q.resize(rows * head_dim, 0.0);
+        // The accumulators start from zero; every other buffer is written before it is read,
+        // so it only has to be long enough (zeroing them cost a memset per task).
         self.acc.clear();
         self.acc.resize(rows * head_dim, 0.0);
         self.max.clear();
         self.max.resize(rows, f32::NEG_INFINITY);
         self.sum.clear();
         self.sum.resize(rows, 0.0);
-        self.scores.clear();
-        self.scores.resize(rows * block_size, 0.0);
-        self.row.clear();
-        self.row.resize(head_dim, 0.0);
+        let at_least = |buf: &mut Vec<f32>, len: usize| {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+        };
+        at_least(&mut self.q, rows * head_dim);
+        at_least(&mut self.scores, rows * block_size);
+        at_least(&mut self.row, head_dim);
+        at_least(&mut self.v_block, block_size * head_dim);
     }
 }
 
@@ -887,6 +894,21 @@ pub(crate) trait KvElem: candle_core::WithDType {
     fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
         Self::to_f32_into(src, buf);
         buf
+    }
+    /// `n` rows of `d` elements, `stride` apart in `src`, as f32 rows and their stride:
+    /// borrowed as they are for f32, converted into `buf` (`[n, d]`) otherwise.
+    #[inline(always)]
+    fn rows_as_f32<'a>(
+        src: &'a [Self],
+        stride: usize,
+        n: usize,
+        d: usize,
+        buf: &'a mut [f32],
+    ) -> (&'a [f32], usize) {
+        for (i, dst) in buf.chunks_exact_mut(d).take(n).enumerate() {
+            Self::to_f32_into(&src[i * stride..i * stride + d], dst);
+        }
+        (buf, d)
     }
 }
 
@@ -902,6 +924,16 @@ impl KvElem for f32 {
     #[inline(always)]
     fn as_f32<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
         src
+    }
+    #[inline(always)]
+    fn rows_as_f32<'a>(
+        src: &'a [Self],
+        stride: usize,
+        _n: usize,
+        _d: usize,
+        _buf: &'a mut [f32],
+    ) -> (&'a [f32], usize) {
+        (src, stride)
     }
 }
 
@@ -1066,7 +1098,11 @@ fn attend<T: KvElem, const FMA: bool>(
         sum,
         scores,
         row: row_buf,
+        v_block,
     } = scratch;
+    // Longer than needed when an earlier task of this thread had more rows.
+    let q = &mut q[..rows * d];
+    let row_buf = &mut row_buf[..d];
 
     for (r, q_row) in q.chunks_exact_mut(d).enumerate() {
         let token = q_begin + task.tok_begin + r / g;
@@ -1135,12 +1171,32 @@ fn attend<T: KvElem, const FMA: bool>(
             }
         }
 
-        for i in 0..len {
-            let from = block_base + i * kv_row;
-            let v_row = T::as_f32(&args.v_cache[from..from + d], row_buf);
-            let r_min = (p0 + i).saturating_sub(first_pos) * g;
-            for r in r_min..rows {
-                axpy_fast::<FMA>(scores[r * bs + i], v_row, &mut acc[r * d..(r + 1) * d]);
+        // acc[r] += sum over the keys row r sees of weight x V row. The rows of one token
+        // see the same keys; up to 4 of them go together, their accumulators held in registers
+        // across the block's keys (accumulating straight into memory made every key wait for
+        // the previous key's store). Per element the sum runs over the keys in order with one
+        // fused multiply-add each, as before.
+        let v_src = &args.v_cache[block_base..];
+        let (v, v_stride) = T::rows_as_f32(v_src, kv_row, len, d, v_block);
+        for t in 0..n_tok {
+            let pos = first_pos + t;
+            if pos < p0 {
+                continue;
+            }
+            let n_valid = (pos + 1 - p0).min(len);
+            let mut r = t * g;
+            while r < (t + 1) * g {
+                let n = ((t + 1) * g - r).min(4);
+                accumulate_rows::<FMA>(
+                    &scores[r * bs..],
+                    bs,
+                    v,
+                    v_stride,
+                    n_valid,
+                    &mut acc[r * d..(r + n) * d],
+                    d,
+                );
+                r += n;
             }
         }
     }
@@ -1249,16 +1305,37 @@ fn dot_rows<const FMA: bool>(rows: &[f32], k: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `axpy`, with explicit AVX2 code when `FMA` (the auto-vectoriser's choice varies).
-/// `FMA == true` is only instantiated under `attend_avx2_fma`.
+/// `acc[j] += sum_{i < keys} w[j * w_stride + i] * v[i * v_stride ..][..d]` for the
+/// `acc.len() / d` (at most 4) rows of `acc`, each element summed over `i` in order.
 #[inline(always)]
-fn axpy_fast<const FMA: bool>(w: f32, x: &[f32], y: &mut [f32]) {
+fn accumulate_rows<const FMA: bool>(
+    w: &[f32],
+    w_stride: usize,
+    v: &[f32],
+    v_stride: usize,
+    keys: usize,
+    acc: &mut [f32],
+    d: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in `dot_rows`.
-        return unsafe { x86::axpy(w, x, y) };
+        unsafe {
+            match acc.len() / d {
+                4 => x86::accumulate_rows::<4>(w, w_stride, v, v_stride, keys, acc, d),
+                3 => x86::accumulate_rows::<3>(w, w_stride, v, v_stride, keys, acc, d),
+                2 => x86::accumulate_rows::<2>(w, w_stride, v, v_stride, keys, acc, d),
+                _ => x86::accumulate_rows::<1>(w, w_stride, v, v_stride, keys, acc, d),
+            }
+        }
+        return;
     }
-    axpy::<FMA>(w, x, y)
+    for i in 0..keys {
+        let v_row = &v[i * v_stride..i * v_stride + d];
+        for (j, acc_row) in acc.chunks_exact_mut(d).enumerate() {
+            axpy::<FMA>(w[j * w_stride + i], v_row, acc_row);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1303,24 +1380,79 @@ mod x86 {
         }
     }
 
-    /// `y += w * x` over the common prefix.
+    /// `acc[j] += sum_{i < keys} w[j * ws + i] * v[i * vs ..][..d]` for `N <= 4` rows of `d`.
+    /// Two 8-float column chunks of the N rows stay in registers over all keys: 2N
+    /// independent FMA chains, enough to cover the FMA latency.
+    // `j` indexes two register arrays and the row offsets at once: a range reads clearer here.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        // SAFETY: every load and store touches 8 floats at i..i + 8 <= n, inside both slices.
+    pub(super) fn accumulate_rows<const N: usize>(
+        w: &[f32],
+        ws: usize,
+        v: &[f32],
+        vs: usize,
+        keys: usize,
+        acc: &mut [f32],
+        d: usize,
+    ) {
+        assert!(N <= 4 && acc.len() >= N * d);
+        if keys == 0 {
+            return;
+        }
+        assert!(w.len() > (N - 1) * ws + keys - 1 && v.len() >= (keys - 1) * vs + d);
+        let (pw, pv, pa) = (w.as_ptr(), v.as_ptr(), acc.as_mut_ptr());
+        let mut c = 0;
+        // SAFETY (all blocks below): weights read at j * ws + i (j < N, i < keys), V at
+        // i * vs + c.. + 8 <= (keys - 1) * vs + d, accumulators at j * d + c.. + 8 <= N * d:
+        // all inside the slices (asserted above).
         unsafe {
-            while i + 8 <= n {
-                let r = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-                _mm256_storeu_ps(py.add(i), r);
-                i += 8;
+            while c + 16 <= d {
+                let mut lo = [_mm256_setzero_ps(); 4];
+                let mut hi = [_mm256_setzero_ps(); 4];
+                for j in 0..N {
+                    lo[j] = _mm256_loadu_ps(pa.add(j * d + c));
+                    hi[j] = _mm256_loadu_ps(pa.add(j * d + c + 8));
+                }
+                for i in 0..keys {
+                    let v_lo = _mm256_loadu_ps(pv.add(i * vs + c));
+                    let v_hi = _mm256_loadu_ps(pv.add(i * vs + c + 8));
+                    for j in 0..N {
+                        let wj = _mm256_broadcast_ss(&*pw.add(j * ws + i));
+                        lo[j] = _mm256_fmadd_ps(wj, v_lo, lo[j]);
+                        hi[j] = _mm256_fmadd_ps(wj, v_hi, hi[j]);
+                    }
+                }
+                for j in 0..N {
+                    _mm256_storeu_ps(pa.add(j * d + c), lo[j]);
+                    _mm256_storeu_ps(pa.add(j * d + c + 8), hi[j]);
+                }
+                c += 16;
+            }
+            while c + 8 <= d {
+                let mut lo = [_mm256_setzero_ps(); 4];
+                for j in 0..N {
+                    lo[j] = _mm256_loadu_ps(pa.add(j * d + c));
+                }
+                for i in 0..keys {
+                    let v_lo = _mm256_loadu_ps(pv.add(i * vs + c));
+                    for j in 0..N {
+                        let wj = _mm256_broadcast_ss(&*pw.add(j * ws + i));
+                        lo[j] = _mm256_fmadd_ps(wj, v_lo, lo[j]);
+                    }
+                }
+                for j in 0..N {
+                    _mm256_storeu_ps(pa.add(j * d + c), lo[j]);
+                }
+                c += 8;
             }
         }
-        while i < n {
-            y[i] = w.mul_add(x[i], y[i]);
-            i += 1;
+        for j in 0..N {
+            for i in 0..keys {
+                let wi = w[j * ws + i];
+                for t in c..d {
+                    acc[j * d + t] = wi.mul_add(v[i * vs + t], acc[j * d + t]);
+                }
+            }
         }
     }
 }

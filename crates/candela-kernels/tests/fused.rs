@@ -4,8 +4,8 @@
 //! arguments must give.
 //!
 //! Tolerances. In f32 both sides run the same f32 operations in the same order (products
-//! rounded, then the sum; libm's `expf`), so f32 results must be bit for bit equal (rope) or
-//! within 1e-6 relative (silu_mul, in case candle's `exp` ever changes; it is 0 today). In
+//! rounded, then the sum), so f32 rope results must be bit for bit equal; silu_mul within 1e-6
+//! relative (on an AVX2 CPU its `exp` is a polynomial within 3e-7 of libm's `expf`). In
 //! f16/bf16 candle rounds to the dtype after every operation while the fused ops round once,
 //! from f32. With `eps` the dtype's machine epsilon and `u = eps / 2` its unit roundoff:
 //! - rope: candle's `rnd(rnd(x0 c) - rnd(x1 s))` is within `u (|x0 c| + |x1 s|) + u |y|` of the
@@ -409,9 +409,10 @@ fn silu_mul_matches_candle_nn_on_random_shapes() {
 }
 
 #[test]
-fn silu_mul_f32_extremes_match_candle_exactly() {
-    // Large |gate| (exp over- and underflow), zero and signed zero, in f32 where candle
-    // computes in f32 too: the same operations give the same bits.
+fn silu_mul_f32_extremes_match_candle() {
+    // Large |gate| (exp over- and underflow), zero and signed zero: within 1e-6 relative, or
+    // 1e-30 absolute where silu underflows (exp(-gate) is clamped to f32's range: -1.8e-36
+    // instead of candle's -0 at gate -200).
     let gate = [
         -200.0f32, -90.0, -20.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 20.0, 90.0, 200.0,
     ];
@@ -426,7 +427,7 @@ fn silu_mul_f32_extremes_match_candle_exactly() {
     let u = gate_up.narrow(1, w, w).unwrap();
     let want = to_f32_vec(&(candle_nn::ops::silu(&g).unwrap() * u).unwrap());
     for (o, w) in ours.iter().zip(&want) {
-        assert_eq!(o.to_bits(), w.to_bits(), "{o} vs candle {w}");
+        assert!((o - w).abs() <= 1e-6 * w.abs() + 1e-30, "{o} vs candle {w}");
     }
 }
 
