@@ -527,28 +527,21 @@ fn a_qwen2_checkpoint_with_qkv_bias_matches_candle_transformers() {
             weights.push((format!("model.layers.{i}.self_attn.{proj}.bias"), bias));
         }
     }
-    let config = serde_json::json!({
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": CONTEXT,
-        "sliding_window": CONTEXT,
-        "max_window_layers": LAYERS,
-        "use_sliding_window": false,
-        "hidden_act": "silu",
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": true,
-        "torch_dtype": "float32"
-    })
-    .to_string();
+    // The tiny llama's config as Qwen2, plus the fields candle's Qwen2 config requires.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&tiny_config_json()).expect("the tiny config");
+    for (key, value) in [
+        ("architectures", serde_json::json!(["Qwen2ForCausalLM"])),
+        ("model_type", serde_json::json!("qwen2")),
+        ("sliding_window", serde_json::json!(CONTEXT)),
+        ("max_window_layers", serde_json::json!(LAYERS)),
+        ("use_sliding_window", serde_json::json!(false)),
+        ("hidden_act", serde_json::json!("silu")),
+        ("torch_dtype", serde_json::json!("float32")),
+    ] {
+        config[key] = value;
+    }
+    let config = config.to_string();
     std::fs::write(dir.path().join("config.json"), &config).expect("config");
     let file = dir.path().join("model.safetensors");
     let map: HashMap<String, Tensor> = weights.into_iter().collect();
