@@ -11,37 +11,18 @@
 //! runs them on one.
 #![cfg(feature = "cuda")]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use candela_kernels::{paged_attention, write_kv, AttentionMetadata};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn cuda_device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
+use support::{cuda_device, to_f32_vec};
 
 /// Relative L2 error `|a - b| / |b|` in f64, and whether either side has a NaN.
 fn rel_l2(a: &Tensor, b: &Tensor) -> (f64, bool) {
-    let a: Vec<f32> = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (to_f32_vec(a), to_f32_vec(b));
     assert_eq!(a.len(), b.len());
     let nan = a.iter().chain(b.iter()).any(|x| x.is_nan());
     let (mut num, mut den) = (0f64, 0f64);

@@ -7,25 +7,19 @@
 //! a warm-up, so launch overhead is included (it matters for small shapes, as in serving).
 #![cfg(feature = "cuda")]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::time::Instant;
 
 use candela_kernels::cuda::CudaPackedWeight;
 use candela_kernels::quant::{PackedWeight, QuantBits};
 use candela_kernels::{paged_attention, write_kv, AttentionMetadata};
 use candle_core::{DType, Device, Result, Tensor};
+use support::cuda_device;
 
 const ITERS: usize = 20;
 const BATCHES: usize = 7;
-
-fn cuda_device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 /// Median seconds per call of `f`.
 fn time(dev: &Device, mut f: impl FnMut() -> Result<()>) -> f64 {

@@ -16,39 +16,14 @@
 //! runs them on one.
 #![cfg(feature = "cuda")]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use candela_kernels::{rope_qkv, silu_mul, RopeStyle};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn cuda_device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn eps(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => f32::powi(2.0, -10),
-        DType::BF16 => f32::powi(2.0, -7),
-        _ => f32::EPSILON,
-    }
-}
+use support::{assert_close, cuda_device, eps, to_f32_vec};
 
 /// Uniform in `[-scale, scale)`, `[rows, cols]` in `dtype` on the CPU, as a narrow of a wider
 /// tensor (row stride > cols, non-zero offset) when `strided`.
@@ -200,21 +175,11 @@ fn cuda_silu_mul_matches_cpu() {
             DType::F16 => (eps(dtype), 6e-8),
             _ => (eps(dtype), 1e-30),
         };
-        let mut worst = 0f32;
-        for (e, (a, b)) in to_f32_vec(&gpu_out)
-            .into_iter()
-            .zip(to_f32_vec(&cpu))
-            .enumerate()
-        {
-            let diff = (a - b).abs();
-            assert!(
-                diff <= rel * b.abs() + floor,
-                "case {i} {dtype:?} t {t} width {width} strided {strided}: element {e}: gpu {a} vs cpu {b}"
-            );
-            if b != 0.0 {
-                worst = worst.max(diff / b.abs());
-            }
-        }
+        let worst = assert_close(&to_f32_vec(&gpu_out), &to_f32_vec(&cpu), rel, floor, |e| {
+            format!(
+                "case {i} {dtype:?} t {t} width {width} strided {strided}: element {e}, gpu vs cpu"
+            )
+        });
         eprintln!(
             "case {i:2}: {dtype:?} t {t} width {width} strided {strided}: worst rel diff {worst:.2e}"
         );

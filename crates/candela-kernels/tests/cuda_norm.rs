@@ -8,29 +8,18 @@
 //! runs it on one.
 #![cfg(feature = "cuda")]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use candela_kernels::norm::add_rms_norm;
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use support::{cuda_device, to_f32_vec};
 
 #[test]
 fn cuda_add_rms_norm_matches_the_cpu() {
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            return;
-        }
-    };
+    let Some(gpu) = cuda_device() else { return };
     let mut rng = StdRng::seed_from_u64(11);
     for case in 0..40 {
         let t = [1, 2, 7, 64, 300][rng.random_range(0..5)];
@@ -51,7 +40,7 @@ fn cuda_add_rms_norm_matches_the_cpu() {
         let to_gpu = |a: &Tensor| a.to_device(&gpu).unwrap();
         let (gpu_sum, gpu_norm) = add_rms_norm(&to_gpu(&x), &to_gpu(&y), &to_gpu(&w), eps).unwrap();
         let what = format!("case {case}: t {t} h {h} {dtype:?} eps {eps}");
-        assert_eq!(values(&gpu_sum), values(&cpu_sum), "{what}: sums");
+        assert_eq!(to_f32_vec(&gpu_sum), to_f32_vec(&cpu_sum), "{what}: sums");
         // f32: the sum of squares in another order moves the scale by a few ulps; half types:
         // the same, then one rounding that can land on the other side of a half-way point.
         let rel = match dtype {
@@ -59,7 +48,11 @@ fn cuda_add_rms_norm_matches_the_cpu() {
             DType::F16 => 1e-3,
             _ => 8e-3,
         };
-        for (i, (g, c)) in values(&gpu_norm).iter().zip(values(&cpu_norm)).enumerate() {
+        for (i, (g, c)) in to_f32_vec(&gpu_norm)
+            .iter()
+            .zip(to_f32_vec(&cpu_norm))
+            .enumerate()
+        {
             assert!(
                 (g - c).abs() <= rel * c.abs().max(1e-2),
                 "{what}: norm[{i}] gpu {g} cpu {c}"

@@ -7,31 +7,16 @@
 //! path run. Without a CUDA device the tests print why and return.
 #![cfg(feature = "cuda")]
 
+#[path = "support/mod.rs"]
+mod support;
+
 use candela_kernels::cuda::quant::GEMV_ROWS_MAX;
 use candela_kernels::cuda::CudaPackedWeight;
 use candela_kernels::quant::{PackedWeight, QuantBits};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn cuda_device() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
-fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use support::{cuda_device, to_f32_vec};
 
 fn random_weight(rng: &mut StdRng, n: usize, k: usize, bits: QuantBits, gs: usize) -> PackedWeight {
     // Per-row scales spread over two decades, so groups really differ.

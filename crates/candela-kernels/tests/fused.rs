@@ -19,27 +19,14 @@
 //!
 //! v heads are a copy in either case: equal bit for bit.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use candela_kernels::{rope_qkv, silu_mul, RopeStyle};
 use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn eps(dtype: DType) -> f32 {
-    match dtype {
-        DType::F16 => f32::powi(2.0, -10),
-        DType::BF16 => f32::powi(2.0, -7),
-        _ => f32::EPSILON,
-    }
-}
-
-fn to_f32_vec(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use support::{assert_close, eps, to_f32_vec};
 
 /// `randn * scale` of `shape`, in `dtype`, on the CPU.
 fn randn(rng: &mut StdRng, shape: &[usize], scale: f32, dtype: DType) -> Tensor {
@@ -367,22 +354,9 @@ fn check_silu_case(rng: &mut StdRng, c: SiluCase, scale: f32) -> f32 {
         DType::F16 => (3.0 * eps(c.dtype), 2e-7),
         _ => (3.0 * eps(c.dtype), 1e-30),
     };
-    let mut worst = 0f32;
-    for (e, (o, w)) in to_f32_vec(&ours)
-        .into_iter()
-        .zip(to_f32_vec(&want))
-        .enumerate()
-    {
-        let diff = (o - w).abs();
-        assert!(
-            diff <= rel * w.abs() + floor,
-            "{c:?}: element {e}: {o} vs candle {w}"
-        );
-        if w != 0.0 {
-            worst = worst.max(diff / w.abs());
-        }
-    }
-    worst
+    assert_close(&to_f32_vec(&ours), &to_f32_vec(&want), rel, floor, |e| {
+        format!("{c:?}: element {e}, ours vs candle")
+    })
 }
 
 #[test]
@@ -426,9 +400,9 @@ fn silu_mul_f32_extremes_match_candle() {
     let g = gate_up.narrow(1, 0, w).unwrap();
     let u = gate_up.narrow(1, w, w).unwrap();
     let want = to_f32_vec(&(candle_nn::ops::silu(&g).unwrap() * u).unwrap());
-    for (o, w) in ours.iter().zip(&want) {
-        assert!((o - w).abs() <= 1e-6 * w.abs() + 1e-30, "{o} vs candle {w}");
-    }
+    assert_close(&ours, &want, 1e-6, 1e-30, |e| {
+        format!("gate {}, up {}: ours vs candle", gate[e], up[e])
+    });
 }
 
 #[test]
