@@ -46,7 +46,8 @@ pub struct BatchInputs {
     pub positions: Tensor,
     /// Where each token's K/V goes and what each query attends to.
     pub attn: AttentionMetadata,
-    /// `[S]` u32: rows of `token_ids` whose logits are returned, in output order.
+    /// `[S]` u32: rows of `token_ids` whose logits are returned, in output order: increasing
+    /// (the last token of each sampling sequence), so `S == T` means every row in order.
     pub sample_rows: Tensor,
 }
 

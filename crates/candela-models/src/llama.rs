@@ -414,7 +414,13 @@ impl Llama {
             // A step of non-final prefill chunks samples nothing.
             return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?);
         }
-        let rows = hs.index_select(&input.sample_rows, 0)?;
+        // Sampled rows are increasing, so all `t` of them means every row in order (a step of
+        // decodes only): no gather needed.
+        let rows = if input.sample_rows.dims1()? == t {
+            hs
+        } else {
+            hs.index_select(&input.sample_rows, 0)?
+        };
         Ok(self.head.forward(&rows)?.to_dtype(DType::F32)?)
     }
 }
