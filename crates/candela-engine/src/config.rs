@@ -74,8 +74,9 @@ pub struct EngineConfig {
     pub quantize: Option<candela_models::Quantize>,
     /// Pick the tokens of plain greedy rows (no logprobs, bias or penalties) with an argmax on
     /// the model's device and copy only those ids to the host, instead of every row's logits.
-    /// `None`: on for a GPU (a `[64, 49152]` f32 copy and host scan per step saved), off on
-    /// the CPU, where the logits already are in host memory.
+    /// `None` means on: on a GPU it saves a `[64, 49152]` f32 copy and host scan per step at
+    /// batch 64; on the CPU, the copy (at batch 64: 5.5 -> 3.0 ms of a ~70 ms step).
+    /// `Some(false)` samples every row on the host (the path the tests compare against).
     pub greedy_on_device: Option<bool>,
     /// The KV cache's element type.
     pub kv_cache_dtype: KvCacheDtype,

@@ -169,7 +169,8 @@ struct EngineCore {
     stats_exported: SchedulerStats,
     // Host buffers reused between steps (allocation-light steady state).
     scratch: SamplerScratch,
-    /// Reduce plain greedy rows to their argmax on the device (`EngineConfig::greedy_on_device`).
+    /// Reduce plain greedy rows to their argmax where the logits are
+    /// (`EngineConfig::greedy_on_device`).
     greedy_on_device: bool,
     /// This step's sampled rows: whether the device picks each one's token.
     rows_on_device: Vec<bool>,
@@ -276,7 +277,7 @@ impl EngineCore {
                 |s| s.to_string_lossy().into_owned(),
             )
         });
-        let greedy_on_device = config.greedy_on_device.unwrap_or(!device.is_cpu());
+        let greedy_on_device = config.greedy_on_device.unwrap_or(true);
         Ok(Self {
             model,
             kv,

@@ -581,11 +581,15 @@ fn logprobs_and_tokenizer_round_trip() {
 
 #[test]
 fn tokens_picked_on_the_device_equal_host_sampling() {
-    // `greedy_on_device` is what a GPU engine does by default; on the CPU it is forced here so
-    // the path (device argmax for plain greedy rows, host sampling of the others from the
-    // gathered remaining rows) runs against the host-only path in the same mixed batches.
+    // The default path (argmax where the logits are for plain greedy rows, host sampling of
+    // the others from the gathered remaining rows) against sampling every row on the host, in
+    // the same mixed batches.
     let on_device = start(EngineConfig {
         greedy_on_device: Some(true),
+        ..EngineConfig::default()
+    });
+    let on_host = start(EngineConfig {
+        greedy_on_device: Some(false),
         ..EngineConfig::default()
     });
     let records = records();
@@ -611,11 +615,10 @@ fn tokens_picked_on_the_device_equal_host_sampling() {
             .map(|(r, p)| request(&r.prompt_token_ids, p.clone()))
             .collect::<Vec<_>>()
     };
-    // Tokens, text and finish reason; not usage: the shared engine may have these prompts in
-    // its prefix cache from other tests.
+    // Tokens, text and finish reason; not usage (the prefix cache differs between the rounds).
     let key = |o: &ChoiceOutput| (o.token_ids.clone(), o.text.clone(), o.reason.clone());
     let device = generate_concurrently(&on_device, requests());
-    let host = generate_concurrently(shared_engine(), requests());
+    let host = generate_concurrently(&on_host, requests());
     for (i, (d, h)) in device.iter().zip(&host).enumerate() {
         assert_eq!(key(d), key(h), "request {i}");
     }
@@ -628,7 +631,7 @@ fn tokens_picked_on_the_device_equal_host_sampling() {
             .collect(),
     );
     let host = generate_concurrently(
-        shared_engine(),
+        &on_host,
         records[..4]
             .iter()
             .map(|r| request(&r.prompt_token_ids, greedy(12)))
