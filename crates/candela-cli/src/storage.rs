@@ -16,7 +16,7 @@ pub enum QuantizeBits {
 /// The KV cache's element type.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvDtype {
-    /// The model's activation dtype (f32 for the models candela runs today).
+    /// f16 on the CPU (llama.cpp's default), the model's activation dtype on a GPU.
     Auto,
     /// 4 bytes an element.
     F32,

@@ -318,7 +318,7 @@ fn quantize_flags_are_checked_before_loading() {
 }
 
 #[test]
-fn an_f16_kv_cache_gives_the_reference_output_with_twice_the_blocks() {
+fn kv_cache_dtypes_give_the_reference_output_and_f16_twice_the_blocks() {
     let record = reference("q02-completion");
     let prompt = record["prompt"].as_str().expect("a prompt");
     let model = model_path();
@@ -352,9 +352,10 @@ fn an_f16_kv_cache_gives_the_reference_output_with_twice_the_blocks() {
             .unwrap_or_else(|| panic!("no num_blocks in: {stderr}"));
         (json_line(&out), blocks, stderr)
     };
-    let (f32_line, f32_blocks, _) = run("auto");
-    let (line, blocks, log) = run("f16");
-    assert!(log.contains("kv_dtype=F16"), "{log}");
+    let (f32_line, f32_blocks, log) = run("f32");
+    assert!(log.contains("kv_dtype=F32"), "{log}");
+    let (line, blocks, log) = run("auto");
+    assert!(log.contains("kv_dtype=F16"), "the CPU default: {log}");
     assert_eq!(blocks, 2 * f32_blocks);
     let expected = comparable_output(&record);
     let got = ids(&line["output_token_ids"]);

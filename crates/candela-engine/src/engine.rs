@@ -211,7 +211,7 @@ impl EngineCore {
             None => model_config.max_position,
         };
         let block_size = config.kv_block_size_tokens;
-        let kv_dtype = config.kv_cache_dtype.resolve(model.dtype());
+        let kv_dtype = config.kv_cache_dtype.resolve(model.dtype(), &device);
         let kv_cache_memory_bytes = match config.gpu_memory_utilization {
             Some(fraction) if device.is_cuda() => {
                 gpu_kv_cache_bytes(&*model, &device, fraction, block_size, kv_dtype)?

@@ -857,10 +857,8 @@ struct Scratch {
     sum: Vec<f32>,
     /// `[rows, block_size]`: one KV block's scores, then its softmax weights.
     scores: Vec<f32>,
-    /// One K or V row converted to f32 (unused for f32 caches).
+    /// One K or V row converted to f32 (only without AVX2, for f16/bf16 caches).
     row: Vec<f32>,
-    /// `[block_size, head_dim]`: one block's V rows converted to f32 (unused for f32 caches).
-    v_block: Vec<f32>,
 }
 
 impl Scratch {
@@ -881,12 +879,20 @@ impl Scratch {
         at_least(&mut self.q, rows * head_dim);
         at_least(&mut self.scores, rows * block_size);
         at_least(&mut self.row, head_dim);
-        at_least(&mut self.v_block, block_size * head_dim);
     }
 }
 
 /// Cache element types: the kernel computes in f32 and converts rows on the fly.
 pub(crate) trait KvElem: candle_core::WithDType {
+    /// 8 elements from `p` as f32 lanes (F16C / AVX2 conversions for the half types), so the
+    /// AVX2 kernels read f16/bf16 caches in place instead of converting rows into a buffer.
+    ///
+    /// # Safety
+    /// `p..p + 8` is readable, and the CPU has avx2, fma and f16c.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// One element as f32.
+    fn elem_f32(self) -> f32;
     fn to_f32_into(src: &[Self], dst: &mut [f32]);
     fn from_f32_into(src: &[f32], dst: &mut [Self]);
     /// The row as f32: borrowed as is for f32, converted into `buf` otherwise.
@@ -895,24 +901,20 @@ pub(crate) trait KvElem: candle_core::WithDType {
         Self::to_f32_into(src, buf);
         buf
     }
-    /// `n` rows of `d` elements, `stride` apart in `src`, as f32 rows and their stride:
-    /// borrowed as they are for f32, converted into `buf` (`[n, d]`) otherwise.
-    #[inline(always)]
-    fn rows_as_f32<'a>(
-        src: &'a [Self],
-        stride: usize,
-        n: usize,
-        d: usize,
-        buf: &'a mut [f32],
-    ) -> (&'a [f32], usize) {
-        for (i, dst) in buf.chunks_exact_mut(d).take(n).enumerate() {
-            Self::to_f32_into(&src[i * stride..i * stride + d], dst);
-        }
-        (buf, d)
-    }
 }
 
 impl KvElem for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable floats at `p`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    fn elem_f32(self) -> f32 {
+        self
+    }
     #[inline(always)]
     fn to_f32_into(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
@@ -925,19 +927,21 @@ impl KvElem for f32 {
     fn as_f32<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
         src
     }
-    #[inline(always)]
-    fn rows_as_f32<'a>(
-        src: &'a [Self],
-        stride: usize,
-        _n: usize,
-        _d: usize,
-        _buf: &'a mut [f32],
-    ) -> (&'a [f32], usize) {
-        (src, stride)
-    }
 }
 
 impl KvElem for f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable halves (16 bytes) at `p`.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
+    }
+    #[inline(always)]
+    fn elem_f32(self) -> f32 {
+        self.to_f32()
+    }
     #[inline(always)]
     fn to_f32_into(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
@@ -949,6 +953,22 @@ impl KvElem for f16 {
 }
 
 impl KvElem for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable bf16 (16 bytes) at `p`. A bf16 is the top
+        // half of the f32 with the same bits.
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast::<__m128i>()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+    #[inline(always)]
+    fn elem_f32(self) -> f32 {
+        self.to_f32()
+    }
     #[inline(always)]
     fn to_f32_into(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
@@ -1098,7 +1118,6 @@ fn attend<T: KvElem, const FMA: bool>(
         sum,
         scores,
         row: row_buf,
-        v_block,
     } = scratch;
     // Longer than needed when an earlier task of this thread had more rows.
     let q = &mut q[..rows * d];
@@ -1133,7 +1152,7 @@ fn attend<T: KvElem, const FMA: bool>(
 
         for i in 0..len {
             let from = block_base + i * kv_row;
-            let k_row = T::as_f32(&args.k_cache[from..from + d], row_buf);
+            let k_row = &args.k_cache[from..from + d];
             let r_min = (p0 + i).saturating_sub(first_pos) * g;
             // Up to 4 rows per pass: each K load feeds 4 FMAs, and the 4 horizontal sums
             // share one reduction.
@@ -1141,7 +1160,7 @@ fn attend<T: KvElem, const FMA: bool>(
             while r < rows {
                 let n = (rows - r).min(4);
                 let mut dots = [0f32; 4];
-                dot_rows::<FMA>(&q[r * d..(r + n) * d], k_row, &mut dots[..n]);
+                dot_rows::<T, FMA>(&q[r * d..(r + n) * d], k_row, &mut dots[..n], row_buf);
                 for (j, &dot) in dots[..n].iter().enumerate() {
                     scores[(r + j) * bs + i] = dot;
                 }
@@ -1176,8 +1195,7 @@ fn attend<T: KvElem, const FMA: bool>(
         // across the block's keys (accumulating straight into memory made every key wait for
         // the previous key's store). Per element the sum runs over the keys in order with one
         // fused multiply-add each, as before.
-        let v_src = &args.v_cache[block_base..];
-        let (v, v_stride) = T::rows_as_f32(v_src, kv_row, len, d, v_block);
+        let v = &args.v_cache[block_base..];
         for t in 0..n_tok {
             let pos = first_pos + t;
             if pos < p0 {
@@ -1187,14 +1205,12 @@ fn attend<T: KvElem, const FMA: bool>(
             let mut r = t * g;
             while r < (t + 1) * g {
                 let n = ((t + 1) * g - r).min(4);
-                accumulate_rows::<FMA>(
-                    &scores[r * bs..],
-                    bs,
-                    v,
-                    v_stride,
+                accumulate_rows::<T, FMA>(
+                    (&scores[r * bs..], bs),
+                    (v, kv_row),
                     n_valid,
                     &mut acc[r * d..(r + n) * d],
-                    d,
+                    row_buf,
                 );
                 r += n;
             }
@@ -1283,55 +1299,59 @@ pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     hsum(lanes) + tail
 }
 
-/// `out[j] = dot(rows[j], k)` for the `out.len()` (at most 4) consecutive rows of `k.len()`.
+/// `out[j] = dot(rows[j], k)` for the `out.len()` (at most 4) consecutive rows of `k.len()`,
+/// `k` a cache row in its own dtype (read in place with AVX2; else converted into `buf`).
 #[inline(always)]
-fn dot_rows<const FMA: bool>(rows: &[f32], k: &[f32], out: &mut [f32]) {
+fn dot_rows<T: KvElem, const FMA: bool>(rows: &[f32], k: &[T], out: &mut [f32], buf: &mut [f32]) {
     let d = k.len();
     #[cfg(target_arch = "x86_64")]
     if FMA {
-        // SAFETY: FMA = true only runs inside `attend_avx2_fma`, on a CPU with avx2 and fma.
+        // SAFETY: FMA = true only runs inside `attend_avx2_fma`, on a CPU with avx2, fma and
+        // f16c.
         unsafe {
             match out.len() {
-                4 => x86::dot_rows::<4>(rows, k, out),
-                3 => x86::dot_rows::<3>(rows, k, out),
-                2 => x86::dot_rows::<2>(rows, k, out),
-                _ => x86::dot_rows::<1>(rows, k, out),
+                4 => x86::dot_rows::<4, T>(rows, k, out),
+                3 => x86::dot_rows::<3, T>(rows, k, out),
+                2 => x86::dot_rows::<2, T>(rows, k, out),
+                _ => x86::dot_rows::<1, T>(rows, k, out),
             }
         }
         return;
     }
+    let k = T::as_f32(k, buf);
     for (j, o) in out.iter_mut().enumerate() {
         *o = dot::<FMA>(&rows[j * d..(j + 1) * d], k);
     }
 }
 
 /// `acc[j] += sum_{i < keys} w[j * w_stride + i] * v[i * v_stride ..][..d]` for the
-/// `acc.len() / d` (at most 4) rows of `acc`, each element summed over `i` in order.
+/// `acc.len() / d` (at most 4) rows of `acc` (`d = buf.len()`), each element summed over `i`
+/// in order; `v` holds cache rows in their own dtype (read in place with AVX2; else each row
+/// is converted into `buf`).
 #[inline(always)]
-fn accumulate_rows<const FMA: bool>(
-    w: &[f32],
-    w_stride: usize,
-    v: &[f32],
-    v_stride: usize,
+fn accumulate_rows<T: KvElem, const FMA: bool>(
+    (w, w_stride): (&[f32], usize),
+    (v, v_stride): (&[T], usize),
     keys: usize,
     acc: &mut [f32],
-    d: usize,
+    buf: &mut [f32],
 ) {
+    let d = buf.len();
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in `dot_rows`.
         unsafe {
             match acc.len() / d {
-                4 => x86::accumulate_rows::<4>(w, w_stride, v, v_stride, keys, acc, d),
-                3 => x86::accumulate_rows::<3>(w, w_stride, v, v_stride, keys, acc, d),
-                2 => x86::accumulate_rows::<2>(w, w_stride, v, v_stride, keys, acc, d),
-                _ => x86::accumulate_rows::<1>(w, w_stride, v, v_stride, keys, acc, d),
+                4 => x86::accumulate_rows::<4, T>(w, w_stride, v, v_stride, keys, acc, d),
+                3 => x86::accumulate_rows::<3, T>(w, w_stride, v, v_stride, keys, acc, d),
+                2 => x86::accumulate_rows::<2, T>(w, w_stride, v, v_stride, keys, acc, d),
+                _ => x86::accumulate_rows::<1, T>(w, w_stride, v, v_stride, keys, acc, d),
             }
         }
         return;
     }
     for i in 0..keys {
-        let v_row = &v[i * v_stride..i * v_stride + d];
+        let v_row = T::as_f32(&v[i * v_stride..i * v_stride + d], buf);
         for (j, acc_row) in acc.chunks_exact_mut(d).enumerate() {
             axpy::<FMA>(w[j * w_stride + i], v_row, acc_row);
         }
@@ -1342,9 +1362,11 @@ fn accumulate_rows<const FMA: bool>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `out[j] = dot(rows[j], k)` for `N <= 4` consecutive rows of `k.len()` floats.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn dot_rows<const N: usize>(rows: &[f32], k: &[f32], out: &mut [f32]) {
+    use super::KvElem;
+
+    /// `out[j] = dot(rows[j], k)` for `N <= 4` consecutive rows of `k.len()` elements.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_rows<const N: usize, T: KvElem>(rows: &[f32], k: &[T], out: &mut [f32]) {
         let d = k.len();
         assert!(N <= 4 && rows.len() >= N * d && out.len() >= N);
         let (pq, pk) = (rows.as_ptr(), k.as_ptr());
@@ -1353,7 +1375,7 @@ mod x86 {
         // SAFETY: loads read 8 floats at i..i + 8 <= d of `k` and of row j < N of `rows`.
         unsafe {
             while i + 8 <= d {
-                let kv = _mm256_loadu_ps(pk.add(i));
+                let kv = T::load8(pk.add(i));
                 for (j, a) in acc.iter_mut().enumerate().take(N) {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(pq.add(j * d + i)), kv, *a);
                 }
@@ -1374,7 +1396,7 @@ mod x86 {
         for j in 0..N {
             let mut s = lanes[j];
             for t in i..d {
-                s = rows[j * d + t].mul_add(k[t], s);
+                s = rows[j * d + t].mul_add(k[t].elem_f32(), s);
             }
             out[j] = s;
         }
@@ -1385,11 +1407,11 @@ mod x86 {
     /// independent FMA chains, enough to cover the FMA latency.
     // `j` indexes two register arrays and the row offsets at once: a range reads clearer here.
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn accumulate_rows<const N: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn accumulate_rows<const N: usize, T: KvElem>(
         w: &[f32],
         ws: usize,
-        v: &[f32],
+        v: &[T],
         vs: usize,
         keys: usize,
         acc: &mut [f32],
@@ -1414,8 +1436,8 @@ mod x86 {
                     hi[j] = _mm256_loadu_ps(pa.add(j * d + c + 8));
                 }
                 for i in 0..keys {
-                    let v_lo = _mm256_loadu_ps(pv.add(i * vs + c));
-                    let v_hi = _mm256_loadu_ps(pv.add(i * vs + c + 8));
+                    let v_lo = T::load8(pv.add(i * vs + c));
+                    let v_hi = T::load8(pv.add(i * vs + c + 8));
                     for j in 0..N {
                         let wj = _mm256_broadcast_ss(&*pw.add(j * ws + i));
                         lo[j] = _mm256_fmadd_ps(wj, v_lo, lo[j]);
@@ -1434,7 +1456,7 @@ mod x86 {
                     lo[j] = _mm256_loadu_ps(pa.add(j * d + c));
                 }
                 for i in 0..keys {
-                    let v_lo = _mm256_loadu_ps(pv.add(i * vs + c));
+                    let v_lo = T::load8(pv.add(i * vs + c));
                     for j in 0..N {
                         let wj = _mm256_broadcast_ss(&*pw.add(j * ws + i));
                         lo[j] = _mm256_fmadd_ps(wj, v_lo, lo[j]);
@@ -1450,7 +1472,7 @@ mod x86 {
             for i in 0..keys {
                 let wi = w[j * ws + i];
                 for t in c..d {
-                    acc[j * d + t] = wi.mul_add(v[i * vs + t], acc[j * d + t]);
+                    acc[j * d + t] = wi.mul_add(v[i * vs + t].elem_f32(), acc[j * d + t]);
                 }
             }
         }
@@ -1682,7 +1704,30 @@ mod tests {
         // A 5-token chunk over a 9-token context, then a decode over 7.
         let m = meta(&dev, &[0, 5, 6], &[9, 7], &[4, 0, 2, 1, 5, 3], 3);
         let q = Tensor::randn(0f32, 1.0, (6, 6, d), &dev).unwrap();
-        let dims = check_attention_args(&q, &kc, &vc, &m, 0.2).unwrap();
+        // f16/bf16 caches: the AVX2 kernel reads them in place (F16C), the baseline converts
+        // rows; both compute in f32 and round the output once to the dtype.
+        for (dtype, tolerance) in [
+            (DType::F32, 1e-5),
+            (DType::F16, 2e-3),
+            (DType::BF16, 1.6e-2),
+        ] {
+            let (q, kc, vc) = (
+                q.to_dtype(dtype).unwrap(),
+                kc.to_dtype(dtype).unwrap(),
+                vc.to_dtype(dtype).unwrap(),
+            );
+            baseline_and_avx2_agree_on(&q, &kc, &vc, &m, tolerance);
+        }
+    }
+
+    fn baseline_and_avx2_agree_on(
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        m: &AttentionMetadata,
+        tolerance: f32,
+    ) {
+        let dims = check_attention_args(q, kc, vc, m, 0.2).unwrap();
         let run = |simd| {
             let op = PagedAttentionOp {
                 block_tables: m.block_tables.clone(),
@@ -1694,7 +1739,9 @@ mod tests {
                 dims,
                 simd,
             };
-            q.apply_op3_no_bwd(&kc, &vc, &op)
+            q.apply_op3_no_bwd(kc, vc, &op)
+                .unwrap()
+                .to_dtype(DType::F32)
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -1705,9 +1752,9 @@ mod tests {
         let diff = base
             .iter()
             .zip(&detected)
-            .map(|(a, b)| (a - b).abs())
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
             .fold(0f32, f32::max);
-        assert!(diff < 1e-5, "max diff {diff}");
+        assert!(diff < tolerance, "{:?}: max diff {diff}", q.dtype());
     }
 
     #[test]
