@@ -324,6 +324,33 @@ pub(crate) fn check_cache_pair(
     })
 }
 
+/// `k`/`v`/`q` must have the cache's dtype; on the CPU they may also be F32 with an F16 or BF16
+/// cache (converted as they are stored or read, so a model running in f32 keeps a half-size
+/// cache without casting its activations).
+fn check_activation_dtype(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+    cache: &Tensor,
+) -> std::result::Result<(), KernelError> {
+    if t.dtype() == DType::F32 && cache.device().is_cpu() && is_cache_dtype(cache.dtype()) {
+        return Ok(());
+    }
+    if t.dtype() != cache.dtype() {
+        return Err(KernelError::DType {
+            op,
+            tensor,
+            expected: if cache.device().is_cpu() && cache.dtype() != DType::F32 {
+                format!("{:?} (the cache's) or F32", cache.dtype())
+            } else {
+                format!("{:?} (the cache's)", cache.dtype())
+            },
+            got: t.dtype(),
+        });
+    }
+    Ok(())
+}
+
 /// Returns `T`.
 fn check_write_kv_args(
     k: &Tensor,
@@ -338,8 +365,8 @@ fn check_write_kv_args(
     let num_tokens = k_dims[0];
     for (name, t) in [("k", k), ("v", v)] {
         let dims = check_rank(op, name, t, 3)?;
-        check_dtype(op, name, t, key_cache.dtype())?;
         check_device(op, name, t, device)?;
+        check_activation_dtype(op, name, t, key_cache)?;
         if dims != [num_tokens, cache.num_kv_heads, cache.head_dim] {
             return Err(KernelError::Shape {
                 op,
@@ -374,8 +401,8 @@ fn check_attention_args(
     let cache = check_cache_pair(op, key_cache, value_cache)?;
     let device = key_cache.device();
     let q_dims = check_rank(op, "q", q, 3)?;
-    check_dtype(op, "q", q, key_cache.dtype())?;
     check_device(op, "q", q, device)?;
+    check_activation_dtype(op, "q", q, key_cache)?;
     let (num_tokens, num_heads, head_dim) = (q_dims[0], q_dims[1], q_dims[2]);
     if head_dim != cache.head_dim
         || num_heads == 0
@@ -587,6 +614,26 @@ fn check_slots(slots: &[u32], cache: CacheDims) -> std::result::Result<(), Kerne
     }
 }
 
+/// `scatter_rows` from f32 rows into a half-precision cache, each row rounded on the way.
+fn scatter_rows_from_f32<C: KvElem>(
+    cache: &mut [C],
+    cache_layout: &Layout,
+    src: &[f32],
+    src_layout: &Layout,
+    slots: &[u32],
+    dims: CacheDims,
+) -> Result<()> {
+    scatter_rows_with(
+        cache,
+        cache_layout,
+        src,
+        src_layout,
+        slots,
+        dims,
+        C::from_f32_into,
+    )
+}
+
 fn scatter_rows<T: Copy>(
     cache: &mut [T],
     cache_layout: &Layout,
@@ -594,6 +641,21 @@ fn scatter_rows<T: Copy>(
     src_layout: &Layout,
     slots: &[u32],
     dims: CacheDims,
+) -> Result<()> {
+    scatter_rows_with(cache, cache_layout, src, src_layout, slots, dims, |s, d| {
+        d.copy_from_slice(s)
+    })
+}
+
+/// `cache[slot_mapping[t]] = store(src[t])`, head by head.
+fn scatter_rows_with<S, C>(
+    cache: &mut [C],
+    cache_layout: &Layout,
+    src: &[S],
+    src_layout: &Layout,
+    slots: &[u32],
+    dims: CacheDims,
+    store: impl Fn(&[S], &mut [C]),
 ) -> Result<()> {
     let (start, end) = match cache_layout.contiguous_offsets() {
         Some(range) => range,
@@ -608,7 +670,7 @@ fn scatter_rows<T: Copy>(
         let dst = &mut cache[slot as usize * row_len..][..row_len];
         for (h, dst_head) in dst.chunks_exact_mut(d).enumerate() {
             let from = offset + t * stride[0] + h * stride[1];
-            dst_head.copy_from_slice(&src[from..from + d]);
+            store(&src[from..from + d], dst_head);
         }
     }
     Ok(())
@@ -645,6 +707,12 @@ impl InplaceOp3 for WriteKvOp {
             }
             (CpuStorage::BF16(c), CpuStorage::BF16(s)) => {
                 scatter_rows(c, cache_layout, s, src_layout, slots, self.cache)
+            }
+            (CpuStorage::F16(c), CpuStorage::F32(s)) => {
+                scatter_rows_from_f32(c, cache_layout, s, src_layout, slots, self.cache)
+            }
+            (CpuStorage::BF16(c), CpuStorage::F32(s)) => {
+                scatter_rows_from_f32(c, cache_layout, s, src_layout, slots, self.cache)
             }
             (c, s) => candle_core::bail!(
                 "{WRITE_KV}: cache and source must share one of F32, F16, BF16, got {:?} and {:?}",
@@ -760,6 +828,13 @@ impl CustomOp3 for PagedAttentionOp {
                         (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
                             CpuStorage::BF16(self.run_cpu(q, q_layout, k, k_layout, v, v_layout, meta)?)
                         }
+                        // f32 activations over a half-precision cache.
+                        (CpuStorage::F32(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                            CpuStorage::F32(self.run_cpu(q, q_layout, k, k_layout, v, v_layout, meta)?)
+                        }
+                        (CpuStorage::F32(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                            CpuStorage::F32(self.run_cpu(q, q_layout, k, k_layout, v, v_layout, meta)?)
+                        }
                         (q, k, v) => candle_core::bail!(
                             "{PAGED_ATTENTION}: q, key_cache, value_cache must share one of F32, F16, BF16, got {:?}, {:?}, {:?}",
                             q.dtype(),
@@ -805,14 +880,14 @@ struct Task {
     tok_end: usize,
 }
 
-/// Everything a CPU task reads, for one dtype.
-struct CpuArgs<'a, T> {
-    q: &'a [T],
+/// Everything a CPU task reads: `q` (and the output) in `Q`, the caches in `C`.
+struct CpuArgs<'a, Q, C> {
+    q: &'a [Q],
     q_offset: usize,
     q_stride_token: usize,
     q_stride_head: usize,
-    k_cache: &'a [T],
-    v_cache: &'a [T],
+    k_cache: &'a [C],
+    v_cache: &'a [C],
     meta: SeqMeta<'a>,
     dims: AttentionDims,
     /// Query heads per KV head.
@@ -893,6 +968,9 @@ pub(crate) trait KvElem: candle_core::WithDType {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
     /// One element as f32.
     fn elem_f32(self) -> f32;
+    /// Rounds f32 values to this type's precision, as `from_f32_into` stores them (a no-op
+    /// for f32).
+    fn round_f32(values: &mut [f32]);
     fn to_f32_into(src: &[Self], dst: &mut [f32]);
     fn from_f32_into(src: &[f32], dst: &mut [Self]);
     /// The row as f32: borrowed as is for f32, converted into `buf` otherwise.
@@ -915,6 +993,8 @@ impl KvElem for f32 {
     fn elem_f32(self) -> f32 {
         self
     }
+    #[inline(always)]
+    fn round_f32(_values: &mut [f32]) {}
     #[inline(always)]
     fn to_f32_into(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
@@ -941,6 +1021,12 @@ impl KvElem for f16 {
     #[inline(always)]
     fn elem_f32(self) -> f32 {
         self.to_f32()
+    }
+    #[inline(always)]
+    fn round_f32(values: &mut [f32]) {
+        for x in values {
+            *x = Self::from_f32(*x).to_f32();
+        }
     }
     #[inline(always)]
     fn to_f32_into(src: &[Self], dst: &mut [f32]) {
@@ -970,6 +1056,12 @@ impl KvElem for bf16 {
         self.to_f32()
     }
     #[inline(always)]
+    fn round_f32(values: &mut [f32]) {
+        for x in values {
+            *x = Self::from_f32(*x).to_f32();
+        }
+    }
+    #[inline(always)]
     fn to_f32_into(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
@@ -981,16 +1073,16 @@ impl KvElem for bf16 {
 
 impl PagedAttentionOp {
     #[allow(clippy::too_many_arguments)]
-    fn run_cpu<T: KvElem>(
+    fn run_cpu<Q: KvElem, C: KvElem>(
         &self,
-        q: &[T],
+        q: &[Q],
         q_layout: &Layout,
-        k: &[T],
+        k: &[C],
         k_layout: &Layout,
-        v: &[T],
+        v: &[C],
         v_layout: &Layout,
         meta: SeqMeta<'_>,
-    ) -> Result<Vec<T>> {
+    ) -> Result<Vec<Q>> {
         let dims = self.dims;
         let group = dims.num_heads / dims.cache.num_kv_heads;
         let args = CpuArgs {
@@ -1021,7 +1113,7 @@ impl PagedAttentionOp {
                 }
             }
         }
-        let mut out = vec![T::from_f64(0.0); dims.num_tokens * dims.num_heads * dims.head_dim];
+        let mut out = vec![Q::from_f64(0.0); dims.num_tokens * dims.num_heads * dims.head_dim];
         let out_ptr = OutPtr {
             ptr: out.as_mut_ptr(),
             len: out.len(),
@@ -1058,15 +1150,15 @@ impl Simd {
         Simd::Baseline
     }
 
-    fn attend<T: KvElem>(
+    fn attend<Q: KvElem, C: KvElem>(
         self,
-        args: &CpuArgs<'_, T>,
+        args: &CpuArgs<'_, Q, C>,
         task: &Task,
         scratch: &mut Scratch,
-        out: OutPtr<T>,
+        out: OutPtr<Q>,
     ) {
         match self {
-            Simd::Baseline => attend::<T, false>(args, task, scratch, out),
+            Simd::Baseline => attend::<Q, C, false>(args, task, scratch, out),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `detect` saw avx2, fma and f16c on this CPU.
             Simd::Avx2Fma => unsafe { attend_avx2_fma(args, task, scratch, out) },
@@ -1076,13 +1168,13 @@ impl Simd {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn attend_avx2_fma<T: KvElem>(
-    args: &CpuArgs<'_, T>,
+fn attend_avx2_fma<Q: KvElem, C: KvElem>(
+    args: &CpuArgs<'_, Q, C>,
     task: &Task,
     scratch: &mut Scratch,
-    out: OutPtr<T>,
+    out: OutPtr<Q>,
 ) {
-    attend::<T, true>(args, task, scratch, out);
+    attend::<Q, C, true>(args, task, scratch, out);
 }
 
 /// One task: a flash-attention pass over the sequence's KV blocks, one block at a time.
@@ -1091,11 +1183,11 @@ fn attend_avx2_fma<T: KvElem>(
 /// head's group. Tokens are in position order, so at KV position `p` the rows that may see it
 /// are a suffix: those of tokens at positions `>= p`.
 #[inline(always)]
-fn attend<T: KvElem, const FMA: bool>(
-    args: &CpuArgs<'_, T>,
+fn attend<Q: KvElem, C: KvElem, const FMA: bool>(
+    args: &CpuArgs<'_, Q, C>,
     task: &Task,
     scratch: &mut Scratch,
-    out: OutPtr<T>,
+    out: OutPtr<Q>,
 ) {
     let d = args.dims.head_dim;
     let g = args.group;
@@ -1127,7 +1219,10 @@ fn attend<T: KvElem, const FMA: bool>(
         let token = q_begin + task.tok_begin + r / g;
         let head = task.kv_head * g + r % g;
         let from = args.q_offset + token * args.q_stride_token + head * args.q_stride_head;
-        T::to_f32_into(&args.q[from..from + d], q_row);
+        Q::to_f32_into(&args.q[from..from + d], q_row);
+        // q meets a half-precision cache in the cache's precision, as it would had it been
+        // cast to the cache's dtype (llama.cpp's flash attention does the same).
+        C::round_f32(q_row);
         for x in q_row.iter_mut() {
             *x *= args.scale;
         }
@@ -1160,7 +1255,7 @@ fn attend<T: KvElem, const FMA: bool>(
             while r < rows {
                 let n = (rows - r).min(4);
                 let mut dots = [0f32; 4];
-                dot_rows::<T, FMA>(&q[r * d..(r + n) * d], k_row, &mut dots[..n], row_buf);
+                dot_rows::<C, FMA>(&q[r * d..(r + n) * d], k_row, &mut dots[..n], row_buf);
                 for (j, &dot) in dots[..n].iter().enumerate() {
                     scores[(r + j) * bs + i] = dot;
                 }
@@ -1205,7 +1300,7 @@ fn attend<T: KvElem, const FMA: bool>(
             let mut r = t * g;
             while r < (t + 1) * g {
                 let n = ((t + 1) * g - r).min(4);
-                accumulate_rows::<T, FMA>(
+                accumulate_rows::<C, FMA>(
                     (&scores[r * bs..], bs),
                     (v, kv_row),
                     n_valid,
@@ -1232,7 +1327,10 @@ fn attend<T: KvElem, const FMA: bool>(
             for x in acc_row.iter_mut() {
                 *x *= inv;
             }
-            T::from_f32_into(acc_row, dst_head);
+            // The output too leaves in the cache's precision: with f32 activations over an
+            // f16 cache the result is what casting q/k/v to f16 gave (the reference's numerics).
+            C::round_f32(acc_row);
+            Q::from_f32_into(acc_row, dst_head);
         }
     }
 }

@@ -133,6 +133,11 @@ impl Step {
     /// Runs the step as the engine would: earlier tokens were cached by an earlier step, this
     /// step writes its own keys/values and then attends. Returns `[T * num_heads * head_dim]`.
     fn run(&self, dtype: DType) -> Vec<f32> {
+        self.run_mixed(dtype, dtype)
+    }
+
+    /// The step with the caches in `dtype` and q/k/v (and the output) in `act`.
+    fn run_mixed(&self, dtype: DType, act: DType) -> Vec<f32> {
         let dev = Device::Cpu;
         let sh = self.shape;
         let cache = PagedKvCache::new(
@@ -150,7 +155,7 @@ impl Step {
             let t = data.len() / (sh.num_kv_heads * sh.head_dim);
             Tensor::from_vec(data, (t, sh.num_kv_heads, sh.head_dim), &dev)
                 .unwrap()
-                .to_dtype(dtype)
+                .to_dtype(act)
                 .unwrap()
         };
         let (k_old, v_old, slots_old) = self.rows(|s| 0..s.context_len - s.n_q);
@@ -179,12 +184,12 @@ impl Step {
             &dev,
         )
         .unwrap()
-        .to_dtype(dtype)
+        .to_dtype(act)
         .unwrap();
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         let out = paged_attention(&q, kc, vc, &meta, scale).unwrap();
         assert_eq!(out.dims(), [self.num_tokens(), sh.num_heads, sh.head_dim]);
-        assert_eq!(out.dtype(), dtype);
+        assert_eq!(out.dtype(), act);
         out.to_dtype(DType::F32)
             .unwrap()
             .flatten_all()
@@ -356,6 +361,29 @@ fn half_caches_match_dense_attention_within_their_precision() {
         let step = Step::new(&mut rng, shape, seqs);
         let diff = max_abs_diff(&step.run(dtype), &step.reference());
         assert!(diff < tolerance, "{dtype:?}: max diff {diff}");
+    }
+}
+
+#[test]
+fn f32_activations_over_half_caches_equal_casting_them_to_the_cache_dtype() {
+    // write_kv rounds f32 k/v as it stores them into the f16/bf16 cache; attention rounds f32 q
+    // and its output to the cache's precision. That must be bit for bit what casting q/k/v to
+    // the cache's dtype gives, with no cast ops in between.
+    let mut rng = StdRng::seed_from_u64(4);
+    let shape = Shape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    for dtype in [DType::F16, DType::BF16] {
+        let seqs = random_seqs(&mut rng, 16);
+        let step = Step::new(&mut rng, shape, seqs);
+        assert_eq!(
+            step.run_mixed(dtype, DType::F32),
+            step.run(dtype),
+            "{dtype:?}"
+        );
     }
 }
 
@@ -547,7 +575,11 @@ fn wrong_ranks_are_errors() {
 fn wrong_dtypes_are_errors() {
     let mut f = fixture();
     f.q = f.q.to_dtype(DType::F64).unwrap();
-    assert!(attention_err(&f).contains("`q` must have dtype F32, got F64"));
+    assert!(attention_err(&f).contains("`q` must have dtype F32 (the cache's), got F64"));
+    // F16 activations over an F32 cache (only the other way round mixes).
+    let mut f = fixture();
+    f.q = f.q.to_dtype(DType::F16).unwrap();
+    assert!(attention_err(&f).contains("`q` must have dtype F32 (the cache's), got F16"));
     let mut f = fixture();
     f.meta.context_lens = f.meta.context_lens.to_dtype(DType::I64).unwrap();
     assert!(attention_err(&f).contains("`context_lens` must have dtype U32, got I64"));

@@ -383,10 +383,12 @@ impl Llama {
             }
             // `[t, h + 2 kvh, d]`: q and k rotated, v copied, in one pass over the row.
             let mut qkv = rope_qkv(&qkv, &cos, &sin, h, kvh, d, rope_style)?;
-            if qkv.dtype() != kv_dtype {
-                // A KV cache narrower than the activations (`--kv-cache-dtype f16`): attention
-                // runs in the cache's dtype (f32 inside the kernels), q rounded once to it,
-                // as llama.cpp's flash attention does with an f16 cache.
+            // A KV cache in another dtype than the activations (`--kv-cache-dtype`): the CPU
+            // kernels take f32 q/k/v over a half-precision cache as they are (k/v rounded as
+            // they are stored); otherwise q/k/v are cast to the cache's dtype, q rounded once,
+            // as llama.cpp's flash attention does with an f16 cache.
+            let mixed_ok = self.device.is_cpu() && qkv.dtype() == DType::F32;
+            if qkv.dtype() != kv_dtype && !mixed_ok {
                 qkv = qkv.to_dtype(kv_dtype)?;
             }
             let (q, k, v) = (
