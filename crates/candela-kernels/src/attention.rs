@@ -1009,6 +1009,30 @@ impl KvElem for f32 {
     }
 }
 
+/// The conversions f16 and bf16 share (through `half`'s slice conversions).
+macro_rules! half_conversions {
+    () => {
+        #[inline(always)]
+        fn elem_f32(self) -> f32 {
+            self.to_f32()
+        }
+        #[inline(always)]
+        fn round_f32(values: &mut [f32]) {
+            for x in values {
+                *x = Self::from_f32(*x).to_f32();
+            }
+        }
+        #[inline(always)]
+        fn to_f32_into(src: &[Self], dst: &mut [f32]) {
+            src.convert_to_f32_slice(dst);
+        }
+        #[inline(always)]
+        fn from_f32_into(src: &[f32], dst: &mut [Self]) {
+            dst.convert_from_f32_slice(src);
+        }
+    };
+}
+
 impl KvElem for f16 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
@@ -1018,24 +1042,7 @@ impl KvElem for f16 {
         // SAFETY: the caller guarantees 8 readable halves (16 bytes) at `p`.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
     }
-    #[inline(always)]
-    fn elem_f32(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn round_f32(values: &mut [f32]) {
-        for x in values {
-            *x = Self::from_f32(*x).to_f32();
-        }
-    }
-    #[inline(always)]
-    fn to_f32_into(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    #[inline(always)]
-    fn from_f32_into(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src);
-    }
+    half_conversions!();
 }
 
 impl KvElem for bf16 {
@@ -1051,24 +1058,7 @@ impl KvElem for bf16 {
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
         }
     }
-    #[inline(always)]
-    fn elem_f32(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn round_f32(values: &mut [f32]) {
-        for x in values {
-            *x = Self::from_f32(*x).to_f32();
-        }
-    }
-    #[inline(always)]
-    fn to_f32_into(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst);
-    }
-    #[inline(always)]
-    fn from_f32_into(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src);
-    }
+    half_conversions!();
 }
 
 impl PagedAttentionOp {

@@ -23,7 +23,7 @@ use candela_kernels::{rope_qkv, silu_mul, RopeStyle};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{assert_close, cuda_device, eps, to_f32_vec};
+use support::{assert_close, cuda_device, eps, to_f32_vec, RopeCase};
 
 /// Uniform in `[-scale, scale)`, `[rows, cols]` in `dtype` on the CPU, as a narrow of a wider
 /// tensor (row stride > cols, non-zero offset) when `strided`.
@@ -50,17 +50,6 @@ fn input(
         .unwrap()
         .narrow(1, before, cols)
         .unwrap()
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RopeCase {
-    dtype: DType,
-    style: RopeStyle,
-    num_tokens: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    strided: bool,
 }
 
 fn random_rope_case(rng: &mut StdRng) -> RopeCase {

@@ -26,7 +26,7 @@ use candela_kernels::{rope_qkv, silu_mul, RopeStyle};
 use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{assert_close, eps, to_f32_vec};
+use support::{assert_close, eps, to_f32_vec, RopeCase};
 
 /// `randn * scale` of `shape`, in `dtype`, on the CPU.
 fn randn(rng: &mut StdRng, shape: &[usize], scale: f32, dtype: DType) -> Tensor {
@@ -114,17 +114,6 @@ fn candle_rope_qkv(
         .reshape((t, kvh, d))
         .unwrap();
     Tensor::cat(&[rope(0, h), rope(h, kvh), v], 1).unwrap()
-}
-
-#[derive(Debug, Clone, Copy)]
-struct RopeCase {
-    dtype: DType,
-    style: RopeStyle,
-    num_tokens: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    strided: bool,
 }
 
 /// Runs one case through `rope_qkv` and the candle_nn composition and checks them against

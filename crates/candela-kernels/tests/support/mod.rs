@@ -1,8 +1,10 @@
 //! Helpers shared by the kernel tests: a tensor read back as f32, a dtype's machine epsilon,
-//! an elementwise closeness check, and the CUDA device (or why there is none).
+//! an elementwise closeness check, the CUDA device (or why there is none), and the shape of a
+//! `rope_qkv` case.
 // Each test binary includes this module and uses only a subset of it.
 #![allow(dead_code)]
 
+use candela_kernels::RopeStyle;
 use candle_core::{DType, Device, Tensor};
 
 /// `t`'s elements in row-major order, as f32 on the host. Copies off the device first (a
@@ -65,4 +67,17 @@ pub fn cuda_device() -> Option<Device> {
             None
         }
     }
+}
+
+/// One `rope_qkv` case: `[num_tokens, (num_heads + 2 num_kv_heads) * head_dim]` in `dtype`,
+/// read from a wider tensor when `strided`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeCase {
+    pub dtype: DType,
+    pub style: RopeStyle,
+    pub num_tokens: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub strided: bool,
 }
