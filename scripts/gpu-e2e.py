@@ -202,6 +202,7 @@ def main():
     ap.add_argument("--reference", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     steps = [("serve", lambda: served(args)),
              ("ours", lambda: single(args, "candela PackedWeight GEMV", None)),
              ("profile", lambda: step_profile(args)),
