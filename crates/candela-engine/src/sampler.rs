@@ -79,18 +79,20 @@ impl ChoiceSampler {
         self.is_greedy()
             && self.params.logprobs.is_none()
             && self.params.logit_bias.is_empty()
-            && self.params.repetition_penalty == 1.0
-            && self.params.frequency_penalty == 0.0
-            && self.params.presence_penalty == 0.0
+            && !self.has_penalties()
+    }
+
+    /// Whether a repetition, frequency or presence penalty is set (they need the output counts).
+    fn has_penalties(&self) -> bool {
+        self.params.frequency_penalty != 0.0
+            || self.params.presence_penalty != 0.0
+            || self.params.repetition_penalty != 1.0
     }
 
     /// Records a token appended to this choice's output (for the penalties). Tokens that were
     /// generated before a preemption stay recorded: the output continues seamlessly.
     pub fn record_output(&mut self, token: TokenId) {
-        if self.params.frequency_penalty != 0.0
-            || self.params.presence_penalty != 0.0
-            || self.params.repetition_penalty != 1.0
-        {
+        if self.has_penalties() {
             *self.output_counts.entry(token).or_insert(0) += 1;
         }
     }

@@ -333,10 +333,7 @@ fn check_activation_dtype(
     t: &Tensor,
     cache: &Tensor,
 ) -> std::result::Result<(), KernelError> {
-    if t.dtype() == DType::F32 && cache.device().is_cpu() && is_cache_dtype(cache.dtype()) {
-        return Ok(());
-    }
-    if t.dtype() != cache.dtype() {
+    if !takes_activations(t.dtype(), cache.dtype(), cache.device()) {
         return Err(KernelError::DType {
             op,
             tensor,
@@ -349,6 +346,13 @@ fn check_activation_dtype(
         });
     }
     Ok(())
+}
+
+/// Whether [`write_kv`] and [`paged_attention`] take q/k/v of dtype `activations` over a cache
+/// of dtype `cache` on `device`: the cache's own dtype, or F32 over an F16/BF16 cache on the CPU.
+/// A caller whose activations are not taken casts them to the cache's dtype first.
+pub fn takes_activations(activations: DType, cache: DType, device: &Device) -> bool {
+    activations == cache || (activations == DType::F32 && device.is_cpu() && is_cache_dtype(cache))
 }
 
 /// Returns `T`.

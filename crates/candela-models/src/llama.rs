@@ -11,7 +11,7 @@
 //!
 //! [`AttentionMetadata`]: candela_kernels::attention::AttentionMetadata
 
-use candela_kernels::attention::{paged_attention, write_kv};
+use candela_kernels::attention::{paged_attention, takes_activations, write_kv};
 use candela_kernels::fused::{rope_qkv, silu_mul, RopeStyle as FusedRope};
 use candela_kernels::kv_cache::PagedKvCache;
 use candela_kernels::norm::add_rms_norm;
@@ -387,8 +387,7 @@ impl Llama {
             // kernels take f32 q/k/v over a half-precision cache as they are (k/v rounded as
             // they are stored); otherwise q/k/v are cast to the cache's dtype, q rounded once,
             // as llama.cpp's flash attention does with an f16 cache.
-            let mixed_ok = self.device.is_cpu() && qkv.dtype() == DType::F32;
-            if qkv.dtype() != kv_dtype && !mixed_ok {
+            if !takes_activations(qkv.dtype(), kv_dtype, &self.device) {
                 qkv = qkv.to_dtype(kv_dtype)?;
             }
             let (q, k, v) = (
