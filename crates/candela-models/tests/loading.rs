@@ -18,6 +18,8 @@ use candela_models::{
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use support::{log_softmax_rows, max_abs_diff, new_cache, DEFAULT_MODEL};
 
 const HIDDEN: usize = 64;
@@ -28,13 +30,29 @@ const INTER: usize = 96;
 const LAYERS: usize = 2;
 const VOCAB: usize = 80;
 const CONTEXT: usize = 64;
+/// Seed of the tiny model's weights.
+const TINY_SEED: u64 = 0x7111;
+
+/// `n` standard normal samples from a seeded generator (Box-Muller), so every run of the tests
+/// sees the same tiny model: candle's `randn` draws from an unseeded one, which made the
+/// int8 closeness bound fail on about one random model in six.
+fn seeded_normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
 
 /// The tiny model's weights in Hugging Face naming, `[out, in]` matrices, f32 values that
 /// are exactly representable in f16.
 fn tiny_weights() -> Vec<(String, Tensor)> {
     let dev = Device::Cpu;
+    let rng = std::cell::RefCell::new(StdRng::seed_from_u64(TINY_SEED));
     let rand = |shape: &[usize], scale: f64| {
-        Tensor::randn(0f32, 1.0, shape, &dev)
+        let n = shape.iter().product();
+        Tensor::from_vec(seeded_normal(&mut rng.borrow_mut(), n), shape, &dev)
             .and_then(|t| t.affine(scale, 0.0))
             .and_then(|t| t.to_dtype(DType::F16))
             .and_then(|t| t.to_dtype(DType::F32))
@@ -418,6 +436,7 @@ fn quantize_packs_float_weights_and_keeps_the_tiny_model_close() {
                 .zip(rb)
                 .map(|(x, y)| (x.exp() - y.exp()).abs())
                 .fold(0f32, f32::max);
+            eprintln!("{bits:?}: probabilities differ by up to {d} (bound {tol})");
             assert!(d < tol, "{bits:?}: probabilities differ by {d}");
         }
     }
@@ -517,13 +536,16 @@ fn a_qwen2_checkpoint_with_qkv_bias_matches_candle_transformers() {
     use candle_transformers::models::qwen2;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut weights = tiny_weights();
+    let mut rng = StdRng::seed_from_u64(TINY_SEED + 1);
     for i in 0..LAYERS {
         for (proj, len) in [
             ("q_proj", HEADS * HEAD_DIM),
             ("k_proj", KV_HEADS * HEAD_DIM),
             ("v_proj", KV_HEADS * HEAD_DIM),
         ] {
-            let bias = Tensor::randn(0f32, 0.5, len, &Device::Cpu).expect("bias");
+            let bias = Tensor::from_vec(seeded_normal(&mut rng, len), len, &Device::Cpu)
+                .and_then(|t| t.affine(0.5, 0.0))
+                .expect("bias");
             weights.push((format!("model.layers.{i}.self_attn.{proj}.bias"), bias));
         }
     }
