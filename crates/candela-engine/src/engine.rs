@@ -557,6 +557,7 @@ impl EngineCore {
 
     /// Runs one step: schedule, forward, sample, emit, update.
     fn step(&mut self) {
+        let start = Instant::now();
         let batch = self.scheduler.schedule();
         let now = Instant::now();
         for (seq_id, error) in &batch.failed {
@@ -576,17 +577,8 @@ impl EngineCore {
             Ok(()) => {
                 let sampling = Instant::now();
                 self.sample_batch(&batch, &mut outputs);
-                let t = &self.model_times;
-                tracing::trace!(
-                    target: STEP_TRACE,
-                    seqs = batch.seqs.len(),
-                    tokens = batch.seqs.iter().map(|s| s.positions.len()).sum::<usize>(),
-                    inputs_us = t.inputs.as_micros() as u64,
-                    forward_us = t.forward.as_micros() as u64,
-                    to_host_us = t.to_host.as_micros() as u64,
-                    sample_us = sampling.elapsed().as_micros() as u64,
-                    "step"
-                );
+                self.model_times.schedule = now - start;
+                self.model_times.sample = sampling.elapsed();
             }
             Err(message) => {
                 tracing::error!(%message, "model step failed");
@@ -625,6 +617,19 @@ impl EngineCore {
             }
         }
         self.step_outputs = outputs;
+        let t = &self.model_times;
+        tracing::trace!(
+            target: STEP_TRACE,
+            seqs = batch.seqs.len(),
+            tokens = batch.seqs.iter().map(|s| s.positions.len()).sum::<usize>(),
+            schedule_us = t.schedule.as_micros() as u64,
+            inputs_us = t.inputs.as_micros() as u64,
+            forward_us = t.forward.as_micros() as u64,
+            to_host_us = t.to_host.as_micros() as u64,
+            sample_us = t.sample.as_micros() as u64,
+            step_us = start.elapsed().as_micros() as u64,
+            "step"
+        );
     }
 
     /// First-schedule bookkeeping: queue time, cached prompt tokens, the waiting count.
@@ -832,17 +837,22 @@ impl EngineCore {
 /// The tracing target of the per-step timings (`RUST_LOG=candela_engine::step=trace`).
 const STEP_TRACE: &str = "candela_engine::step";
 
-/// Where one step's model call spent its time. On a GPU the forward only enqueues kernels
+/// Where one step spent its time (what is left of `step_us` is the scheduler's update and
+/// finishing requests). On a GPU the forward only enqueues kernels
 /// (the host's launch cost) and the copy to the host waits for them, so a `forward` close to
 /// the whole step means the step is bound by the host, a large `to_host` by the GPU.
 #[derive(Debug, Default, Clone, Copy)]
 struct ModelTimes {
+    /// `Scheduler::schedule` and the first-schedule bookkeeping.
+    schedule: std::time::Duration,
     /// Building and uploading the step's inputs.
     inputs: std::time::Duration,
     /// `Model::forward`.
     forward: std::time::Duration,
     /// The argmax and/or logits copy (the first synchronization with the device).
     to_host: std::time::Duration,
+    /// Sampling, detokenizing, stop checks and events of every sampled row.
+    sample: std::time::Duration,
 }
 
 /// How one choice's token is chosen this step.
