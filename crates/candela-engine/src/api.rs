@@ -45,6 +45,23 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// `Some(k)`: report the sampled token's log-probability and the top `k` alternatives.
     pub logprobs: Option<u32>,
+    /// Keep the output inside this constraint (structured outputs); compiled by `submit`.
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// What a constrained output must be (OpenAI's `response_format`, vLLM's `guided_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputConstraint {
+    /// Any JSON object (`{"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid under this JSON Schema (the schema as JSON text).
+    JsonSchema(String),
+    /// The whole output matches this regular expression (Rust `regex` syntax).
+    Regex(String),
+    /// The output is exactly one of these strings.
+    Choice(Vec<String>),
+    /// The output is a sentence of this grammar, in llguidance's Lark syntax.
+    Lark(String),
 }
 
 impl Default for SamplingParams {
@@ -64,6 +81,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -117,6 +135,8 @@ pub enum StopCause {
     StopToken(TokenId),
     /// One of the request's stop strings (which was not emitted).
     StopString(String),
+    /// The constrained output is complete and its constraint allows nothing after it.
+    Constraint,
 }
 
 /// Token counts of one choice.

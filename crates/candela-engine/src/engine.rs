@@ -40,6 +40,7 @@ use crate::error::EngineError;
 use crate::handle::{AdmittedRequest, EngineCommand, ModelInfo, SharedState};
 use crate::sampler::{ChoiceSampler, SamplerScratch};
 use crate::stop::{StopMatcher, StopOutcome};
+use crate::structured::{Advance, ChoiceConstraint};
 use crate::text::TextTools;
 
 /// Tokens of the warm-up sequence: enough to run every kernel of a prefill.
@@ -110,6 +111,8 @@ struct Choice {
     index: u32,
     seq_id: SeqId,
     sampler: ChoiceSampler,
+    /// The structured-output constraint at this choice's output so far.
+    constraint: Option<ChoiceConstraint>,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     /// Most tokens this choice may generate (clamped to the context at admission).
@@ -422,6 +425,7 @@ impl EngineCore {
             id,
             request,
             events,
+            constraint,
         } = admitted;
         let prompt_tokens = request.prompt_token_ids.len();
         // `submit` checked prompt + max(max_tokens, 1) <= model_len_max.
@@ -454,6 +458,7 @@ impl EngineCore {
                     seed.wrapping_add(u64::from(index)),
                     &request.prompt_token_ids,
                 ),
+                constraint: constraint.clone(),
                 decoder: IncrementalDecoder::new(
                     Arc::clone(&self.text.tokenizer),
                     &request.prompt_token_ids,
@@ -718,7 +723,9 @@ impl EngineCore {
                         .requests
                         .get(request_id)
                         .and_then(|state| state.choices.get(*index))
-                        .is_none_or(|choice| choice.sampler.is_plain_greedy()),
+                        .is_none_or(|choice| {
+                            choice.constraint.is_none() && choice.sampler.is_plain_greedy()
+                        }),
                     // Aborted after scheduling: its output is dropped, any token will do.
                     None => true,
                 };
@@ -880,8 +887,14 @@ fn step_choice(
     shared: &SharedState,
 ) -> ChoiceStep {
     let choice = &mut state.choices[index];
+    let mut constraint_error = None;
     let (token, logprob) = match pick {
-        Pick::Logits(logits) => choice.sampler.sample(logits, scratch),
+        Pick::Logits(logits) => match choice.constraint.as_mut() {
+            None => choice.sampler.sample(logits, scratch),
+            Some(constraint) => choice.sampler.sample_masked(logits, scratch, |row| {
+                constraint_error = constraint.mask(row).err();
+            }),
+        },
         Pick::Token(token) => (token, None),
     };
     choice.sampler.record_output(token);
@@ -910,6 +923,20 @@ fn step_choice(
     } else {
         None
     };
+    // A structured output ends where its constraint allows nothing more (an EOS token the
+    // mask allowed included, under `ignore_eos` too); the token's text is still emitted.
+    let mut constraint_complete = false;
+    if let Some(error) = constraint_error {
+        finished = Some(FinishReason::Error(format!("structured output: {error}")));
+    } else if let (None, Some(constraint)) = (&finished, choice.constraint.as_mut()) {
+        match constraint.advance(token, eos_token_ids.contains(&token)) {
+            Ok(Advance::Continue) => {}
+            Ok(Advance::Complete) => constraint_complete = true,
+            Err(error) => {
+                finished = Some(FinishReason::Error(format!("structured output: {error}")));
+            }
+        }
+    }
     let mut text = String::new();
     if finished.is_none() {
         match choice.decoder.push(token) {
@@ -926,13 +953,19 @@ fn step_choice(
             Err(error) => finished = Some(FinishReason::Error(format!("detokenizing: {error}"))),
         }
     }
+    if finished.is_none() && constraint_complete {
+        finished = Some(FinishReason::Stop(StopCause::Constraint));
+    }
     if finished.is_none() && choice.tokens_generated >= choice.tokens_max {
         finished = Some(FinishReason::Length);
     }
     if matches!(
         finished,
         Some(
-            FinishReason::Length | FinishReason::Stop(StopCause::Eos(_) | StopCause::StopToken(_))
+            FinishReason::Length
+                | FinishReason::Stop(
+                    StopCause::Eos(_) | StopCause::StopToken(_) | StopCause::Constraint
+                )
         )
     ) {
         // Release what the decoder and the stop matcher held back; a stop string may still

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use crate::config::EngineConfig;
 use crate::engine;
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
+use crate::structured::{ChoiceConstraint, Structured};
 use crate::text::TextTools;
 
 /// One chat message for [`EngineHandle::apply_chat_template`]: a role and its text
@@ -62,6 +63,8 @@ pub(crate) struct AdmittedRequest {
     /// token and one `Finished` per choice, so at most `n * (max_tokens + 1)` events, and
     /// `max_tokens` is capped by the context length at submit.
     pub(crate) events: UnboundedSender<GenerateEvent>,
+    /// The compiled `sampling.constraint`, at the start of the output (each choice clones it).
+    pub(crate) constraint: Option<ChoiceConstraint>,
 }
 
 /// Facts about the loaded model, fixed for the engine's life.
@@ -96,6 +99,9 @@ struct Inner {
     shared: Arc<SharedState>,
     next_request_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The vocabulary trie structured outputs compile against, built by the first request
+    /// that asks for one (most servers never do).
+    structured: OnceLock<Result<Structured, String>>,
 }
 
 /// A running engine. Clone it freely; every clone talks to the same engine thread.
@@ -141,6 +147,7 @@ impl EngineHandle {
                 shared,
                 next_request_id: AtomicU64::new(0),
                 thread: Mutex::new(Some(started.thread)),
+                structured: OnceLock::new(),
             }),
         })
     }
@@ -194,6 +201,7 @@ impl EngineHandle {
             return Err(SubmitError::NotReady);
         }
         self.validate(&request)?;
+        let constraint = self.compile_constraint(&request)?;
         let queue_waiting_max = self.inner.config.queue_waiting_max;
         // Reserve a waiting slot first so concurrent submits cannot overshoot the bound.
         let reserved =
@@ -211,6 +219,7 @@ impl EngineHandle {
             id,
             request,
             events,
+            constraint,
         }));
         match self.inner.commands.try_send(command) {
             Ok(()) => Ok((id, receiver)),
@@ -308,6 +317,35 @@ impl EngineHandle {
             )));
         }
         Ok(())
+    }
+
+    /// Compiles the request's structured-output constraint, if it has one. Compiling takes
+    /// microseconds to milliseconds (a large schema); the first one also builds the vocabulary
+    /// trie (tens of milliseconds).
+    fn compile_constraint(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Option<ChoiceConstraint>, SubmitError> {
+        let Some(constraint) = &request.sampling.constraint else {
+            return Ok(None);
+        };
+        let structured = self.inner.structured.get_or_init(|| {
+            let info = &self.inner.info;
+            Structured::new(
+                Arc::clone(&self.inner.text.tokenizer),
+                info.vocab_size,
+                &info.eos_token_ids,
+            )
+        });
+        let structured = structured.as_ref().map_err(|e| {
+            SubmitError::Invalid(format!(
+                "structured outputs are unavailable for this model: {e}"
+            ))
+        })?;
+        structured
+            .compile(constraint)
+            .map(Some)
+            .map_err(|e| SubmitError::Invalid(format!("invalid output constraint: {e}")))
     }
 
     /// Aborts a request: its choices finish with `FinishReason::Abort` and their KV blocks are

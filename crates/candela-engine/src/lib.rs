@@ -14,6 +14,7 @@ mod handle;
 pub mod metrics;
 pub mod sampler;
 pub mod stop;
+mod structured;
 mod text;
 
 pub use config::{EngineConfig, EngineDevice, KvCacheDtype};

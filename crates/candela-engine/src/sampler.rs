@@ -104,6 +104,18 @@ impl ChoiceSampler {
         logits: &mut [f32],
         scratch: &mut SamplerScratch,
     ) -> (TokenId, Option<TokenLogprob>) {
+        self.sample_masked(logits, scratch, |_| {})
+    }
+
+    /// [`Self::sample`] with `mask` run on the processed logits just before the choice (a
+    /// structured output's constraint sets the logits of disallowed tokens to -inf there). The
+    /// reported log-probabilities stay those of the raw logits, as vLLM reports them.
+    pub fn sample_masked(
+        &mut self,
+        logits: &mut [f32],
+        scratch: &mut SamplerScratch,
+        mask: impl FnOnce(&mut [f32]),
+    ) -> (TokenId, Option<TokenLogprob>) {
         assert!(!logits.is_empty(), "an empty logits row");
         let raw = self.params.logprobs.map(|k| {
             let normalizer = log_sum_exp(logits);
@@ -114,6 +126,9 @@ impl ChoiceSampler {
         // (`Vec::new` does not allocate until a push.)
         let mut changed: Vec<(TokenId, f32)> = Vec::new();
         self.apply_processors(logits, raw.is_some().then_some(&mut changed));
+        // The mask only ever lowers logits to -inf, and never the chosen token's (it is
+        // allowed), so the chosen token's raw logit is still recovered below.
+        mask(logits);
         let token = if self.is_greedy() {
             argmax(logits)
         } else {
@@ -493,6 +508,28 @@ mod tests {
         // Tie between ids 1 and 3: the lower id first.
         assert_eq!(logprob.top[1].0, 1);
         assert!((logprob.top[0].1 - (2.0 - lse)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_mask_runs_after_the_processors_and_leaves_logprobs_raw() {
+        let mut p = params(0.0);
+        p.logprobs = Some(1);
+        p.logit_bias = vec![(0, 5.0)];
+        let mut sampler = ChoiceSampler::new(p, 0, &[]);
+        let mut scratch = SamplerScratch::default();
+        let raw = [1.0f32, 3.0, 2.0];
+        let mut row = raw.to_vec();
+        // Bias makes 0 the argmax (6.0); the mask then removes 0 and 1: 2 is chosen.
+        let (token, logprob) = sampler.sample_masked(&mut row, &mut scratch, |logits| {
+            assert_eq!(logits[0], 6.0, "the bias was applied before the mask");
+            logits[0] = f32::NEG_INFINITY;
+            logits[1] = f32::NEG_INFINITY;
+        });
+        assert_eq!(token, 2);
+        let lse = raw.iter().map(|l| l.exp()).sum::<f32>().ln();
+        let logprob = logprob.expect("logprobs requested");
+        assert!((logprob.logprob - (2.0 - lse)).abs() < 1e-5);
+        assert_eq!(logprob.top[0].0, 1, "the top alternative is the raw one");
     }
 
     #[test]

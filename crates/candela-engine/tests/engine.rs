@@ -12,8 +12,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candela_engine::api::{
-    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopCause, SubmitError, TokenId,
-    Usage,
+    FinishReason, GenerateEvent, GenerateRequest, OutputConstraint, SamplingParams, StopCause,
+    SubmitError, TokenId, Usage,
 };
 use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -641,4 +641,218 @@ fn tokens_picked_on_the_device_equal_host_sampling() {
         device.iter().map(key).collect::<Vec<_>>(),
         host.iter().map(key).collect::<Vec<_>>()
     );
+}
+
+/// The chat prompt of one user message.
+fn chat_prompt(engine: &EngineHandle, user: &str) -> Vec<TokenId> {
+    let text = engine
+        .apply_chat_template(&[candela_engine::ChatMessage::new("user", user)], true)
+        .expect("the model has a chat template");
+    engine.tokenize(&text, false).expect("tokenizes")
+}
+
+fn constrained(constraint: OutputConstraint, sampling: SamplingParams) -> SamplingParams {
+    SamplingParams {
+        constraint: Some(constraint),
+        ..sampling
+    }
+}
+
+/// Whether a constrained choice ended because its output was complete (EOS allowed by the
+/// constraint, or nothing more allowed at all).
+fn completed(output: &ChoiceOutput) -> bool {
+    matches!(
+        output.reason,
+        FinishReason::Stop(StopCause::Eos(_) | StopCause::Constraint)
+    )
+}
+
+#[test]
+fn a_json_schema_constrains_greedy_and_sampled_outputs() {
+    let engine = shared_engine();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3}
+        },
+        "required": ["name", "age", "pets"],
+        "additionalProperties": false
+    });
+    let prompt = chat_prompt(
+        engine,
+        "Describe a person as JSON with a name, an age and pets.",
+    );
+    let constraint = OutputConstraint::JsonSchema(schema.to_string());
+    let greedy_out = generate(
+        engine,
+        request(&prompt, constrained(constraint.clone(), greedy(96))),
+    );
+    let mut sampled_request = request(
+        &prompt,
+        constrained(
+            constraint,
+            SamplingParams {
+                ignore_eos: false,
+                ..sampled(11, 96)
+            },
+        ),
+    );
+    sampled_request.n = NonZeroU32::new(4).expect("4 > 0");
+    let outputs: Vec<ChoiceOutput> = greedy_out
+        .into_iter()
+        .chain(generate(engine, sampled_request))
+        .collect();
+    for output in &outputs {
+        assert!(completed(output), "{output:?}");
+        let value: serde_json::Value = serde_json::from_str(&output.text)
+            .unwrap_or_else(|e| panic!("{:?} is not JSON: {e}", output.text));
+        let object = value.as_object().expect("an object");
+        assert_eq!(object.len(), 3, "{value}");
+        let name = object["name"].as_str().expect("a string name");
+        assert!(name.chars().count() <= 20, "{name:?}");
+        let age = object["age"].as_i64().expect("an integer age");
+        assert!((0..=150).contains(&age), "{age}");
+        let pets = object["pets"].as_array().expect("an array");
+        assert!(pets.len() <= 3);
+        assert!(pets.iter().all(|p| p == "cat" || p == "dog"), "{pets:?}");
+    }
+}
+
+#[test]
+fn json_object_choice_and_regex_constraints_hold() {
+    let engine = shared_engine();
+    let prompt = chat_prompt(engine, "Is the sky blue? Answer yes or no.");
+    let choice = OutputConstraint::Choice(vec!["yes".into(), "no".into(), "maybe so".into()]);
+    let out = generate(engine, request(&prompt, constrained(choice, greedy(16)))).remove(0);
+    assert!(completed(&out), "{out:?}");
+    assert!(
+        ["yes", "no", "maybe so"].contains(&out.text.as_str()),
+        "{:?}",
+        out.text
+    );
+
+    let prompt = chat_prompt(engine, "Give me a phone number.");
+    let regex = OutputConstraint::Regex("[0-9]{3}-[0-9]{4}".into());
+    let out = generate(engine, request(&prompt, constrained(regex, greedy(16)))).remove(0);
+    assert!(completed(&out), "{out:?}");
+    let digits: Vec<&str> = out.text.split('-').collect();
+    assert_eq!(digits.len(), 2, "{:?}", out.text);
+    assert!(
+        digits[0].len() == 3 && digits[1].len() == 4,
+        "{:?}",
+        out.text
+    );
+    assert!(out.text.chars().all(|c| c.is_ascii_digit() || c == '-'));
+
+    let prompt = chat_prompt(engine, "Return a JSON object describing a cat.");
+    let out = generate(
+        engine,
+        request(
+            &prompt,
+            constrained(OutputConstraint::JsonObject, greedy(200)),
+        ),
+    )
+    .remove(0);
+    // Greedy output may run into max_tokens inside a string; a completed one must parse.
+    assert!(out.text.trim_start().starts_with('{'), "{:?}", out.text);
+    if completed(&out) {
+        let value: serde_json::Value = serde_json::from_str(&out.text).expect("JSON");
+        assert!(value.is_object(), "{value}");
+    } else {
+        assert_eq!(out.reason, FinishReason::Length);
+    }
+
+    let lark = OutputConstraint::Lark(
+        "start: \"The answer is \" NUMBER \".\"\nNUMBER: /[1-9][0-9]?/".into(),
+    );
+    let prompt = chat_prompt(engine, "What is six times seven?");
+    let out = generate(engine, request(&prompt, constrained(lark, greedy(16)))).remove(0);
+    assert!(completed(&out), "{out:?}");
+    let number = out
+        .text
+        .strip_prefix("The answer is ")
+        .and_then(|t| t.strip_suffix('.'))
+        .unwrap_or_else(|| panic!("{:?}", out.text));
+    assert!(
+        number.parse::<u32>().is_ok_and(|n| (1..100).contains(&n)),
+        "{number:?}"
+    );
+}
+
+#[test]
+fn a_constrained_row_reports_raw_logprobs_beside_unconstrained_ones() {
+    let engine = shared_engine();
+    let prompt = chat_prompt(engine, "Is water wet? Answer yes or no.");
+    let with_logprobs = |constraint: Option<OutputConstraint>| SamplingParams {
+        logprobs: Some(2),
+        constraint,
+        ..greedy(1)
+    };
+    let outputs = generate_concurrently(
+        engine,
+        vec![
+            request(&prompt, with_logprobs(None)),
+            request(
+                &prompt,
+                with_logprobs(Some(OutputConstraint::Choice(vec!["no".into()]))),
+            ),
+        ],
+    );
+    let (free, forced) = (&outputs[0], &outputs[1]);
+    assert_eq!(forced.text, "no");
+    assert!(completed(forced), "{forced:?}");
+    // The forced token is the first of "no": its reported log-probability is the model's,
+    // computed before the mask (as vLLM reports it), not 0.
+    let (_, events) = engine
+        .submit(request(
+            &prompt,
+            with_logprobs(Some(OutputConstraint::Choice(vec!["no".into()]))),
+        ))
+        .expect("accepted");
+    let logprob = first_logprob(events);
+    assert!(logprob < 0.0, "{logprob}");
+    assert_eq!(free.usage.completion_tokens, 1);
+}
+
+/// The log-probability of the first emitted token.
+fn first_logprob(mut events: UnboundedReceiver<GenerateEvent>) -> f32 {
+    while let Some(event) = events.blocking_recv() {
+        if let GenerateEvent::Delta { logprobs, .. } = event {
+            return logprobs.first().expect("logprobs were asked for").logprob;
+        }
+    }
+    panic!("no delta");
+}
+
+#[test]
+fn invalid_constraints_are_rejected_at_submit() {
+    let engine = shared_engine();
+    let prompt = chat_prompt(engine, "Hi");
+    for (constraint, words) in [
+        (OutputConstraint::JsonSchema("{not json".into()), "not JSON"),
+        (
+            OutputConstraint::JsonSchema("[1, 2]".into()),
+            "object or a boolean",
+        ),
+        (
+            OutputConstraint::JsonSchema(r#"{"type": "no-such-type"}"#.into()),
+            "",
+        ),
+        (OutputConstraint::Regex("([a-z]".into()), ""),
+        (OutputConstraint::Choice(Vec::new()), "at least one choice"),
+        (OutputConstraint::Lark("start: undefined_rule".into()), ""),
+    ] {
+        match engine.submit(request(&prompt, constrained(constraint.clone(), greedy(4)))) {
+            Err(SubmitError::Invalid(message)) => {
+                assert!(message.contains(words), "{constraint:?}: {message}");
+                assert!(
+                    message.starts_with("invalid output constraint"),
+                    "{message}"
+                );
+            }
+            other => panic!("{constraint:?} was not rejected: {other:?}"),
+        }
+    }
 }
