@@ -71,6 +71,23 @@ pub struct CommonParams {
     pub user: Option<String>,
     /// Higher runs first when the scheduler runs by priority.
     pub priority: Option<i64>,
+    /// OpenAI's structured outputs: `{"type": "text" | "json_object" | "json_schema", ...}`.
+    /// Kept as JSON so that a malformed one gets a 400 naming what is wrong.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's extension: a JSON schema (an object, or a string holding one).
+    pub guided_json: Option<serde_json::Value>,
+    /// vLLM's extension: a regular expression the output matches.
+    pub guided_regex: Option<String>,
+    /// vLLM's extension: the output is one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// vLLM's extension: a grammar (llguidance's Lark syntax).
+    pub guided_grammar: Option<String>,
+    /// vLLM's newer form of the four above: `{"json" | "regex" | "choice" | "grammar": ...}`.
+    pub structured_outputs: Option<serde_json::Value>,
+    /// llama.cpp server's extension: a JSON schema.
+    pub json_schema: Option<serde_json::Value>,
+    /// llama.cpp server's GBNF grammar: refused with a pointer to `guided_grammar`.
+    pub grammar: Option<serde_json::Value>,
 }
 
 /// The content of a chat message: a string or a list of parts.

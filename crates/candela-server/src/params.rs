@@ -5,7 +5,8 @@
 
 use std::num::NonZeroU32;
 
-use candela_engine::api::{SamplingParams, TokenId};
+use candela_engine::api::{OutputConstraint, SamplingParams, TokenId};
+use serde_json::Value;
 
 use crate::backend::ChatMessage;
 use crate::error::ApiError;
@@ -209,6 +210,7 @@ pub fn plan(
             "stream_options is only allowed with stream: true",
         ));
     }
+    s.constraint = output_constraint(c)?;
     Ok(Plan {
         sampling: s,
         n,
@@ -217,6 +219,153 @@ pub fn plan(
         include_usage,
         return_token_ids: c.return_token_ids.unwrap_or(false),
     })
+}
+
+/// The structured-output constraint of a request, from whichever spelling it uses: OpenAI's
+/// `response_format`, vLLM's `guided_*` and `structured_outputs`, llama.cpp's `json_schema`.
+/// At most one may be given. The engine compiles it (a bad schema or regex is a 400 there).
+pub fn output_constraint(c: &CommonParams) -> Result<Option<OutputConstraint>, ApiError> {
+    if c.grammar.is_some() {
+        return Err(ApiError::invalid(
+            "grammar",
+            "GBNF grammars are not supported: give the grammar in Lark syntax as `guided_grammar`, or a JSON schema in `response_format`",
+        ));
+    }
+    let mut found: Vec<(&'static str, OutputConstraint)> = Vec::new();
+    if let Some(format) = &c.response_format {
+        if let Some(constraint) = response_format(format)? {
+            found.push(("response_format", constraint));
+        }
+    }
+    if let Some(schema) = &c.guided_json {
+        found.push(("guided_json", json_schema("guided_json", schema)?));
+    }
+    if let Some(regex) = &c.guided_regex {
+        found.push(("guided_regex", OutputConstraint::Regex(regex.clone())));
+    }
+    if let Some(choices) = &c.guided_choice {
+        found.push(("guided_choice", OutputConstraint::Choice(choices.clone())));
+    }
+    if let Some(grammar) = &c.guided_grammar {
+        found.push(("guided_grammar", OutputConstraint::Lark(grammar.clone())));
+    }
+    if let Some(spec) = &c.structured_outputs {
+        found.push(("structured_outputs", structured_outputs(spec)?));
+    }
+    if let Some(schema) = &c.json_schema {
+        found.push(("json_schema", json_schema("json_schema", schema)?));
+    }
+    match found.as_slice() {
+        [] | [_] => Ok(found.pop().map(|(_, constraint)| constraint)),
+        [_, (second, _), ..] => {
+            let names: Vec<&str> = found.iter().map(|(name, _)| *name).collect();
+            Err(ApiError::invalid(
+                second,
+                format!(
+                    "give at most one output constraint, got {}",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+/// OpenAI's `response_format`; `None` for plain text.
+fn response_format(format: &Value) -> Result<Option<OutputConstraint>, ApiError> {
+    const PARAM: &str = "response_format";
+    let kind = format.get("type").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            PARAM,
+            "response_format needs a `type`: text, json_object or json_schema",
+        )
+    })?;
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(OutputConstraint::JsonObject)),
+        "json_schema" => {
+            let spec = format.get("json_schema").ok_or_else(|| {
+                ApiError::invalid(
+                    PARAM,
+                    "response_format of type json_schema needs `json_schema: {name, schema}`",
+                )
+            })?;
+            match spec.get("schema") {
+                Some(schema) => json_schema(PARAM, schema).map(Some),
+                // OpenAI's `schema` is optional: without one, any JSON value.
+                None => Ok(Some(OutputConstraint::JsonSchema("{}".into()))),
+            }
+        }
+        other => Err(ApiError::invalid(
+            PARAM,
+            format!("response_format type must be text, json_object or json_schema, got {other:?}"),
+        )),
+    }
+}
+
+/// A JSON schema given as an object (or `true`/`false`), or as a string holding one (vLLM).
+fn json_schema(param: &'static str, schema: &Value) -> Result<OutputConstraint, ApiError> {
+    match schema {
+        Value::String(text) => Ok(OutputConstraint::JsonSchema(text.clone())),
+        Value::Object(_) | Value::Bool(_) => Ok(OutputConstraint::JsonSchema(schema.to_string())),
+        _ => Err(ApiError::invalid(
+            param,
+            format!("{param}: a JSON schema must be an object"),
+        )),
+    }
+}
+
+/// vLLM's `structured_outputs`: exactly one of `json`, `regex`, `choice`, `grammar` or
+/// `json_object: true`.
+fn structured_outputs(spec: &Value) -> Result<OutputConstraint, ApiError> {
+    const PARAM: &str = "structured_outputs";
+    let invalid = |message: String| ApiError::invalid(PARAM, message);
+    let fields = spec
+        .as_object()
+        .ok_or_else(|| invalid("structured_outputs must be an object".into()))?;
+    let mut found = Vec::new();
+    for (key, value) in fields {
+        let text = || {
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| invalid(format!("structured_outputs.{key} must be a string")))
+        };
+        match key.as_str() {
+            "json" => found.push(json_schema(PARAM, value)?),
+            "regex" => found.push(OutputConstraint::Regex(text()?)),
+            "grammar" => found.push(OutputConstraint::Lark(text()?)),
+            "choice" => {
+                let choices = value
+                    .as_array()
+                    .and_then(|items| {
+                        items
+                            .iter()
+                            .map(|c| c.as_str().map(str::to_owned))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| {
+                        invalid("structured_outputs.choice must be a list of strings".into())
+                    })?;
+                found.push(OutputConstraint::Choice(choices));
+            }
+            "json_object" => match value {
+                Value::Bool(true) => found.push(OutputConstraint::JsonObject),
+                Value::Bool(false) | Value::Null => {}
+                _ => return Err(invalid("structured_outputs.json_object must be a boolean".into())),
+            },
+            other => {
+                return Err(invalid(format!(
+                    "structured_outputs.{other} is not supported (json, regex, choice, grammar, json_object)"
+                )))
+            }
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(invalid(format!(
+            "structured_outputs needs exactly one of json, regex, choice, grammar, json_object; got {n}"
+        ))),
+    }
 }
 
 /// Chat logprobs: `logprobs: true` plus `top_logprobs` in 0..=20.
@@ -361,6 +510,124 @@ mod tests {
         assert_eq!(p.sampling, SamplingParams::default());
         assert_eq!(p.n.get(), 1);
         assert!(!p.stream);
+    }
+
+    fn constraint_of(json: &str) -> Result<Option<OutputConstraint>, Option<String>> {
+        let c: CommonParams = serde_json::from_str(json).map_err(|e| Some(e.to_string()))?;
+        output_constraint(&c).map_err(|e| e.body().error.param)
+    }
+
+    #[test]
+    fn every_spelling_of_an_output_constraint_is_read() {
+        use OutputConstraint::*;
+        let schema = r#"{"type":"object"}"#;
+        for (json, expected) in [
+            (r#"{}"#.to_string(), None),
+            (r#"{"response_format": {"type": "text"}}"#.into(), None),
+            (
+                r#"{"response_format": {"type": "json_object"}}"#.into(),
+                Some(JsonObject),
+            ),
+            (
+                format!(
+                    r#"{{"response_format": {{"type": "json_schema", "json_schema": {{"name": "x", "schema": {schema}}}}}}}"#
+                ),
+                Some(JsonSchema(schema.into())),
+            ),
+            (
+                r#"{"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}"#
+                    .into(),
+                Some(JsonSchema("{}".into())),
+            ),
+            (
+                format!(r#"{{"guided_json": {schema}}}"#),
+                Some(JsonSchema(schema.into())),
+            ),
+            (
+                r#"{"guided_json": "{\"type\": \"string\"}"}"#.into(),
+                Some(JsonSchema(r#"{"type": "string"}"#.into())),
+            ),
+            (r#"{"guided_regex": "a+"}"#.into(), Some(Regex("a+".into()))),
+            (
+                r#"{"guided_choice": ["a", "b"]}"#.into(),
+                Some(Choice(vec!["a".into(), "b".into()])),
+            ),
+            (
+                r#"{"guided_grammar": "start: \"x\""}"#.into(),
+                Some(Lark(r#"start: "x""#.into())),
+            ),
+            (
+                r#"{"structured_outputs": {"regex": "b+"}}"#.into(),
+                Some(Regex("b+".into())),
+            ),
+            (
+                r#"{"structured_outputs": {"choice": ["c"]}}"#.into(),
+                Some(Choice(vec!["c".into()])),
+            ),
+            (
+                r#"{"structured_outputs": {"json_object": true}}"#.into(),
+                Some(JsonObject),
+            ),
+            (
+                format!(r#"{{"json_schema": {schema}}}"#),
+                Some(JsonSchema(schema.into())),
+            ),
+        ] {
+            assert_eq!(constraint_of(&json), Ok(expected), "{json}");
+        }
+    }
+
+    #[test]
+    fn bad_or_conflicting_output_constraints_name_their_parameter() {
+        for (json, param) in [
+            (r#"{"response_format": {}}"#, "response_format"),
+            (
+                r#"{"response_format": {"type": "yaml"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_schema"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}}"#,
+                "response_format",
+            ),
+            (r#"{"guided_json": [1]}"#, "guided_json"),
+            (r#"{"grammar": "root ::= \"x\""}"#, "grammar"),
+            (r#"{"structured_outputs": 1}"#, "structured_outputs"),
+            (r#"{"structured_outputs": {}}"#, "structured_outputs"),
+            (
+                r#"{"structured_outputs": {"regex": 1}}"#,
+                "structured_outputs",
+            ),
+            (
+                r#"{"structured_outputs": {"choice": [1]}}"#,
+                "structured_outputs",
+            ),
+            (
+                r#"{"structured_outputs": {"yaml": "x"}}"#,
+                "structured_outputs",
+            ),
+            (
+                r#"{"structured_outputs": {"regex": "a", "grammar": "b"}}"#,
+                "structured_outputs",
+            ),
+            (
+                r#"{"response_format": {"type": "json_object"}, "guided_regex": "a"}"#,
+                "guided_regex",
+            ),
+        ] {
+            assert_eq!(constraint_of(json), Err(Some(param.to_string())), "{json}");
+        }
+        // The constraint travels in the plan's sampling parameters.
+        let p =
+            plan(&common(r#"{"guided_regex": "x"}"#), None, None, 100).map_err(|e| e.to_string());
+        let Ok(p) = p else { panic!("{p:?}") };
+        assert_eq!(
+            p.sampling.constraint,
+            Some(OutputConstraint::Regex("x".into()))
+        );
     }
 
     #[test]
