@@ -15,7 +15,7 @@
 //! All mutable state lives on this thread: no locks around the model or the scheduler. The
 //! handle shares only atomics (readiness, the waiting-request count) and the metrics.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -31,6 +31,7 @@ use candela_scheduler::{
 use candle_core::{DType, Device, Storage, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
+use rayon::prelude::*;
 
 use crate::api::{
     FinishReason, GenerateEvent, RequestId, StopCause, Timings, TokenId, TokenLogprob, Usage,
@@ -40,7 +41,7 @@ use crate::error::EngineError;
 use crate::handle::{AdmittedRequest, EngineCommand, ModelInfo, SharedState};
 use crate::sampler::{ChoiceSampler, SamplerScratch};
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::structured::{Advance, ChoiceConstraint};
+use crate::structured::{Advance, ChoiceConstraint, TokenMask};
 use crate::text::TextTools;
 
 /// Tokens of the warm-up sequence: enough to run every kernel of a prefill.
@@ -746,6 +747,7 @@ impl EngineCore {
     /// Samples every sampled sequence of the batch, emits its events and fills `outputs`.
     fn sample_batch(&mut self, batch: &ScheduledBatch, outputs: &mut Vec<StepOutput>) {
         let vocab_size = self.info.vocab_size;
+        let mut masks = self.constraint_masks(batch);
         // Sampled rows follow the sampled sequences in batch order; host logit rows follow the
         // rows the device did not reduce, in the same order.
         let mut host_row = 0;
@@ -771,6 +773,7 @@ impl EngineCore {
                 state,
                 index,
                 pick,
+                masks.remove(&seq.seq_id),
                 &mut self.scratch,
                 &self.info.eos_token_ids,
                 now,
@@ -789,6 +792,43 @@ impl EngineCore {
                 }
             }
         }
+    }
+
+    /// The token masks of this step's constrained rows, computed in parallel (llguidance
+    /// takes tenths of a millisecond a row, which one thread would add up over a batch).
+    fn constraint_masks(
+        &mut self,
+        batch: &ScheduledBatch,
+    ) -> HashMap<SeqId, Result<TokenMask, String>> {
+        let any_constrained = self
+            .requests
+            .values()
+            .any(|state| state.choices.iter().any(|c| c.constraint.is_some()));
+        if !any_constrained {
+            return HashMap::new();
+        }
+        let sampled: HashSet<SeqId> = batch
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.seq_id)
+            .collect();
+        // Every unfinished constrained choice sampled this step, each borrowed on its own.
+        let constrained: Vec<(SeqId, &mut ChoiceConstraint)> = self
+            .requests
+            .values_mut()
+            .flat_map(|state| state.choices.iter_mut())
+            .filter(|choice| !choice.finished && sampled.contains(&choice.seq_id))
+            .filter_map(|choice| Some((choice.seq_id, choice.constraint.as_mut()?)))
+            .collect();
+        if constrained.len() < 2 {
+            // One row: computed where it is sampled, without waking the pool.
+            return HashMap::new();
+        }
+        constrained
+            .into_par_iter()
+            .map(|(seq_id, constraint)| (seq_id, constraint.compute_mask()))
+            .collect()
     }
 
     /// Ends one choice (its sequence already left the scheduler) with `reason`.
@@ -877,10 +917,12 @@ struct ChoiceStep {
 }
 
 /// Samples, detokenizes and checks the stop conditions of one choice, and sends its `Delta`.
+#[allow(clippy::too_many_arguments)]
 fn step_choice(
     state: &mut RequestState,
     index: usize,
     pick: Pick<'_>,
+    mask: Option<Result<TokenMask, String>>,
     scratch: &mut SamplerScratch,
     eos_token_ids: &[TokenId],
     now: Instant,
@@ -891,9 +933,15 @@ fn step_choice(
     let (token, logprob) = match pick {
         Pick::Logits(logits) => match choice.constraint.as_mut() {
             None => choice.sampler.sample(logits, scratch),
-            Some(constraint) => choice.sampler.sample_masked(logits, scratch, |row| {
-                constraint_error = constraint.mask(row).err();
-            }),
+            Some(constraint) => match mask.unwrap_or_else(|| constraint.compute_mask()) {
+                Ok(mask) => choice
+                    .sampler
+                    .sample_masked(logits, scratch, |row| mask.apply(row)),
+                Err(error) => {
+                    constraint_error = Some(error);
+                    choice.sampler.sample(logits, scratch)
+                }
+            },
         },
         Pick::Token(token) => (token, None),
     };

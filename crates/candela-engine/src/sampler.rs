@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
+use candela_kernels::sampling::softmax_weights;
+
 use crate::api::{SamplingParams, TokenId, TokenLogprob};
 
 /// Below this temperature sampling is greedy: dividing by it would overflow, and every client
@@ -26,10 +28,12 @@ const TEMPERATURE_GREEDY_MAX: f32 = 1e-5;
 /// Buffers reused across sampling calls (one per engine).
 #[derive(Debug, Default)]
 pub struct SamplerScratch {
-    /// Candidate token ids after truncation.
-    candidates: Vec<u32>,
+    /// Candidate tokens after truncation.
+    candidates: Vec<RankKey>,
     /// Probabilities, indexed like the vocabulary row.
     probs: Vec<f32>,
+    /// The candidates' weights, in candidate order.
+    weights: Vec<f32>,
 }
 
 /// The sampling state of one choice: its parameters, RNG and the token counts penalties need.
@@ -201,123 +205,199 @@ impl ChoiceSampler {
     /// Temperature, top-k, top-p and min-p, then one draw from the RNG.
     fn draw(&mut self, logits: &[f32], scratch: &mut SamplerScratch) -> TokenId {
         let inv_temperature = 1.0 / self.params.temperature;
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = row_max(logits);
         if !max.is_finite() {
             // Every token masked (or NaN logits): nothing to draw from; fall back to argmax so
             // the choice still ends (on length) rather than failing the batch.
             return argmax(logits);
         }
         let probs = &mut scratch.probs;
-        probs.clear();
-        probs.extend(logits.iter().map(|&l| ((l - max) * inv_temperature).exp()));
-        // exp(NaN) is NaN: treat it as impossible.
-        for p in probs.iter_mut() {
-            if p.is_nan() {
-                *p = 0.0;
+        // Masked (-inf) and NaN logits weigh exactly 0: they can never be drawn.
+        softmax_weights(logits, max, inv_temperature, probs);
+        let min_p = self.params.min_p;
+        if min_p > 0.0 {
+            // The top token weighs exactly exp(0) = 1 before normalization, so min-p compares
+            // unnormalized weights with min_p directly; it always keeps the top token.
+            for p in probs.iter_mut() {
+                *p = if *p >= min_p { *p } else { 0.0 };
             }
         }
-
         let top_k = self.params.top_k.map(|k| k.get() as usize);
-        let truncate_by_rank = top_k.is_some_and(|k| k < probs.len()) || self.params.top_p < 1.0;
-        let min_p = self.params.min_p;
+        let top_p = self.params.top_p;
         // One uniform draw per token, taken up front so the RNG stream does not depend on the
         // path below.
         let u: f32 = self.rng.random::<f32>();
 
-        if !truncate_by_rank {
-            let threshold = if min_p > 0.0 { min_p } else { 0.0 };
-            // The top token has probability weight exp(0) = 1 before normalization, so min-p
-            // compares unnormalized weights with min_p directly.
-            let total: f32 = probs.iter().filter(|&&p| p >= threshold).sum();
-            return inverse_cdf(
-                probs
-                    .iter()
-                    .copied()
-                    .enumerate()
-                    .filter(|(_, p)| *p >= threshold),
-                u * total,
-            )
-            .unwrap_or_else(|| argmax(logits));
+        if !(top_k.is_some_and(|k| k < probs.len()) || top_p < 1.0) {
+            return draw_weighted(probs, u).map_or_else(|| argmax(logits), |i| i as TokenId);
         }
 
-        // Rank-based truncation: sort candidates by probability (descending, then by id so ties
-        // are deterministic).
+        // Rank-based truncation over the candidates ordered by weight (descending, then by id,
+        // a total order, so ties are deterministic): top-k, then top-p. Candidates are
+        // `RankKey`s, so selection compares plain integers.
         let candidates = &mut scratch.candidates;
         candidates.clear();
-        candidates.extend((0..probs.len() as u32).filter(|&i| probs[i as usize] > 0.0));
-        let by_prob_desc = |a: &u32, b: &u32| {
-            probs[*b as usize]
-                .total_cmp(&probs[*a as usize])
-                .then(a.cmp(b))
-        };
+        candidates.extend(
+            probs
+                .iter()
+                .zip(0u32..)
+                .filter(|(&p, _)| p > 0.0)
+                .map(|(&p, id)| RankKey::new(p, id)),
+        );
         if let Some(k) = top_k {
             if k < candidates.len() {
-                candidates.select_nth_unstable_by(k.saturating_sub(1), by_prob_desc);
+                candidates.select_nth_unstable_by(k.saturating_sub(1), |a, b| b.cmp(a));
                 candidates.truncate(k);
             }
         }
-        candidates.sort_unstable_by(by_prob_desc);
-        if min_p > 0.0 {
-            // Weights are relative to the top token's (which is 1).
-            let keep = candidates
-                .iter()
-                .take_while(|&&i| probs[i as usize] >= min_p)
-                .count()
-                .max(1);
-            candidates.truncate(keep);
-        }
-        let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
-        if self.params.top_p < 1.0 {
-            let mass_max = self.params.top_p * total;
-            let mut mass = 0.0f32;
-            let mut keep = 0;
-            for &i in candidates.iter() {
-                keep += 1;
-                mass += probs[i as usize];
-                if mass >= mass_max {
-                    break;
-                }
-            }
+        if top_p < 1.0 {
+            let total = weight_sum(candidates.iter().map(|c| c.weight()));
+            let keep = nucleus_len(candidates, top_p * total);
             candidates.truncate(keep.max(1));
         }
-        let total: f32 = candidates.iter().map(|&i| probs[i as usize]).sum();
-        inverse_cdf(
-            candidates.iter().map(|&i| (i as usize, probs[i as usize])),
-            u * total,
-        )
-        .or_else(|| candidates.first().map(|&i| i as usize as u32))
-        .unwrap_or_else(|| argmax(logits))
+        let weights = &mut scratch.weights;
+        weights.clear();
+        weights.extend(candidates.iter().map(|c| c.weight()));
+        draw_weighted(weights, u)
+            .and_then(|j| candidates.get(j).map(|c| c.id()))
+            .unwrap_or_else(|| argmax(logits))
     }
 }
 
-/// The first index whose cumulative weight passes `target` (the last one on rounding).
-fn inverse_cdf(weights: impl Iterator<Item = (usize, f32)>, target: f32) -> Option<TokenId> {
-    let mut cumulative = 0.0f32;
-    let mut last = None;
-    for (i, w) in weights {
-        cumulative += w;
-        last = Some(i as TokenId);
-        if cumulative > target {
-            return last;
+/// Elements in a block of [`draw_weighted`]'s scan, [`argmax`]'s search and of the part of a
+/// nucleus [`nucleus_len`] sorts.
+const BLOCK: usize = 256;
+/// Independent partial sums (maxima) of the row reductions, so that they vectorise.
+const LANES: usize = 16;
+
+/// Sum of `weights` in [`LANES`] partial sums.
+fn weight_sum(weights: impl Iterator<Item = f32>) -> f32 {
+    let mut lanes = [0f32; LANES];
+    for (j, w) in weights.enumerate() {
+        lanes[j % LANES] += w;
+    }
+    lanes.iter().sum()
+}
+
+/// Sum of a slice in [`LANES`] partial sums.
+fn slice_sum(weights: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = weights.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (l, &w) in lanes.iter_mut().zip(c) {
+            *l += w;
         }
     }
-    last
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Draws an index with probability proportional to its weight, `u` uniform in [0, 1): the
+/// first index whose cumulative weight passes `u` times the total (the last positive weight
+/// on rounding). Block sums first, then one block scanned: the cumulative sum is a chain of
+/// dependent adds, 4 cycles each, which over a whole vocabulary would dominate sampling.
+/// `None` when no weight is positive.
+fn draw_weighted(weights: &[f32], u: f32) -> Option<usize> {
+    let total = slice_sum(weights);
+    let target = u * total;
+    let mut cumulative = 0.0f32;
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let block_sum = slice_sum(block);
+        if cumulative + block_sum > target {
+            let mut running = cumulative;
+            for (j, &w) in block.iter().enumerate() {
+                running += w;
+                if running > target && w > 0.0 {
+                    return Some(b * BLOCK + j);
+                }
+            }
+            // Rounding: the element-wise adds fell just short of the block's sum; go on.
+        }
+        cumulative += block_sum;
+    }
+    weights.iter().rposition(|&w| w > 0.0)
+}
+
+/// A candidate token as one integer that orders like (weight, then lower id): a positive
+/// f32's bits order like its value, and the complemented id puts lower ids higher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct RankKey(u64);
+
+impl RankKey {
+    fn new(weight: f32, id: TokenId) -> Self {
+        Self((u64::from(weight.to_bits()) << 32) | u64::from(!id))
+    }
+
+    fn weight(self) -> f32 {
+        f32::from_bits((self.0 >> 32) as u32)
+    }
+
+    fn id(self) -> TokenId {
+        !(self.0 as u32)
+    }
+}
+
+/// Moves the nucleus of `candidates` to their front and returns its length: the fewest
+/// highest-ranked candidates whose weights add up to `needed`. Repeated selection (expected
+/// linear time) instead of sorting a whole vocabulary; the nucleus stays unordered, which a
+/// draw does not need.
+fn nucleus_len(candidates: &mut [RankKey], needed: f32) -> usize {
+    let by_weight_desc = |a: &RankKey, b: &RankKey| b.cmp(a);
+    // Invariant: candidates[..lo] are in the nucleus and precede everything after them in the
+    // order; `need` is the weight the nucleus needs beyond theirs; it ends at or before `hi`.
+    let (mut lo, mut hi, mut need) = (0, candidates.len(), needed);
+    while hi - lo > BLOCK {
+        let mid = lo + (hi - lo) / 2;
+        candidates[lo..hi].select_nth_unstable_by(mid - lo, by_weight_desc);
+        let upper = weight_sum(candidates[lo..mid].iter().map(|c| c.weight()));
+        if upper >= need {
+            hi = mid;
+        } else {
+            need -= upper;
+            lo = mid;
+        }
+    }
+    let rest = &mut candidates[lo..hi];
+    rest.sort_unstable_by(by_weight_desc);
+    let mut mass = 0.0f32;
+    for (j, c) in rest.iter().enumerate() {
+        mass += c.weight();
+        if mass >= need {
+            return lo + j + 1;
+        }
+    }
+    hi
+}
+
+/// The largest value, NaNs ignored; -inf when there is none.
+fn row_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            // `v > l` is false for NaN: NaNs never win. (A select, so it vectorises.)
+            *l = if v > *l { v } else { *l };
+        }
+    }
+    lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// Index of the largest value, the first one on ties; NaNs are never chosen unless everything is
 /// NaN (then 0).
 pub fn argmax(values: &[f32]) -> TokenId {
-    let mut best_index = 0usize;
-    let mut best = f32::NEG_INFINITY;
-    let mut found = false;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best || (!found && v == best) {
-            best = v;
-            best_index = i;
-            found = true;
-        }
-    }
-    best_index as TokenId
+    let max = row_max(values);
+    // The first block holding the maximum (a branch-free test per block), then its position.
+    let index = values
+        .chunks(BLOCK)
+        .enumerate()
+        .find(|(_, block)| block.iter().fold(false, |found, &v| found | (v == max)))
+        .and_then(|(b, block)| Some(b * BLOCK + block.iter().position(|&v| v == max)?))
+        .unwrap_or(0);
+    index as TokenId
 }
 
 /// `log(sum(exp(x)))`, computed stably.
@@ -410,6 +490,64 @@ mod tests {
         let counts = histogram(&mut ChoiceSampler::new(p, 1, &[]), &logits, 400);
         assert_eq!(counts[0] + counts[2] + counts[3], 0, "{counts:?}");
         assert!(counts[1] > 0 && counts[4] > 0, "{counts:?}");
+    }
+
+    /// The nucleus of `logits` at `top_p` by the definition: sort everything, keep the
+    /// smallest prefix reaching the mass (sums in f64).
+    fn nucleus(logits: &[f32], top_p: f64) -> Vec<usize> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| weights[b].total_cmp(&weights[a]).then(a.cmp(&b)));
+        let needed = top_p * weights.iter().sum::<f64>();
+        let mut mass = 0.0;
+        let keep = order
+            .iter()
+            .position(|&i| {
+                mass += weights[i];
+                mass >= needed
+            })
+            .map_or(order.len(), |p| p + 1);
+        order.truncate(keep);
+        order
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_draws_only_from_the_nucleus() {
+        // Peaked rows (the nucleus is a few tokens) and flat ones (thousands: the weight cutoff
+        // has to come down several times before it holds the mass).
+        let mut rng = ChaCha12Rng::seed_from_u64(7);
+        for (case, spread) in [8.0f32, 2.0, 0.05, 0.0].into_iter().enumerate() {
+            let logits: Vec<f32> = (0..50_000).map(|_| rng.random::<f32>() * spread).collect();
+            for top_p in [0.5f32, 0.9, 0.99] {
+                let inside = nucleus(&logits, f64::from(top_p));
+                let mut allowed = vec![false; logits.len()];
+                for &i in &inside {
+                    allowed[i] = true;
+                }
+                let mut p = params(1.0);
+                p.top_p = top_p;
+                let mut sampler = ChoiceSampler::new(p, case as u64, &[]);
+                let mut scratch = SamplerScratch::default();
+                let mut drawn = std::collections::HashSet::new();
+                for _ in 0..200 {
+                    let token = sampler.sample(&mut logits.clone(), &mut scratch).0 as usize;
+                    assert!(
+                        allowed[token],
+                        "spread {spread} top_p {top_p}: {token} is outside the nucleus of {}",
+                        inside.len()
+                    );
+                    drawn.insert(token);
+                }
+                // Draws spread over the nucleus, not just its head.
+                assert!(
+                    drawn.len() >= inside.len().min(40),
+                    "{} of {}",
+                    drawn.len(),
+                    inside.len()
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use candela_models::tokenizer::Tokenizer;
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{JsonCompileOptions, Matcher, ParserFactory};
 
 use crate::api::{OutputConstraint, TokenId};
@@ -179,17 +179,43 @@ impl std::fmt::Debug for ChoiceConstraint {
     }
 }
 
-impl ChoiceConstraint {
-    /// Sets every logit the constraint does not allow next to -inf. End-of-sequence tokens are
-    /// allowed exactly when the output is complete.
-    pub(crate) fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        let allowed = self.matcher.compute_mask().map_err(|e| e.to_string())?;
-        allowed.iter_unset_entries(|token| {
-            if let Some(logit) = logits.get_mut(token) {
-                *logit = f32::NEG_INFINITY;
+/// The tokens a constraint allows next.
+pub(crate) struct TokenMask(SimpleVob);
+
+impl TokenMask {
+    /// Sets every logit the mask does not allow to -inf: 32 tokens a mask word, branch-free
+    /// (a callback per disallowed token, most of a vocabulary, costs more than the mask).
+    pub(crate) fn apply(&self, logits: &mut [f32]) {
+        let words = self.0.as_slice();
+        let mut chunks = logits.chunks_mut(32);
+        for (chunk, &word) in chunks.by_ref().zip(words) {
+            if word == u32::MAX {
+                continue;
             }
-        });
-        Ok(())
+            for (j, logit) in chunk.iter_mut().enumerate() {
+                *logit = if (word >> j) & 1 != 0 {
+                    *logit
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+        // Tokens past the mask's end are not allowed either.
+        for chunk in chunks {
+            chunk.fill(f32::NEG_INFINITY);
+        }
+    }
+}
+
+impl ChoiceConstraint {
+    /// The tokens allowed next: end-of-sequence tokens exactly when the output is complete.
+    /// Tenths of a millisecond for a JSON schema over a 50k vocabulary: the engine computes
+    /// the masks of a step's constrained rows in parallel.
+    pub(crate) fn compute_mask(&mut self) -> Result<TokenMask, String> {
+        self.matcher
+            .compute_mask()
+            .map(TokenMask)
+            .map_err(|e| e.to_string())
     }
 
     /// Advances past the sampled `token`. An end-of-sequence token ends the output and is

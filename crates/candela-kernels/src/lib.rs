@@ -9,6 +9,7 @@ pub mod fused;
 pub mod kv_cache;
 pub mod norm;
 pub mod quant;
+pub mod sampling;
 
 pub use attention::{paged_attention, write_kv, AttentionMetadata};
 pub use error::KernelError;
