@@ -52,6 +52,16 @@ pub struct Args {
     /// Most tokens per reply.
     #[arg(long, default_value_t = 128)]
     max_tokens: u32,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling mass of every request.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// OpenAI `response_format` of every request: JSON text, or `@FILE` holding it (e.g.
+    /// `{"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}`).
+    #[arg(long)]
+    response_format: Option<String>,
     /// Built-in prompts.
     #[arg(long, value_enum, default_value_t = PromptSet::ShortChat)]
     prompts: PromptSet,
@@ -91,14 +101,15 @@ impl Prompt {
         }
     }
 
-    fn body(&self, model: &str, max_tokens: u32) -> Value {
+    fn body(&self, model: &str, shape: &Value) -> Value {
         let mut body = json!({
             "model": model,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
             "stream": true,
             "stream_options": {"include_usage": true},
         });
+        if let (Some(body), Some(shape)) = (body.as_object_mut(), shape.as_object()) {
+            body.extend(shape.clone());
+        }
         match self {
             Self::Chat(messages) => body["messages"] = messages.clone(),
             Self::Completion(prompt) => body["prompt"] = json!(prompt),
@@ -242,6 +253,9 @@ struct Report {
     url: String,
     model: String,
     max_tokens: u32,
+    /// The sampling fields every request carried (`max_tokens`, `temperature`, ...).
+    #[serde(default)]
+    sampling: Value,
     prompts: String,
     levels: Vec<Level>,
 }
@@ -284,12 +298,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map_or_else(String::new, |v| v.get_name().to_owned()),
         ),
     };
+    let sampling = sampling_fields(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(bench(&args, &requests, prompts, prompts_name))?;
+    let report = runtime.block_on(bench(&args, &requests, prompts, prompts_name, sampling))?;
     print_table(&report);
     if let Some(path) = &args.json_out {
         let text = serde_json::to_string_pretty(&report).context("serializing the results")?;
@@ -301,11 +316,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The request fields `--max-tokens`, `--temperature`, `--top-p` and `--response-format` set.
+fn sampling_fields(args: &Args) -> anyhow::Result<Value> {
+    let mut fields = json!({"max_tokens": args.max_tokens, "temperature": args.temperature});
+    if let Some(top_p) = args.top_p {
+        fields["top_p"] = json!(top_p);
+    }
+    if let Some(format) = &args.response_format {
+        let text = match format.strip_prefix('@') {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading --response-format {path}"))?,
+            None => format.clone(),
+        };
+        fields["response_format"] =
+            serde_json::from_str(&text).context("--response-format is not JSON")?;
+    }
+    Ok(fields)
+}
+
 async fn bench(
     args: &Args,
     requests: &[usize],
     prompts: Vec<Prompt>,
     prompts_name: String,
+    sampling: Value,
 ) -> anyhow::Result<Report> {
     let base = args.url.trim_end_matches('/').to_owned();
     let client = reqwest::Client::builder()
@@ -318,6 +352,7 @@ async fn bench(
         None => first_model(&client, &base).await?,
     };
     let prompts = Arc::new(prompts);
+    let shape = Arc::new(sampling.clone());
     let mut levels = Vec::new();
     for (&concurrency, &count) in args.concurrency.iter().zip(requests) {
         eprintln!("concurrency {concurrency}: {count} requests");
@@ -325,7 +360,7 @@ async fn bench(
             &client,
             &base,
             &model,
-            args.max_tokens,
+            Arc::clone(&shape),
             Arc::clone(&prompts),
             concurrency,
             count,
@@ -341,6 +376,7 @@ async fn bench(
         url: base,
         model,
         max_tokens: args.max_tokens,
+        sampling,
         prompts: prompts_name,
         levels,
     })
@@ -370,7 +406,7 @@ async fn run_level(
     client: &reqwest::Client,
     base: &str,
     model: &str,
-    max_tokens: u32,
+    shape: Arc<Value>,
     prompts: Arc<Vec<Prompt>>,
     concurrency: usize,
     count: usize,
@@ -380,6 +416,7 @@ async fn run_level(
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(count) {
         let (client, next, prompts) = (client.clone(), Arc::clone(&next), Arc::clone(&prompts));
+        let shape = Arc::clone(&shape);
         let (base, model) = (base.to_owned(), model.to_owned());
         workers.spawn(async move {
             let mut results = Vec::new();
@@ -390,7 +427,7 @@ async fn run_level(
                     break;
                 }
                 let prompt = &prompts[index % prompts.len()];
-                results.push(one_request(&client, &base, &model, max_tokens, prompt).await);
+                results.push(one_request(&client, &base, &model, &shape, prompt).await);
             }
             results
         });
@@ -454,14 +491,14 @@ async fn one_request(
     client: &reqwest::Client,
     base: &str,
     model: &str,
-    max_tokens: u32,
+    shape: &Value,
     prompt: &Prompt,
 ) -> Result<Sample, String> {
     let started = Instant::now();
     let send = || {
         client
             .post(format!("{base}{}", prompt.path()))
-            .json(&prompt.body(model, max_tokens))
+            .json(&prompt.body(model, shape))
             .send()
     };
     let response = match send().await {
@@ -594,8 +631,8 @@ fn find_event_end(buffer: &[u8]) -> Option<(usize, usize)> {
 
 fn print_table(report: &Report) {
     println!(
-        "{} ({} prompts, max_tokens {})",
-        report.label, report.prompts, report.max_tokens
+        "{} ({} prompts, {})",
+        report.label, report.prompts, report.sampling
     );
     println!(
         "{:>5} {:>5} {:>4} {:>7} {:>8} | {:>27} | {:>20} | {:>20} | {:>27}",
