@@ -39,7 +39,7 @@ use crate::api::{
 use crate::config::{EngineConfig, EngineDevice};
 use crate::error::EngineError;
 use crate::handle::{AdmittedRequest, EngineCommand, ModelInfo, SharedState};
-use crate::sampler::{ChoiceSampler, SamplerScratch};
+use crate::sampler::{argmax, ChoiceSampler, SamplerScratch};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::structured::{Advance, ChoiceConstraint, TokenMask};
 use crate::text::TextTools;
@@ -1123,8 +1123,11 @@ fn logits_to_host(
     if on_device.len() != rows {
         candle_core::bail!("{} row flags for {rows} logit rows", on_device.len());
     }
-    // On the CPU candle keeps the first of equal maxima, as the host sampler does; its CUDA
-    // reduction may pick another of exactly equal maxima (a tie of f32 logits, rare).
+    if cpu_rows_to_host(logits, on_device, tokens, host)? {
+        return Ok(());
+    }
+    // On a GPU candle's reduction may pick another of exactly equal maxima than the host
+    // sampler's first one (a tie of f32 logits, rare).
     let ids = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
     let mut to_host = Vec::new();
     for (row, (&device, &id)) in on_device.iter().zip(&ids).enumerate() {
@@ -1143,6 +1146,53 @@ fn logits_to_host(
     }
     let index = Tensor::new(to_host.as_slice(), logits.device())?;
     copy_logits_to_host(&logits.index_select(&index, 0)?, host)
+}
+
+/// [`logits_to_host`] for f32 logits in CPU memory: rows are read in place, the argmax rows
+/// with the sampler's vectorised [`argmax`] (in parallel over rows; candle's reduction is one
+/// scalar loop, 2 ms a step at batch 48). `false` when the logits are elsewhere.
+fn cpu_rows_to_host(
+    logits: &Tensor,
+    on_device: &[bool],
+    tokens: &mut Vec<Option<TokenId>>,
+    host: &mut Vec<f32>,
+) -> candle_core::Result<bool> {
+    if logits.dtype() != DType::F32 {
+        return Ok(false);
+    }
+    let (storage, layout) = logits.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(false);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(false);
+    };
+    let data = &cpu.as_slice::<f32>()?[start..end];
+    let vocab = logits.dim(1)?;
+    if vocab == 0 {
+        candle_core::bail!("logits of an empty vocabulary");
+    }
+    let rows: Vec<&[f32]> = data.chunks_exact(vocab).collect();
+    // A few rows are not worth waking the pool for (~15 us each).
+    let argmaxes: Vec<Option<TokenId>> = if rows.len() >= 4 {
+        rows.par_iter()
+            .zip(on_device)
+            .map(|(row, &device)| device.then(|| argmax(row)))
+            .collect()
+    } else {
+        rows.iter()
+            .zip(on_device)
+            .map(|(row, &device)| device.then(|| argmax(row)))
+            .collect()
+    };
+    host.clear();
+    for ((row, &device), id) in rows.iter().zip(on_device).zip(argmaxes) {
+        tokens.push(id);
+        if !device {
+            host.extend_from_slice(row);
+        }
+    }
+    Ok(true)
 }
 
 /// Copies `[rows, vocab]` f32 logits into `host` (resized), reusing its allocation on CPU.
@@ -1269,5 +1319,21 @@ mod tests {
         assert!(host.is_empty());
 
         assert!(logits_to_host(&logits, &[true, false], &mut tokens, &mut host).is_err());
+
+        // Enough rows for the parallel path; NaN never wins, the first of equal maxima does.
+        let rows: Vec<f32> = (0..5 * 300)
+            .map(|i| match (i / 300, i % 300) {
+                (r, c) if c == 17 + 40 * r => 9.0,
+                (r, c) if c == 200 + r => 9.0,
+                (_, 3) => f32::NAN,
+                (_, c) => (c as f32 * 0.1).sin(),
+            })
+            .collect();
+        let logits = Tensor::from_vec(rows.clone(), (5, 300), &Device::Cpu).expect("tensor");
+        let flags = [true, true, false, true, true];
+        logits_to_host(&logits, &flags, &mut tokens, &mut host).expect("splits");
+        assert_eq!(tokens, [Some(17), Some(57), None, Some(137), Some(177)]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&host), bits(&rows[600..900]), "the host row, NaN included");
     }
 }
