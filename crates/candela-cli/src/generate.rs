@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use candela_engine::api::{
-    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, StopCause, SubmitError, Timings,
+    FinishReason, GenerateEvent, GenerateRequest, OutputConstraint, SamplingParams, StopCause,
+    SubmitError, Timings,
 };
 use candela_engine::{ChatMessage, EngineConfig, EngineHandle};
 use serde_json::{json, Value};
@@ -63,6 +64,15 @@ pub struct Args {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Constrain the output to JSON valid under this JSON schema (a file, or the JSON itself).
+    #[arg(long, group = "constraint")]
+    json_schema: Option<String>,
+    /// Constrain the output to match this regular expression.
+    #[arg(long, group = "constraint")]
+    regex: Option<String>,
+    /// Constrain the output to a sentence of this Lark grammar (a file).
+    #[arg(long, group = "constraint")]
+    grammar_file: Option<PathBuf>,
     /// Memory for the KV cache, in MiB (CPU).
     #[arg(long, default_value_t = 256)]
     kv_cache_memory_mib: u64,
@@ -85,6 +95,28 @@ pub(crate) fn read_chat_template(path: Option<&std::path::Path>) -> anyhow::Resu
             .with_context(|| format!("reading the chat template {}", path.display()))
     })
     .transpose()
+}
+
+/// The `--json-schema`, `--regex` or `--grammar-file` constraint (clap allows one at most).
+fn output_constraint(args: &Args) -> anyhow::Result<Option<OutputConstraint>> {
+    if let Some(schema) = &args.json_schema {
+        let text = if schema.trim_start().starts_with('{') {
+            schema.clone()
+        } else {
+            std::fs::read_to_string(schema)
+                .with_context(|| format!("reading the --json-schema file {schema}"))?
+        };
+        return Ok(Some(OutputConstraint::JsonSchema(text)));
+    }
+    if let Some(regex) = &args.regex {
+        return Ok(Some(OutputConstraint::Regex(regex.clone())));
+    }
+    if let Some(path) = &args.grammar_file {
+        let grammar = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the --grammar-file {}", path.display()))?;
+        return Ok(Some(OutputConstraint::Lark(grammar)));
+    }
+    Ok(None)
 }
 
 /// Runs `candela generate`.
@@ -141,6 +173,7 @@ fn generate(
         max_tokens: Some(max_tokens),
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        constraint: output_constraint(args)?,
         ..SamplingParams::default()
     };
     let request = GenerateRequest {

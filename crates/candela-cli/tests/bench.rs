@@ -103,6 +103,12 @@ fn bench_against_our_server_reports_every_level() {
         "2,4",
         "--max-tokens",
         "8",
+        "--temperature",
+        "0.3",
+        "--top-p",
+        "0.9",
+        "--response-format",
+        r#"{"type": "json_object"}"#,
         "--label",
         "candela",
         "--json-out",
@@ -125,6 +131,10 @@ fn bench_against_our_server_reports_every_level() {
     // The model name came from GET /v1/models.
     assert_eq!(report["model"], "SmolLM2-135M-Instruct.Q4_1");
     assert_eq!(report["max_tokens"], 8);
+    assert_eq!(
+        report["sampling"],
+        serde_json::json!({"max_tokens": 8, "temperature": 0.3, "top_p": 0.9, "response_format": {"type": "json_object"}})
+    );
     let levels = report["levels"].as_array().expect("levels");
     assert_eq!(levels.len(), 2);
     for (level, (concurrency, requests)) in levels.iter().zip([(1, 2), (3, 4)]) {

@@ -1334,6 +1334,10 @@ mod tests {
         logits_to_host(&logits, &flags, &mut tokens, &mut host).expect("splits");
         assert_eq!(tokens, [Some(17), Some(57), None, Some(137), Some(177)]);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&host), bits(&rows[600..900]), "the host row, NaN included");
+        assert_eq!(
+            bits(&host),
+            bits(&rows[600..900]),
+            "the host row, NaN included"
+        );
     }
 }

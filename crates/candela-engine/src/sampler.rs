@@ -237,11 +237,29 @@ impl ChoiceSampler {
         // `RankKey`s, so selection compares plain integers.
         let candidates = &mut scratch.candidates;
         candidates.clear();
+        // Top-p alone keeps the heaviest tokens holding `needed` of the mass: only tokens at or
+        // above a weight cutoff that already holds it can be among them (everything lighter
+        // ranks after all of those), so only those become candidates. The cutoff starts high
+        // and comes down until it holds the mass; each try is one vectorised pass.
+        let mut needed = None;
+        let mut cutoff = f32::MIN_POSITIVE;
+        if top_k.is_none() && top_p < 1.0 {
+            let mass_needed = top_p * slice_sum(probs);
+            let mut c = 1e-2f32;
+            while c > f32::MIN_POSITIVE {
+                if mass_at_least(probs, c) >= mass_needed {
+                    cutoff = c;
+                    break;
+                }
+                c *= 1e-3;
+            }
+            needed = Some(mass_needed);
+        }
         candidates.extend(
             probs
                 .iter()
                 .zip(0u32..)
-                .filter(|(&p, _)| p > 0.0)
+                .filter(|(&p, _)| p > 0.0 && p >= cutoff)
                 .map(|(&p, id)| RankKey::new(p, id)),
         );
         if let Some(k) = top_k {
@@ -251,8 +269,10 @@ impl ChoiceSampler {
             }
         }
         if top_p < 1.0 {
-            let total = weight_sum(candidates.iter().map(|c| c.weight()));
-            let keep = nucleus_len(candidates, top_p * total);
+            // With top-k, the mass is the top k's.
+            let needed =
+                needed.unwrap_or_else(|| top_p * weight_sum(candidates.iter().map(|c| c.weight())));
+            let keep = nucleus_len(candidates, needed);
             candidates.truncate(keep.max(1));
         }
         let weights = &mut scratch.weights;
@@ -277,6 +297,19 @@ fn weight_sum(weights: impl Iterator<Item = f32>) -> f32 {
         lanes[j % LANES] += w;
     }
     lanes.iter().sum()
+}
+
+/// Sum of the weights that are at least `cutoff`, in [`LANES`] partial sums.
+fn mass_at_least(weights: &[f32], cutoff: f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let chunks = weights.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().filter(|&&w| w >= cutoff).sum();
+    for c in chunks {
+        for (l, &w) in lanes.iter_mut().zip(c) {
+            *l += if w >= cutoff { w } else { 0.0 };
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Sum of a slice in [`LANES`] partial sums.
