@@ -184,7 +184,7 @@ struct EngineCore {
     /// Logits of the sampled rows the host samples, `[rows, vocab]`, in batch order.
     logits_host: Vec<f32>,
     /// Where the last `run_model` spent its time (for the step trace).
-    model_times: ModelTimes,
+    step_times: StepTimes,
     block_tables_host: Vec<u32>,
     /// Host buffers of the step's inputs, reused from step to step.
     batch_builder: BatchBuilder,
@@ -308,7 +308,7 @@ impl EngineCore {
             rows_on_device: Vec::new(),
             device_tokens: Vec::new(),
             logits_host: Vec::new(),
-            model_times: ModelTimes::default(),
+            step_times: StepTimes::default(),
             block_tables_host: Vec::new(),
             batch_builder: BatchBuilder::default(),
             step_outputs: Vec::new(),
@@ -583,8 +583,8 @@ impl EngineCore {
             Ok(()) => {
                 let sampling = Instant::now();
                 self.sample_batch(&batch, &mut outputs);
-                self.model_times.schedule = now - start;
-                self.model_times.sample = sampling.elapsed();
+                self.step_times.schedule = now - start;
+                self.step_times.sample = sampling.elapsed();
             }
             Err(message) => {
                 tracing::error!(%message, "model step failed");
@@ -623,7 +623,7 @@ impl EngineCore {
             }
         }
         self.step_outputs = outputs;
-        let t = &self.model_times;
+        let t = &self.step_times;
         tracing::trace!(
             target: STEP_TRACE,
             seqs = batch.seqs.len(),
@@ -690,9 +690,9 @@ impl EngineCore {
             .map_err(|e| e.to_string())?;
         let num_sampled = inputs.num_sampled();
         let built = Instant::now();
-        self.model_times = ModelTimes {
+        self.step_times = StepTimes {
             inputs: built - start,
-            ..ModelTimes::default()
+            ..StepTimes::default()
         };
         if num_sampled == 0 {
             // Only non-final prefill chunks: their KV still has to be written.
@@ -708,7 +708,7 @@ impl EngineCore {
             .forward(&inputs, &mut self.kv)
             .map_err(|e| e.to_string())?;
         let forwarded = Instant::now();
-        self.model_times.forward = forwarded - built;
+        self.step_times.forward = forwarded - built;
         let dims = logits.dims();
         if dims != [num_sampled, self.info.vocab_size] {
             return Err(format!(
@@ -740,7 +740,7 @@ impl EngineCore {
             &mut self.logits_host,
         )
         .map_err(|e| e.to_string());
-        self.model_times.to_host = forwarded.elapsed();
+        self.step_times.to_host = forwarded.elapsed();
         copied
     }
 
@@ -889,7 +889,7 @@ const STEP_TRACE: &str = "candela_engine::step";
 /// (the host's launch cost) and the copy to the host waits for them, so a `forward` close to
 /// the whole step means the step is bound by the host, a large `to_host` by the GPU.
 #[derive(Debug, Default, Clone, Copy)]
-struct ModelTimes {
+struct StepTimes {
     /// `Scheduler::schedule` and the first-schedule bookkeeping.
     schedule: std::time::Duration,
     /// Building and uploading the step's inputs.
