@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Greedy agreement of one running server with the llama.cpp reference records.
 
-For every record of ../shared/reference/smollm2-greedy.jsonl the server decodes the record's
+For every record of testdata/reference/smollm2-greedy.jsonl the server decodes the record's
 prompt token ids greedily; the record agrees when the output ids equal the reference's up to the
 first near-tie (top-1 and top-2 reference logprobs within MARGIN nats). Prints one JSON line:
 {"agree": n, "records": 42, "margin": m, "diverging": [[id, position, reference gap], ...]}.
@@ -17,7 +17,7 @@ import urllib.request
 
 from reference_ties import first_near_tie, top2_gaps
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "smollm2-greedy.jsonl")
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "testdata", "reference", "smollm2-greedy.jsonl")
 
 
 def post(url, body):

@@ -1,4 +1,4 @@
-"""Near-ties of the greedy reference records (../shared/reference/smollm2-greedy.jsonl), shared
+"""Near-ties of the greedy reference records (testdata/reference/smollm2-greedy.jsonl), shared
 by scripts/reference-agreement.py and scripts/gpu-e2e.py.
 
 `output_top_logprobs` may hold fewer entries than `output_token_ids` (a token that is an

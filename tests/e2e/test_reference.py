@@ -1,5 +1,5 @@
 """Greedy outputs over HTTP match llama.cpp's on the same model file, token for token, up to
-the first near-tie (see ../shared/reference/README.md)."""
+the first near-tie (see testdata/reference/README.md)."""
 
 import json
 

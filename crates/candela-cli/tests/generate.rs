@@ -11,7 +11,7 @@ fn model_path() -> PathBuf {
 
 fn reference(id: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/reference/smollm2-greedy.jsonl");
+        .join("../../testdata/reference/smollm2-greedy.jsonl");
     let text = std::fs::read_to_string(path).expect("the reference file exists");
     text.lines()
         .map(|line| serde_json::from_str::<Value>(line).expect("valid JSON line"))

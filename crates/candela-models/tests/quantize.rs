@@ -26,7 +26,10 @@ use candle_core::{Device, Tensor};
 use serde_json::Value;
 use support::{greedy, log_softmax_rows, new_cache, Blocks, GreedySeq, DEFAULT_MODEL};
 
-const REFERENCE: &str = "/work/shared/reference/smollm2-greedy.jsonl";
+const REFERENCE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../testdata/reference/smollm2-greedy.jsonl"
+);
 /// Tokens generated per prompt (the reference's max_tokens).
 const MAX_NEW: usize = 48;
 const NEAR_TIE_NATS: f32 = 0.1;

@@ -1,5 +1,5 @@
 //! Greedy decoding of the default model against llama.cpp's output for the same file
-//! (`/work/shared/reference/smollm2-greedy.jsonl`, see its README).
+//! (`testdata/reference/smollm2-greedy.jsonl`, see its README).
 //!
 //! Prompts are fed as the reference's token ids (no tokenizer involved), all 42 records
 //! decoded together in one batch. Output ids must equal the reference's up to the first
@@ -24,7 +24,10 @@ use candle_core::Device;
 use serde_json::Value;
 use support::{greedy, new_cache, Blocks, GreedySeq, DEFAULT_MODEL};
 
-const REFERENCE: &str = "/work/shared/reference/smollm2-greedy.jsonl";
+const REFERENCE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../testdata/reference/smollm2-greedy.jsonl"
+);
 const NEAR_TIE_NATS: f64 = 0.25;
 const EOS: u32 = 2;
 

@@ -1,5 +1,5 @@
 //! The tokenizer and chat template built from the default model's GGUF against llama.cpp's
-//! records (`shared/reference/smollm2-greedy.jsonl`, see its README): every record's prompt
+//! records (`testdata/reference/smollm2-greedy.jsonl`, see its README): every record's prompt
 //! ids, every chat record's rendered prompt, and every record's output text, decoded at once
 //! and incrementally.
 
@@ -24,8 +24,7 @@ fn model_path() -> PathBuf {
 }
 
 fn reference_path() -> PathBuf {
-    // shared/ sits beside the work tree, both here and in CI.
-    workspace_path("../shared/reference/smollm2-greedy.jsonl")
+    workspace_path("testdata/reference/smollm2-greedy.jsonl")
 }
 
 fn read_gguf() -> gguf_file::Content {
