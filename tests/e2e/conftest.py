@@ -20,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("CANDELA_BIN", REPO / "target" / "release" / "candela"))
 MODEL = Path(os.environ.get("CANDELA_MODEL", REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-REFERENCE = REPO.parent / "shared" / "reference" / "smollm2-greedy.jsonl"
+REFERENCE = REPO / "testdata" / "reference" / "smollm2-greedy.jsonl"
 READY_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
 API_KEY = "e2e-secret-key"
@@ -35,7 +35,7 @@ def free_port() -> int:
 class Server:
     """One `candela serve` process."""
 
-    def __init__(self, *extra_args: str):
+    def __init__(self, *extra_args: str, env: dict | None = None):
         if not BINARY.exists():
             pytest.fail(f"{BINARY} is missing: build it with `cargo build --release -p candela-cli`")
         self.port = free_port()
@@ -43,7 +43,8 @@ class Server:
         self.log = tempfile.NamedTemporaryFile(prefix="candela-e2e-", suffix=".log", delete=False)
         args = [str(BINARY), "serve", "--model", str(MODEL), "--host", "127.0.0.1",
                 "--port", str(self.port), *extra_args]
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
         self._wait_ready()
 
     def log_tail(self, lines: int = 40) -> str:

@@ -168,3 +168,43 @@ def test_tokenize_detokenize(server):
     assert d["prompt"].endswith("Hello world")
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}, timeout=30).json()
     assert chat["count"] > r["count"]
+
+
+def test_logprob_bytes_of_a_split_character(client, model_name):
+    """A character split across tokens reports each token's raw bytes, not U+FFFD's EF BF BD.
+    The regex makes the model spell two 4-byte characters, which no single token of this
+    vocabulary holds."""
+    text = "\U0001d11e\U0001d122"  # musical symbols G clef, F clef
+    r = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=16, temperature=0,
+                                       logprobs=True, top_logprobs=2,
+                                       extra_body={"guided_regex": text})
+    assert r.choices[0].message.content == text
+    content = r.choices[0].logprobs.content
+    pieces = [bytes(e.bytes) for e in content]
+    assert b"".join(pieces) == text.encode("utf-8"), pieces
+    assert b"\xef\xbf\xbd" not in b"".join(pieces)
+
+    def decodes(b: bytes) -> bool:
+        try:
+            b.decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+
+    assert any(not decodes(p) for p in pieces), f"no token split a character: {pieces}"
+    for entry in content:
+        for alt in entry.top_logprobs:
+            assert alt.bytes is not None
+
+
+def test_content_parts_reach_the_template_joined_by_newlines(client, model_name):
+    """Text parts are joined with "\\n" for a string-only template (vLLM's rule), never glued."""
+    def prompt_ids(content):
+        r = client.chat.completions.create(model=model_name, max_tokens=1, temperature=0,
+                                           messages=[{"role": "user", "content": content}],
+                                           extra_body={"return_token_ids": True}).to_dict()
+        return r["prompt_token_ids"]
+
+    parts = prompt_ids([{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}])
+    assert parts == prompt_ids("Hello\nworld")
+    assert parts != prompt_ids("Helloworld")

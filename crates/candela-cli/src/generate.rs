@@ -15,7 +15,7 @@ use candela_engine::api::{
     FinishReason, GenerateEvent, GenerateRequest, OutputConstraint, SamplingParams, StopCause,
     SubmitError, Timings,
 };
-use candela_engine::{ChatMessage, EngineConfig, EngineHandle};
+use candela_engine::{ChatMessage, ContentPart, EngineConfig, EngineHandle, MessageContent};
 use serde_json::{json, Value};
 
 /// How long the warm-up step may take before we give up.
@@ -259,23 +259,26 @@ fn parse_messages(json_text: &str) -> anyhow::Result<Vec<ChatMessage>> {
                 .get("role")
                 .and_then(Value::as_str)
                 .with_context(|| format!("--messages[{i}] has no string `role`"))?;
-            // String-only templates get list contents joined by newlines, as vLLM does.
+            // Parts stay parts: the template renders them, or joins them with newlines.
             let content = match item.get("content") {
-                Some(Value::String(text)) => text.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .enumerate()
-                    .map(|(j, part)| {
-                        match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                            (Some("text"), Some(Value::String(text))) => Ok(text.as_str()),
-                            _ => bail!(
-                                "--messages[{i}].content[{j}] must be {{\"type\": \"text\", \"text\": \"...\"}}"
-                            ),
-                        }
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?
-                    .join("\n"),
-                Some(Value::Null) | None => String::new(),
+                Some(Value::String(text)) => MessageContent::Text(text.clone()),
+                Some(Value::Array(parts)) => MessageContent::Parts(
+                    parts
+                        .iter()
+                        .enumerate()
+                        .map(|(j, part)| {
+                            match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                                (Some("text"), Some(Value::String(text))) => {
+                                    Ok(ContentPart::Text(text.clone()))
+                                }
+                                _ => bail!(
+                                    "--messages[{i}].content[{j}] must be {{\"type\": \"text\", \"text\": \"...\"}}"
+                                ),
+                            }
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                ),
+                Some(Value::Null) | None => MessageContent::Text(String::new()),
                 Some(_) => bail!("--messages[{i}].content must be a string or a list of parts"),
             };
             Ok(ChatMessage {
@@ -327,7 +330,13 @@ mod tests {
         .expect("valid messages");
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0], ChatMessage::new("system", "Be brief."));
-        assert_eq!(messages[1], ChatMessage::new("user", "Hi"));
+        assert_eq!(
+            messages[1],
+            ChatMessage {
+                role: "user".into(),
+                content: MessageContent::Parts(vec![ContentPart::Text("Hi".into())])
+            }
+        );
     }
 
     #[test]

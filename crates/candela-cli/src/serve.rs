@@ -70,6 +70,10 @@ pub struct Args {
     /// How long loading and warm-up may take before the server gives up.
     #[arg(long, default_value_t = 600)]
     ready_timeout_s: u64,
+    /// With requests pending, how long the engine may finish no step before `/health` says
+    /// 503 (stalled). Longer than the slowest step: a full prefill chunk takes seconds on a CPU.
+    #[arg(long, default_value_t = 60)]
+    health_stall_timeout_s: u64,
 }
 
 pub(crate) fn parse_device(device: &str) -> anyhow::Result<EngineDevice> {
@@ -113,6 +117,12 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
         queue_waiting_max: args.max_waiting,
         model_len_max: args.max_model_len,
         enable_prefix_caching: !args.no_prefix_caching,
+        step_stall_max: Duration::from_secs(args.health_stall_timeout_s.max(1)),
+        #[cfg(feature = "fault-injection")]
+        fault: match std::env::var("CANDELA_FAULT_INJECT") {
+            Ok(spec) => Some(spec.parse().map_err(|e: String| anyhow::anyhow!(e))?),
+            Err(_) => None,
+        },
         ..EngineConfig::default()
     })
 }

@@ -86,6 +86,107 @@ impl Default for SamplingParams {
     }
 }
 
+/// Most alternatives per token a request may ask for in logprobs (OpenAI's limit).
+pub const LOGPROBS_MAX: u32 = 20;
+/// Most stop strings per request.
+pub const STOP_STRINGS_MAX: usize = 16;
+/// Largest logit bias either way (OpenAI's range).
+pub const LOGIT_BIAS_MAX: f32 = 100.0;
+
+/// A sampling parameter outside its range: which one, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidParam {
+    /// The parameter's name as the OpenAI API spells it (`top_p`, `logit_bias`, ...).
+    pub param: &'static str,
+    /// What is wrong, with the value given.
+    pub message: String,
+}
+
+impl SamplingParams {
+    /// The one check of every range: the server calls it to answer a 400 naming the
+    /// parameter, and `EngineHandle::submit` calls it for every other caller.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), InvalidParam> {
+        let fail = |param: &'static str, message: String| Err(InvalidParam { param, message });
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            return fail("temperature", format!("temperature must be >= 0, got {t}"));
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            return fail("top_p", format!("top_p must be in (0, 1], got {p}"));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return fail(
+                "min_p",
+                format!("min_p must be in [0, 1], got {}", self.min_p),
+            );
+        }
+        let r = self.repetition_penalty;
+        if !(r.is_finite() && r > 0.0) {
+            return fail(
+                "repetition_penalty",
+                format!("repetition_penalty must be > 0, got {r}"),
+            );
+        }
+        for (param, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return fail(param, format!("{param} must be in [-2, 2], got {v}"));
+            }
+        }
+        for &(id, bias) in &self.logit_bias {
+            if id as usize >= vocab_size {
+                return fail(
+                    "logit_bias",
+                    format!(
+                        "logit_bias token id {id} is outside the vocabulary (size {vocab_size})"
+                    ),
+                );
+            }
+            if !(-LOGIT_BIAS_MAX..=LOGIT_BIAS_MAX).contains(&bias) {
+                return fail(
+                    "logit_bias",
+                    format!("logit_bias values must be in [-100, 100], got {bias}"),
+                );
+            }
+        }
+        if self.stop.len() > STOP_STRINGS_MAX {
+            return fail(
+                "stop",
+                format!(
+                    "at most {STOP_STRINGS_MAX} stop strings, got {}",
+                    self.stop.len()
+                ),
+            );
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return fail("stop", "stop strings must not be empty".into());
+        }
+        if let Some(&id) = self
+            .stop_token_ids
+            .iter()
+            .find(|&&id| id as usize >= vocab_size)
+        {
+            return fail(
+                "stop_token_ids",
+                format!("token id {id} is outside the vocabulary (0..{vocab_size})"),
+            );
+        }
+        if let Some(k) = self.logprobs {
+            if k > LOGPROBS_MAX {
+                return fail(
+                    "logprobs",
+                    format!("logprobs must be in 0..={LOGPROBS_MAX}, got {k}"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One generation request, already tokenized.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -216,10 +317,36 @@ pub enum SubmitError {
     /// Empty prompt or a token id outside the vocabulary (HTTP 400).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A sampling parameter outside its range (HTTP 400 naming it).
+    #[error("invalid request: {0}")]
+    InvalidParam(#[from] InvalidParam),
     /// Not warmed up yet (HTTP 503).
     #[error("the engine is not ready")]
     NotReady,
     /// The engine is draining for shutdown or has stopped (HTTP 503).
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// The engine failed (a forward pass errored or panicked) and serves nothing more
+    /// (HTTP 503; `/health` says so too, so an orchestrator restarts the process).
+    #[error("the engine has failed: {0}")]
+    EngineDead(String),
+}
+
+/// Whether the engine can serve: what `/health` reports. Only `Healthy` is a 200.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineHealth {
+    /// Loading the model or running the warm-up step.
+    Starting,
+    /// Serving.
+    Healthy,
+    /// Shutdown began: in-flight requests finish, new ones are refused.
+    Draining,
+    /// Work is pending and the engine has finished no step for this long (a hung kernel,
+    /// a deadlock): longer than `EngineConfig::step_stall_max`.
+    Stalled {
+        /// Milliseconds since the engine last made progress.
+        stalled_ms: u64,
+    },
+    /// The engine failed to warm up, or failed while serving, and stopped.
+    Dead(String),
 }

@@ -1,6 +1,8 @@
 //! Engine configuration: the model to load, the device, and a limit on everything (KV memory,
 //! running sequences, tokens per step, waiting requests, context length).
 
+use std::time::Duration;
+
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineDevice {
@@ -87,6 +89,13 @@ pub struct EngineConfig {
     pub greedy_on_device: Option<bool>,
     /// The KV cache's element type.
     pub kv_cache_dtype: KvCacheDtype,
+    /// With work pending, how long the engine may go without finishing a step before
+    /// [`crate::EngineHandle::health`] calls it stalled. Longer than the slowest legitimate
+    /// step (a full prefill chunk on a slow CPU takes seconds).
+    pub step_stall_max: Duration,
+    /// Test-only: make a forward pass fail on purpose (`fault-injection` feature).
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<crate::fault::Fault>,
 }
 
 impl Default for EngineConfig {
@@ -108,6 +117,9 @@ impl Default for EngineConfig {
             quantize: None,
             greedy_on_device: None,
             kv_cache_dtype: KvCacheDtype::Auto,
+            step_stall_max: Duration::from_secs(60),
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         }
     }
 }

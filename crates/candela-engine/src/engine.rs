@@ -65,6 +65,7 @@ pub(crate) fn spawn(
     let thread = std::thread::Builder::new()
         .name("candela-engine".into())
         .spawn(move || {
+            let _exit = ExitGuard(Arc::clone(&shared));
             let mut core = match EngineCore::load(&config, Arc::clone(&shared)) {
                 Ok(core) => {
                     // The receiver waits in `spawn`; it cannot be gone.
@@ -77,7 +78,10 @@ pub(crate) fn spawn(
                 }
             };
             match core.warm_up() {
-                Ok(()) => shared.ready.store(true, Ordering::Release),
+                Ok(()) => {
+                    shared.beat();
+                    shared.ready.store(true, Ordering::Release);
+                }
                 Err(error) => {
                     tracing::error!(%error, "engine warm-up failed");
                     if let Ok(mut slot) = shared.warmup_error.lock() {
@@ -88,8 +92,6 @@ pub(crate) fn spawn(
                 }
             }
             core.run(&commands);
-            shared.ready.store(false, Ordering::Release);
-            shared.accepting.store(false, Ordering::Release);
         })
         .map_err(|e| EngineError::Stopped(format!("spawning the engine thread: {e}")))?;
     match loaded_rx.recv() {
@@ -105,6 +107,30 @@ pub(crate) fn spawn(
             ))
         }
     }
+}
+
+/// Whatever way the engine thread ends, it stops being ready; a panic that escaped the step
+/// guard (in command handling, say) marks the engine failed, so `/health` and `submit` say so
+/// instead of waiting on a thread that is gone.
+struct ExitGuard(Arc<SharedState>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail("the engine thread panicked".into());
+        }
+        self.0.ready.store(false, Ordering::Release);
+        self.0.accepting.store(false, Ordering::Release);
+    }
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Per-choice state on the engine thread.
@@ -189,6 +215,8 @@ struct EngineCore {
     /// Host buffers of the step's inputs, reused from step to step.
     batch_builder: BatchBuilder,
     step_outputs: Vec<StepOutput>,
+    #[cfg(feature = "fault-injection")]
+    faults: crate::fault::FaultCounter,
 }
 
 impl EngineCore {
@@ -312,6 +340,8 @@ impl EngineCore {
             block_tables_host: Vec::new(),
             batch_builder: BatchBuilder::default(),
             step_outputs: Vec::new(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::fault::FaultCounter::new(config.fault),
         })
     }
 
@@ -357,15 +387,22 @@ impl EngineCore {
         Ok(())
     }
 
-    /// The step loop; returns when shut down (or every handle is gone) and nothing is left.
+    /// The step loop; returns when shut down (or every handle is gone) and nothing is left,
+    /// or when a step fails: then every request ends with the error and the engine is dead.
     fn run(&mut self, commands: &Receiver<EngineCommand>) {
         loop {
+            self.publish_progress();
             if !self.scheduler.has_unfinished() {
                 if self.shutdown_deadline.is_some() || self.commands_closed {
                     break;
                 }
-                // Idle: block until a command arrives.
-                match commands.recv() {
+                // Idle: block until a command arrives. No step is owed meanwhile, so the
+                // heartbeat's age says nothing.
+                self.shared.idle.store(true, Ordering::Release);
+                let received = commands.recv();
+                self.shared.beat();
+                self.shared.idle.store(false, Ordering::Release);
+                match received {
                     Ok(command) => self.handle_command(command),
                     Err(_) => self.commands_closed = true,
                 }
@@ -379,12 +416,74 @@ impl EngineCore {
                 }
             }
             if self.scheduler.has_unfinished() {
-                self.step();
+                // A panic inside a step leaves its state half-updated: the engine cannot go
+                // on, but every client must hear why rather than wait on a dead thread.
+                let stepped =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()))
+                        .unwrap_or_else(|payload| {
+                            Err(format!("the engine panicked: {}", panic_message(&*payload)))
+                        });
+                if let Err(fault) = stepped {
+                    self.die(fault, commands);
+                    return;
+                }
             }
             self.export_stats();
         }
         self.abort_all();
         self.export_stats();
+        self.publish_progress();
+    }
+
+    /// The heartbeat and the count of requests held, for `EngineHandle::health`.
+    fn publish_progress(&self) {
+        self.shared
+            .requests_held
+            .store(self.requests.len(), Ordering::Release);
+        self.shared.beat();
+    }
+
+    /// The engine failed: refuse new work, end every request it holds or has queued with the
+    /// error, and free their blocks.
+    fn die(&mut self, fault: String, commands: &Receiver<EngineCommand>) {
+        tracing::error!(%fault, "the engine failed; every request ends with an error");
+        self.shared.fail(fault.clone());
+        let reason = FinishReason::Error(fault);
+        // Events first: they need nothing of the scheduler, whose state a panic may have left
+        // half-updated.
+        for state in self.requests.values_mut() {
+            state.uncount_waiting(&self.shared);
+            finish_all(state, &reason, &self.shared);
+        }
+        while let Ok(command) = commands.try_recv() {
+            if let EngineCommand::Add(admitted) = command {
+                self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+                for index in 0..admitted.request.n.get() {
+                    let _ = admitted.events.send(GenerateEvent::Finished {
+                        index,
+                        reason: reason.clone(),
+                        usage: Usage {
+                            prompt_tokens: u32::try_from(admitted.request.prompt_token_ids.len())
+                                .unwrap_or(u32::MAX),
+                            completion_tokens: 0,
+                            cached_prompt_tokens: 0,
+                        },
+                        timings: Timings::default(),
+                    });
+                    self.shared.metrics.count_finished(&reason);
+                }
+            }
+        }
+        let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+            for id in ids {
+                self.abort_request(id, false);
+            }
+        }));
+        if freed.is_err() {
+            tracing::error!("freeing the failed engine's sequences panicked");
+        }
+        self.publish_progress();
     }
 
     fn drain_commands(&mut self, commands: &Receiver<EngineCommand>) {
@@ -561,8 +660,9 @@ impl EngineCore {
         }
     }
 
-    /// Runs one step: schedule, forward, sample, emit, update.
-    fn step(&mut self) {
+    /// Runs one step: schedule, forward, sample, emit, update. An error is a failed forward
+    /// pass: the engine cannot trust its device or cache any more (vLLM's EngineDeadError).
+    fn step(&mut self) -> Result<(), String> {
         let start = Instant::now();
         let batch = self.scheduler.schedule();
         let now = Instant::now();
@@ -574,41 +674,16 @@ impl EngineCore {
             if let Err(error) = self.scheduler.update_after_step(&[]) {
                 tracing::error!(%error, "scheduler rejected an empty step");
             }
-            return;
+            return Ok(());
         }
-        let logits = self.run_model(&batch);
+        self.run_model(&batch)
+            .map_err(|message| format!("a forward pass failed: {message}"))?;
         let mut outputs = std::mem::take(&mut self.step_outputs);
         outputs.clear();
-        match logits {
-            Ok(()) => {
-                let sampling = Instant::now();
-                self.sample_batch(&batch, &mut outputs);
-                self.step_times.schedule = now - start;
-                self.step_times.sample = sampling.elapsed();
-            }
-            Err(message) => {
-                tracing::error!(%message, "model step failed");
-                for seq in &batch.seqs {
-                    if seq.sample {
-                        outputs.push(StepOutput {
-                            seq_id: seq.seq_id,
-                            new_token: None,
-                            finished: true,
-                        });
-                    }
-                }
-                if let Err(error) = self.scheduler.update_after_step(&outputs) {
-                    tracing::error!(%error, "scheduler rejected the outputs of a failed step");
-                }
-                for seq in &batch.seqs {
-                    // Unsampled chunks are still queued in the scheduler: remove them too.
-                    self.scheduler.abort(seq.seq_id);
-                    self.finish_seq(seq.seq_id, FinishReason::Error(message.clone()));
-                }
-                self.step_outputs = outputs;
-                return;
-            }
-        }
+        let sampling = Instant::now();
+        self.sample_batch(&batch, &mut outputs);
+        self.step_times.schedule = now - start;
+        self.step_times.sample = sampling.elapsed();
         if let Err(error) = self.scheduler.update_after_step(&outputs) {
             // A bug in this loop: the outputs do not match the batch. Fail the batch's
             // sequences rather than leave the scheduler with a step in flight.
@@ -636,6 +711,7 @@ impl EngineCore {
             step_us = start.elapsed().as_micros() as u64,
             "step"
         );
+        Ok(())
     }
 
     /// First-schedule bookkeeping: queue time, cached prompt tokens, the waiting count.
@@ -689,6 +765,8 @@ impl EngineCore {
             .build(&chunks, self.block_size, &self.device)
             .map_err(|e| e.to_string())?;
         let num_sampled = inputs.num_sampled();
+        #[cfg(feature = "fault-injection")]
+        self.faults.before_forward()?;
         let built = Instant::now();
         self.step_times = StepTimes {
             inputs: built - start,

@@ -14,33 +14,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::api::{GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId};
+use crate::api::{EngineHealth, GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId};
 use crate::config::EngineConfig;
 use crate::engine;
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::structured::{ChoiceConstraint, Structured};
 use crate::text::TextTools;
-
-/// One chat message for [`EngineHandle::apply_chat_template`]: a role and its text
-/// (multi-part contents are joined by the caller).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    /// `system`, `user`, `assistant` or `tool`.
-    pub role: String,
-    /// The message text.
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A message from a role and its text.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
+use crate::ChatMessage;
 
 /// What the engine thread receives.
 pub(crate) enum EngineCommand {
@@ -88,7 +69,39 @@ pub(crate) struct SharedState {
     pub(crate) aborts_overflow: Mutex<Vec<RequestId>>,
     /// Why warm-up failed, if it did.
     pub(crate) warmup_error: Mutex<Option<String>>,
+    /// Why the engine failed while serving (a forward pass that errored or panicked, or the
+    /// thread's death); set once, never cleared: a failed engine serves nothing more.
+    pub(crate) fault: OnceLock<String>,
+    /// The heartbeat: when the engine thread last made progress (finished a step, took a
+    /// command, went idle), in milliseconds since `epoch`.
+    pub(crate) heartbeat_ms: AtomicU64,
+    /// The engine thread is blocked waiting for a command: no step is owed.
+    pub(crate) idle: AtomicBool,
+    /// Requests the engine thread holds (waiting in the scheduler or running).
+    pub(crate) requests_held: AtomicUsize,
+    pub(crate) epoch: Instant,
     pub(crate) metrics: EngineMetrics,
+}
+
+impl SharedState {
+    /// Milliseconds since `epoch`.
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records progress of the engine thread.
+    pub(crate) fn beat(&self) {
+        self.heartbeat_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// Marks the engine failed (the first reason wins) and refuses new work.
+    pub(crate) fn fail(&self, reason: String) {
+        if self.fault.set(reason).is_err() {
+            tracing::debug!("the engine had already failed");
+        }
+        self.accepting.store(false, Ordering::Release);
+        self.ready.store(false, Ordering::Release);
+    }
 }
 
 struct Inner {
@@ -154,6 +167,11 @@ impl EngineHandle {
             accepting: AtomicBool::new(true),
             aborts_overflow: Mutex::new(Vec::new()),
             warmup_error: Mutex::new(None),
+            fault: OnceLock::new(),
+            heartbeat_ms: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
+            requests_held: AtomicUsize::new(0),
+            epoch: Instant::now(),
             metrics,
         });
         let (commands, receiver) = std::sync::mpsc::sync_channel(config.queue_waiting_max);
@@ -227,6 +245,9 @@ impl EngineHandle {
         request: GenerateRequest,
     ) -> Result<(RequestId, UnboundedReceiver<GenerateEvent>), SubmitError> {
         let shared = &self.inner.shared;
+        if let Some(fault) = shared.fault.get() {
+            return Err(SubmitError::EngineDead(fault.clone()));
+        }
         if !shared.accepting.load(Ordering::Acquire) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -291,57 +312,7 @@ impl EngineHandle {
                 model_len_max: info.model_len_max,
             });
         }
-        let sampling = &request.sampling;
-        let checks: [(bool, &str); 7] = [
-            (
-                sampling.temperature.is_finite() && sampling.temperature >= 0.0,
-                "temperature must be a finite number >= 0",
-            ),
-            (
-                sampling.top_p > 0.0 && sampling.top_p <= 1.0,
-                "top_p must be in (0, 1]",
-            ),
-            (
-                (0.0..=1.0).contains(&sampling.min_p),
-                "min_p must be in [0, 1]",
-            ),
-            (
-                sampling.repetition_penalty.is_finite() && sampling.repetition_penalty > 0.0,
-                "repetition_penalty must be > 0",
-            ),
-            (
-                (-2.0..=2.0).contains(&sampling.frequency_penalty),
-                "frequency_penalty must be in [-2, 2]",
-            ),
-            (
-                (-2.0..=2.0).contains(&sampling.presence_penalty),
-                "presence_penalty must be in [-2, 2]",
-            ),
-            (
-                sampling.logit_bias.iter().all(|(_, b)| b.is_finite()),
-                "logit_bias values must be finite",
-            ),
-        ];
-        if let Some((_, message)) = checks.iter().find(|(ok, _)| !ok) {
-            return Err(SubmitError::Invalid((*message).into()));
-        }
-        if let Some((bad, _)) = sampling
-            .logit_bias
-            .iter()
-            .find(|(t, _)| *t as usize >= info.vocab_size)
-        {
-            return Err(SubmitError::Invalid(format!(
-                "logit_bias token id {bad} is outside the vocabulary (size {})",
-                info.vocab_size
-            )));
-        }
-        if let Some(k) = sampling.logprobs {
-            if k as usize > info.vocab_size {
-                return Err(SubmitError::Invalid(format!(
-                    "logprobs ({k}) exceeds the vocabulary size"
-                )));
-            }
-        }
+        request.sampling.validate(info.vocab_size)?;
         let n = request.n.get() as usize;
         if n > self.inner.config.seqs_running_max {
             return Err(SubmitError::Invalid(format!(
@@ -450,6 +421,44 @@ impl EngineHandle {
     pub fn is_ready(&self) -> bool {
         let shared = &self.inner.shared;
         shared.ready.load(Ordering::Acquire) && shared.accepting.load(Ordering::Acquire)
+    }
+
+    /// Whether the engine can serve, for `/health`: starting, healthy, draining, stalled
+    /// (work pending and no step finished for `step_stall_max`) or dead.
+    pub fn health(&self) -> EngineHealth {
+        let shared = &self.inner.shared;
+        if let Some(fault) = shared.fault.get() {
+            return EngineHealth::Dead(fault.clone());
+        }
+        if let Some(error) = self.warmup_error() {
+            return EngineHealth::Dead(format!("warm-up failed: {error}"));
+        }
+        if !shared.accepting.load(Ordering::Acquire) {
+            return EngineHealth::Draining;
+        }
+        if !shared.ready.load(Ordering::Acquire) {
+            return EngineHealth::Starting;
+        }
+        let pending = shared.waiting_requests.load(Ordering::Acquire) > 0
+            || shared.requests_held.load(Ordering::Acquire) > 0;
+        if pending && !shared.idle.load(Ordering::Acquire) {
+            let stalled_ms = shared
+                .now_ms()
+                .saturating_sub(shared.heartbeat_ms.load(Ordering::Acquire));
+            if u128::from(stalled_ms) > self.inner.config.step_stall_max.as_millis() {
+                return EngineHealth::Stalled { stalled_ms };
+            }
+        }
+        EngineHealth::Healthy
+    }
+
+    /// Requests submitted and not finished: waiting to be scheduled, or held by the engine.
+    /// Zero exactly when there are none (a request briefly counts in both places on its way
+    /// in: this is a drain signal, not a gauge).
+    pub fn requests_in_flight(&self) -> usize {
+        let shared = &self.inner.shared;
+        shared.waiting_requests.load(Ordering::Acquire)
+            + shared.requests_held.load(Ordering::Acquire)
     }
 
     /// The engine's metrics in the Prometheus text format.

@@ -10,6 +10,8 @@ pub mod api;
 mod config;
 mod engine;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 mod handle;
 pub mod metrics;
 pub mod sampler;
@@ -17,6 +19,9 @@ pub mod stop;
 mod structured;
 mod text;
 
+/// The one chat-message type, from the HTTP request to the chat template: parts stay parts
+/// until the template decides how to render them.
+pub use candela_models::chat_template::{ChatMessage, ContentPart, MessageContent};
 pub use config::{EngineConfig, EngineDevice, KvCacheDtype};
 pub use error::EngineError;
-pub use handle::{ChatMessage, EngineHandle};
+pub use handle::EngineHandle;

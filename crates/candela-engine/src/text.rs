@@ -7,14 +7,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candela_models::chat_template::{self, ChatTemplate, TemplateError};
+use candela_models::chat_template::{ChatTemplate, TemplateError};
 use candela_models::tokenizer::Tokenizer;
 use candela_models::ModelFiles;
 use candle_core::quantized::gguf_file;
 
 use crate::api::TokenId;
 use crate::error::EngineError;
-use crate::handle::ChatMessage;
+use crate::ChatMessage;
 
 /// Tokenizer and chat template of the loaded model.
 #[derive(Debug)]
@@ -122,12 +122,8 @@ impl TextTools {
             .chat_template
             .as_ref()
             .ok_or(EngineError::NoChatTemplate)?;
-        let messages: Vec<chat_template::ChatMessage> = messages
-            .iter()
-            .map(|m| chat_template::ChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect();
         template
-            .render(&messages, add_generation_prompt)
+            .render(messages, add_generation_prompt)
             .map_err(|e| EngineError::Template(e.to_string()))
     }
 

@@ -15,7 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use candela_engine::api::TokenId;
+use candela_engine::api::{EngineHealth, TokenId};
 use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::backend::Backend;
@@ -66,16 +66,19 @@ impl AppState {
 
     fn check_ready(&self) -> Result<(), ApiError> {
         if self.draining.load(Ordering::Relaxed) {
-            Err(ApiError::Unavailable(
+            return Err(ApiError::Unavailable(
                 "the server is shutting down".to_owned(),
-            ))
-        } else if !self.backend.is_ready() {
-            Err(ApiError::Unavailable(
-                "the model is not loaded yet".to_owned(),
-            ))
-        } else {
-            Ok(())
+            ));
         }
+        if let Some(message) = health_problem(self.backend.health()) {
+            return Err(ApiError::Unavailable(message));
+        }
+        if !self.backend.is_ready() {
+            return Err(ApiError::Unavailable(
+                "the model is not loaded yet".to_owned(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -157,8 +160,33 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// Liveness: 200 only while the engine can serve. 503 with an OpenAI-style body while the
+/// model loads and warms up, while draining after SIGTERM, and when the engine has failed or
+/// has finished no step for `step_stall_max` with work pending (vLLM #36960, #39863: a
+/// `/health` that says 200 over a dead engine keeps a broken replica in rotation).
+async fn health(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable(
+            "the server is shutting down".to_owned(),
+        ));
+    }
+    match health_problem(state.backend.health()) {
+        None => Ok(axum::Json(serde_json::json!({ "status": "ok" }))),
+        Some(message) => Err(ApiError::Unavailable(message)),
+    }
+}
+
+/// Why the engine cannot serve, or `None` when it can.
+fn health_problem(health: EngineHealth) -> Option<String> {
+    match health {
+        EngineHealth::Healthy => None,
+        EngineHealth::Starting => Some("the model is loading or warming up".to_owned()),
+        EngineHealth::Draining => Some("the server is shutting down".to_owned()),
+        EngineHealth::Stalled { stalled_ms } => Some(format!(
+            "the engine has made no progress for {stalled_ms} ms with requests pending"
+        )),
+        EngineHealth::Dead(reason) => Some(format!("the engine has failed: {reason}")),
+    }
 }
 
 async fn ready(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
@@ -415,8 +443,17 @@ async fn detokenize(
     Ok(axum::Json(DetokenizeResponse { prompt }).into_response())
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then stops accepting, lets
-/// in-flight requests finish for up to `drain_timeout`, and returns.
+/// How often the drain checks whether in-flight requests have finished.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Serves `state` on `listener` until `shutdown` resolves, then drains and returns.
+///
+/// Draining, in two phases within `drain_timeout`:
+/// 1. The server keeps accepting connections but answers `/health`, `/ready` and every new
+///    generation with 503, so a load balancer or Kubernetes takes the replica out of rotation
+///    while in-flight requests run to the end.
+/// 2. Once the backend holds no request (or the deadline passed), it stops accepting and
+///    waits for open connections (the last SSE chunks) to close.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -424,24 +461,32 @@ pub async fn serve(
     drain_timeout: Duration,
 ) -> std::io::Result<()> {
     let draining = Arc::clone(&state.draining);
-    let (began_tx, mut began_rx) = tokio::sync::watch::channel(false);
+    let backend = Arc::clone(&state.backend);
+    let (began_tx, mut began_rx) = tokio::sync::watch::channel(None::<Instant>);
     let signal = async move {
         shutdown.await;
         draining.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + drain_timeout;
+        let _ = began_tx.send(Some(deadline));
         tracing::info!(
             drain_timeout_s = drain_timeout.as_secs_f64(),
+            in_flight = backend.requests_in_flight(),
             "shutting down: draining in-flight requests"
         );
-        let _ = began_tx.send(true);
+        while backend.requests_in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        tracing::info!("in-flight requests done: closing the listener");
     };
     let server = axum::serve(listener, app(state))
         .with_graceful_shutdown(signal)
         .into_future();
     let deadline = async move {
-        if began_rx.wait_for(|began| *began).await.is_ok() {
-            tokio::time::sleep(drain_timeout).await;
-        } else {
-            std::future::pending::<()>().await;
+        match began_rx.wait_for(Option::is_some).await.map(|d| *d) {
+            Ok(Some(deadline)) => {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+            }
+            _ => std::future::pending::<()>().await,
         }
     };
     tokio::select! {

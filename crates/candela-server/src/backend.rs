@@ -11,21 +11,15 @@
 //! The tokenizer methods are synchronous and may take milliseconds on long inputs: handlers
 //! call them through `tokio::task::spawn_blocking`, never on the runtime's core threads.
 
-use candela_engine::api::{GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId};
+use candela_engine::api::{
+    EngineHealth, GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId,
+};
+use candela_engine::ChatMessage;
 use futures::stream::BoxStream;
 
 /// The events of one submitted request, in order; the stream ends after the last
 /// `Finished` event (or early when the backend dropped the request).
 pub type EventStream = BoxStream<'static, GenerateEvent>;
-
-/// A chat message as the chat template sees it: a role and its text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatMessage {
-    /// `system`, `user`, `assistant` or `tool`.
-    pub role: String,
-    /// The message text (multi-part contents are joined before they get here).
-    pub content: String,
-}
 
 /// A failure of a tokenizer or template call.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -77,6 +71,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// True once the model is loaded and warmed up, and until shutdown begins.
     fn is_ready(&self) -> bool;
+
+    /// Whether the engine can serve (`/health`): starting, healthy, draining, stalled or
+    /// dead. Cheap: a few atomic loads.
+    fn health(&self) -> EngineHealth;
+
+    /// Requests submitted and not yet finished (waiting or running): the drain on shutdown
+    /// waits for this to reach 0.
+    fn requests_in_flight(&self) -> usize;
 
     /// Prometheus text exposition of the engine's metrics.
     fn metrics_text(&self) -> String;

@@ -7,11 +7,13 @@
 
 use std::sync::OnceLock;
 
-use candela_engine::api::{GenerateRequest, RequestId, SubmitError, TokenId};
+use candela_engine::api::{EngineHealth, GenerateRequest, RequestId, SubmitError, TokenId};
 use candela_engine::{EngineError, EngineHandle};
 use futures::StreamExt;
 
-use crate::backend::{Backend, BackendError, ChatMessage, EventStream};
+use candela_engine::ChatMessage;
+
+use crate::backend::{Backend, BackendError, EventStream};
 
 /// The engine behind the HTTP API, set once it has loaded.
 #[derive(Debug, Default)]
@@ -86,17 +88,9 @@ impl Backend for EngineBackend {
     }
 
     fn token_bytes(&self, ids: &[TokenId]) -> Result<Vec<Vec<u8>>, BackendError> {
-        // The handle decodes to text only, so a token holding part of a multi-byte character
-        // shows as U+FFFD here rather than as its raw bytes.
-        let engine = self.loaded()?;
-        ids.iter()
-            .map(|&id| {
-                engine
-                    .detokenize(&[id])
-                    .map(String::into_bytes)
-                    .map_err(backend_error)
-            })
-            .collect()
+        // The raw bytes, never text decoded from them: a token holding part of a multi-byte
+        // character must report that part, not the bytes of U+FFFD.
+        self.loaded()?.token_bytes(ids).map_err(backend_error)
     }
 
     fn apply_chat_template(
@@ -104,15 +98,8 @@ impl Backend for EngineBackend {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, BackendError> {
-        let messages: Vec<candela_engine::ChatMessage> = messages
-            .iter()
-            .map(|m| candela_engine::ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
         self.loaded()?
-            .apply_chat_template(&messages, add_generation_prompt)
+            .apply_chat_template(messages, add_generation_prompt)
             .map_err(backend_error)
     }
 
@@ -132,6 +119,18 @@ impl Backend for EngineBackend {
         self.engine.get().is_some_and(EngineHandle::is_ready)
     }
 
+    fn requests_in_flight(&self) -> usize {
+        self.engine
+            .get()
+            .map_or(0, EngineHandle::requests_in_flight)
+    }
+
+    fn health(&self) -> EngineHealth {
+        self.engine
+            .get()
+            .map_or(EngineHealth::Starting, EngineHandle::health)
+    }
+
     fn metrics_text(&self) -> String {
         self.engine
             .get()
@@ -148,6 +147,7 @@ mod tests {
     fn a_loading_backend_is_not_ready() {
         let b = EngineBackend::loading();
         assert!(!b.is_ready());
+        assert_eq!(b.health(), EngineHealth::Starting);
         assert_eq!(b.vocab_size(), 0);
         assert!(matches!(b.tokenize("x", true), Err(BackendError::NotReady)));
         let request = GenerateRequest {

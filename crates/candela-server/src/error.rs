@@ -158,7 +158,10 @@ impl From<SubmitError> for ApiError {
                 message: m,
                 param: None,
             },
-            SubmitError::NotReady | SubmitError::ShuttingDown => Self::Unavailable(e.to_string()),
+            SubmitError::InvalidParam(e) => Self::invalid(e.param, e.message),
+            SubmitError::NotReady | SubmitError::ShuttingDown | SubmitError::EngineDead(_) => {
+                Self::Unavailable(e.to_string())
+            }
         }
     }
 }

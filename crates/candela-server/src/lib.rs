@@ -24,6 +24,7 @@ pub mod openai;
 pub mod params;
 
 pub use app::{app, serve, AppState, ServerConfig, BODY_LIMIT_BYTES_DEFAULT};
-pub use backend::{Backend, BackendError, ChatMessage, EventStream};
+pub use backend::{Backend, BackendError, EventStream};
+pub use candela_engine::{ChatMessage, ContentPart, MessageContent};
 pub use engine::EngineBackend;
 pub use error::ApiError;

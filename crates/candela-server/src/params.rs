@@ -6,18 +6,16 @@
 use std::num::NonZeroU32;
 
 use candela_engine::api::{OutputConstraint, SamplingParams, TokenId};
+use candela_engine::{ChatMessage, ContentPart};
 use serde_json::Value;
 
-use crate::backend::ChatMessage;
 use crate::error::ApiError;
 use crate::openai::{ChatMessageIn, CommonParams, MessageContent, OneOrMany};
 
 /// Most choices one request may ask for.
 pub const N_MAX: u32 = 16;
-/// Most alternatives per token in logprobs.
-pub const TOP_LOGPROBS_MAX: u32 = 20;
-/// Most stop strings per request.
-pub const STOP_STRINGS_MAX: usize = 16;
+/// Most alternatives per token in logprobs (the engine's limit).
+pub const TOP_LOGPROBS_MAX: u32 = candela_engine::api::LOGPROBS_MAX;
 /// Most prompts in one text-completion request.
 pub const PROMPTS_MAX: usize = 64;
 
@@ -55,25 +53,15 @@ pub fn plan(
     logprobs: Option<u32>,
     vocab_size: u32,
 ) -> Result<Plan, ApiError> {
+    // Only conversions here; every range is checked once, by `SamplingParams::validate`.
     let mut s = SamplingParams::default();
-    if let Some(t) = c.temperature {
-        if !(t.is_finite() && t >= 0.0) {
-            return Err(ApiError::invalid(
-                "temperature",
-                format!("temperature must be >= 0, got {t}"),
-            ));
-        }
-        s.temperature = t as f32;
-    }
-    if let Some(p) = c.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(ApiError::invalid(
-                "top_p",
-                format!("top_p must be in (0, 1], got {p}"),
-            ));
-        }
-        s.top_p = p as f32;
-    }
+    let narrow = |v: f64| v as f32;
+    s.temperature = c.temperature.map_or(s.temperature, narrow);
+    s.top_p = c.top_p.map_or(s.top_p, narrow);
+    s.min_p = c.min_p.map_or(s.min_p, narrow);
+    s.presence_penalty = c.presence_penalty.map_or(s.presence_penalty, narrow);
+    s.frequency_penalty = c.frequency_penalty.map_or(s.frequency_penalty, narrow);
+    s.repetition_penalty = c.repetition_penalty.map_or(s.repetition_penalty, narrow);
     s.top_k = match c.top_k {
         None | Some(0) | Some(-1) => None,
         Some(k) if k > 0 => NonZeroU32::new(u32::try_from(k).unwrap_or(u32::MAX)),
@@ -84,46 +72,6 @@ pub fn plan(
             ))
         }
     };
-    if let Some(m) = c.min_p {
-        if !(0.0..=1.0).contains(&m) {
-            return Err(ApiError::invalid(
-                "min_p",
-                format!("min_p must be in [0, 1], got {m}"),
-            ));
-        }
-        s.min_p = m as f32;
-    }
-    for (param, value, slot) in [
-        (
-            "presence_penalty",
-            c.presence_penalty,
-            &mut s.presence_penalty,
-        ),
-        (
-            "frequency_penalty",
-            c.frequency_penalty,
-            &mut s.frequency_penalty,
-        ),
-    ] {
-        if let Some(v) = value {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(ApiError::invalid(
-                    param,
-                    format!("{param} must be in [-2, 2], got {v}"),
-                ));
-            }
-            *slot = v as f32;
-        }
-    }
-    if let Some(r) = c.repetition_penalty {
-        if !(r.is_finite() && r > 0.0) {
-            return Err(ApiError::invalid(
-                "repetition_penalty",
-                format!("repetition_penalty must be > 0, got {r}"),
-            ));
-        }
-        s.repetition_penalty = r as f32;
-    }
     if let Some(bias) = &c.logit_bias {
         let mut pairs = Vec::with_capacity(bias.len());
         for (key, &value) in bias {
@@ -133,20 +81,6 @@ pub fn plan(
                     format!("logit_bias key `{key}` is not a token id"),
                 )
             })?;
-            if id >= vocab_size {
-                return Err(ApiError::invalid(
-                    "logit_bias",
-                    format!(
-                        "logit_bias token id {id} is outside the vocabulary (size {vocab_size})"
-                    ),
-                ));
-            }
-            if !(-100.0..=100.0).contains(&value) {
-                return Err(ApiError::invalid(
-                    "logit_bias",
-                    format!("logit_bias values must be in [-100, 100], got {value}"),
-                ));
-            }
             pairs.push((id, value as f32));
         }
         pairs.sort_by_key(|&(id, _)| id);
@@ -168,15 +102,6 @@ pub fn plan(
         Some(OneOrMany::One(x)) => vec![x.clone()],
         Some(OneOrMany::Many(v)) => v.clone(),
     };
-    if s.stop.len() > STOP_STRINGS_MAX {
-        return Err(ApiError::invalid(
-            "stop",
-            format!("at most {STOP_STRINGS_MAX} stop strings"),
-        ));
-    }
-    if s.stop.iter().any(String::is_empty) {
-        return Err(ApiError::invalid("stop", "stop strings must not be empty"));
-    }
     s.stop_token_ids = token_ids(
         c.stop_token_ids.as_deref().unwrap_or(&[]),
         vocab_size,
@@ -211,6 +136,8 @@ pub fn plan(
         ));
     }
     s.constraint = output_constraint(c)?;
+    s.validate(vocab_size as usize)
+        .map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok(Plan {
         sampling: s,
         n,
@@ -445,7 +372,8 @@ pub fn check_context(
     }
 }
 
-/// Validates chat messages and flattens their contents to text.
+/// Validates chat messages. A list of text parts stays a list: the chat template renders it
+/// as parts when it can, else the engine joins the parts with newlines (as vLLM does).
 pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -468,22 +396,25 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Api
                 }
             };
             let content = match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
+                None => candela_engine::MessageContent::Text(String::new()),
+                Some(MessageContent::Text(t)) => candela_engine::MessageContent::Text(t.clone()),
                 Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for part in parts {
-                        match (part.kind.as_str(), &part.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(ApiError::invalid(
-                                    "messages",
-                                    format!("messages[{i}]: content parts of type `{kind}` are not supported (only text)"),
-                                ))
-                            }
-                        }
-                    }
-                    text
+                    let parts = parts
+                        .iter()
+                        .enumerate()
+                        .map(|(j, part)| match (part.kind.as_str(), &part.text) {
+                            ("text", Some(t)) => Ok(ContentPart::Text(t.clone())),
+                            ("text", None) => Err(ApiError::invalid(
+                                "messages",
+                                format!("messages[{i}].content[{j}] of type `text` has no `text`"),
+                            )),
+                            (kind, _) => Err(ApiError::invalid(
+                                "messages",
+                                format!("messages[{i}].content[{j}]: content parts of type `{kind}` are not supported (only text)"),
+                            )),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    candela_engine::MessageContent::Parts(parts)
                 }
             };
             Ok(ChatMessage { role: role.to_owned(), content })
@@ -699,7 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn chat_roles_are_checked_and_parts_joined() {
+    fn chat_roles_are_checked_and_parts_kept() {
         let msgs: Vec<ChatMessageIn> = serde_json::from_str(
             r#"[{"role": "developer", "content": "be brief"},
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]"#,
@@ -709,7 +640,16 @@ mod tests {
             panic!("rejected")
         };
         assert_eq!(out[0].role, "system");
-        assert_eq!(out[1].content, "ab");
+        // Parts reach the template as parts; a string-only template gets them joined by
+        // newlines (vLLM's rule), never glued together.
+        assert_eq!(
+            out[1].content,
+            candela_engine::MessageContent::Parts(vec![
+                ContentPart::Text("a".into()),
+                ContentPart::Text("b".into())
+            ])
+        );
+        assert_eq!(out[1].content.joined_text(), "a\nb");
         let bad: Vec<ChatMessageIn> =
             serde_json::from_str(r#"[{"role": "wizard", "content": "x"}]"#).unwrap_or_default();
         assert!(chat_messages(&bad).is_err());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use candela_engine::api::EngineHealth;
 use common::{expected_text, state, token_of, Fake, MODEL, MODEL_LEN_MAX, VOCAB_SIZE};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -161,8 +162,36 @@ async fn not_ready_is_503_everywhere_it_matters() {
     send(&f, post("/v1/completions", json!({"prompt": "hi"})))
         .await
         .error(StatusCode::SERVICE_UNAVAILABLE);
-    // Liveness is not readiness.
-    assert_eq!(send(&f, get("/health")).await.status, StatusCode::OK);
+    // Loading or warming up: not alive yet either (a startup probe waits on /health).
+    let r = send(&f, get("/health")).await;
+    assert!(r.body.contains("loading"), "{}", r.body);
+    r.error(StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn a_failed_or_stalled_engine_is_503_on_health_ready_and_requests() {
+    for (health, words) in [
+        (
+            EngineHealth::Dead("a forward pass failed".into()),
+            "a forward pass failed",
+        ),
+        (EngineHealth::Stalled { stalled_ms: 61_000 }, "61000 ms"),
+        (EngineHealth::Draining, "shutting down"),
+    ] {
+        let f = fake();
+        f.set_health(health.clone());
+        let r = send(&f, get("/health")).await;
+        assert!(r.body.contains(words), "{health:?}: {}", r.body);
+        r.error(StatusCode::SERVICE_UNAVAILABLE);
+        send(&f, get("/ready"))
+            .await
+            .error(StatusCode::SERVICE_UNAVAILABLE);
+        send(&f, post("/v1/completions", json!({"prompt": "hi"})))
+            .await
+            .error(StatusCode::SERVICE_UNAVAILABLE);
+        f.set_health(EngineHealth::Healthy);
+        assert_eq!(send(&f, get("/health")).await.status, StatusCode::OK);
+    }
 }
 
 #[tokio::test]

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candela_engine::api::{
-    FinishReason, GenerateEvent, GenerateRequest, RequestId, StopCause, SubmitError, Timings,
-    TokenId, TokenLogprob, Usage,
+    EngineHealth, FinishReason, GenerateEvent, GenerateRequest, RequestId, StopCause, SubmitError,
+    Timings, TokenId, TokenLogprob, Usage,
 };
 use candela_server::{AppState, Backend, BackendError, ChatMessage, EventStream, ServerConfig};
 use futures::StreamExt;
@@ -42,6 +42,8 @@ pub struct Fake {
     next_id: AtomicU64,
     /// Delay between tokens: lets a test hold a stream open.
     pub token_delay: Duration,
+    /// What `health` reports once ready (`Starting` before).
+    pub health: Mutex<EngineHealth>,
 }
 
 impl Fake {
@@ -54,6 +56,13 @@ impl Fake {
             submitted: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             token_delay: Duration::ZERO,
+            health: Mutex::new(EngineHealth::Healthy),
+        }
+    }
+
+    pub fn set_health(&self, health: EngineHealth) {
+        if let Ok(mut slot) = self.health.lock() {
+            *slot = health;
         }
     }
 
@@ -213,12 +222,14 @@ impl Backend for Fake {
     ) -> Result<String, BackendError> {
         let mut out = String::new();
         for m in messages {
-            if m.content.contains("RAISE") {
+            // A string-only template: parts joined by newlines, as the real engine does.
+            let content = m.content.joined_text();
+            if content.contains("RAISE") {
                 return Err(BackendError::Invalid(
                     "the template raised: RAISE is not allowed".into(),
                 ));
             }
-            out.push_str(&format!("<{}>{}\n", m.role, m.content));
+            out.push_str(&format!("<{}>{}\n", m.role, content));
         }
         if add_generation_prompt {
             out.push_str("<assistant>");
@@ -236,6 +247,20 @@ impl Backend for Fake {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    fn requests_in_flight(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn health(&self) -> EngineHealth {
+        if !self.ready.load(Ordering::Relaxed) {
+            return EngineHealth::Starting;
+        }
+        self.health
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or(EngineHealth::Dead("poisoned".into()))
     }
 
     fn metrics_text(&self) -> String {
