@@ -18,6 +18,23 @@
 //! covers prefill (`n_q == context_len`), chunked prefill or a prefix-cache hit
 //! (`n_q < context_len`) and decode (`n_q == 1`).
 //!
+//! Sliding-window layers (Mistral, Gemma 3's local layers) go through
+//! [`paged_attention_windowed`]: with a window of `W` keys the query at position `p` sees key
+//! position `k` iff `k <= p` and `p - k < W` (llama.cpp's SWA mask), so `W` keys counting
+//! itself. The kernels start each sequence's keys at the block that holds
+//! `first query position - W + 1` and mask per query inside the first blocks; the blocks
+//! wholly before that are never touched, not even their block-table entries, because the
+//! engine frees the blocks that have left the window of every query of a sequence and their
+//! entries may be stale:
+//!
+//! ```text
+//! W = 3, block_size 4, context_len 11, a 2-token chunk at positions 9 and 10,
+//! block table [7, 1, 4]
+//!   block 7: pos 0 1 2 3      before every window: entry and slots never read (may be stale)
+//!   block 1: pos 4 5 6 7      query 9 sees 7..=9: the table walk starts here, at pos 7
+//!   block 4: pos 8 9 10 .     query 10 sees 8..=10 (pos 7 masked out for it)
+//! ```
+//!
 //! Cache layout, per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`, so the slot
 //! `block_id * block_size + offset` is one contiguous `[num_kv_heads, head_dim]` row.
 //!
@@ -33,6 +50,7 @@ use candle_core::{
 };
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
+use std::num::NonZeroUsize;
 
 use crate::error::KernelError;
 
@@ -52,7 +70,9 @@ pub struct AttentionMetadata {
     /// value are stored by [`write_kv`].
     pub slot_mapping: Tensor,
     /// `[B, max_blocks_per_seq]`: the KV blocks of each sequence, in position order. Rows are
-    /// padded; only the first `ceil(context_len / block_size)` entries of a row are read.
+    /// padded; only the first `ceil(context_len / block_size)` entries of a row are read, and
+    /// with a sliding window not the leading entries of blocks before every query's window
+    /// (see [`paged_attention_windowed`]).
     pub block_tables: Tensor,
     /// `[B]`: KV length of each sequence after this step's write.
     pub context_lens: Tensor,
@@ -101,12 +121,34 @@ pub fn write_kv(
 /// Shapes, dtypes and devices are checked up front; on the CPU every metadata value
 /// (`cu_seqlens_q` monotone and ending at `T`, `n_q <= context_len`, block ids in range, the
 /// host-side maxima) is checked before any work.
+///
+/// The same as [`paged_attention_windowed`] with no window.
 pub fn paged_attention(
     q: &Tensor,
     key_cache: &Tensor,
     value_cache: &Tensor,
     meta: &AttentionMetadata,
     scale: f32,
+) -> Result<Tensor> {
+    paged_attention_windowed(q, key_cache, value_cache, meta, scale, None)
+}
+
+/// [`paged_attention`] with an optional sliding window of `window` keys: the query at
+/// position `p` sees key position `k` iff `k <= p` and `p - k < window` (`None`: every
+/// `k <= p`). A window at least as long as a sequence's context changes nothing for it.
+///
+/// Block-table entries (and cache slots) of blocks that lie wholly before the window of
+/// every query of a sequence in this step are never read, so they may be stale (freed and
+/// reused): per sequence the kernels read the entries from the block holding
+/// `context_len - n_q - window + 1` (or 0) to the block holding `context_len - 1`, and the
+/// CPU's check that block ids are in range looks at those entries only.
+pub fn paged_attention_windowed(
+    q: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    meta: &AttentionMetadata,
+    scale: f32,
+    window: Option<NonZeroUsize>,
 ) -> Result<Tensor> {
     let dims = check_attention_args(q, key_cache, value_cache, meta, scale)?;
     if dims.num_tokens == 0 {
@@ -119,6 +161,7 @@ pub fn paged_attention(
         max_seqlen_q: meta.max_seqlen_q,
         max_context_len: meta.max_context_len,
         scale,
+        window,
         dims,
         simd: Simd::detect(),
     };
@@ -466,7 +509,10 @@ fn check_attention_args(
 }
 
 /// Checks the values of the metadata, read on the host: what the kernels index with must be in
-/// range, so that a bad batch is an `Err` and never an out-of-bounds read.
+/// range, so that a bad batch is an `Err` and never an out-of-bounds read. Block ids are
+/// checked only where the kernels read them: from the first block of the window of the
+/// sequence's first query (see [`window_first_key`]) to its last block.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn check_metadata_values(
     dims: &AttentionDims,
     cu_seqlens_q: &[u32],
@@ -474,6 +520,7 @@ pub(crate) fn check_metadata_values(
     block_tables: &[u32],
     max_seqlen_q: usize,
     max_context_len: usize,
+    window: Option<NonZeroUsize>,
 ) -> std::result::Result<(), KernelError> {
     let op = PAGED_ATTENTION;
     let bs = dims.cache.block_size;
@@ -557,7 +604,14 @@ pub(crate) fn check_metadata_values(
             ));
         }
         let row = seq * dims.max_blocks_per_seq;
-        for (j, &block) in block_tables[row..row + blocks_used].iter().enumerate() {
+        // n_q <= context_len was checked above.
+        let first_pos = (context_len - n_q) as usize;
+        let blocks_skipped = window_first_key(window, first_pos) / bs;
+        for (j, &block) in block_tables[row..row + blocks_used]
+            .iter()
+            .enumerate()
+            .skip(blocks_skipped)
+        {
             if block as usize >= dims.cache.num_blocks {
                 return Err(out_of_range(
                     "block_tables",
@@ -761,6 +815,8 @@ pub struct PagedAttentionOp {
     pub(crate) max_seqlen_q: usize,
     pub(crate) max_context_len: usize,
     pub(crate) scale: f32,
+    /// Sliding window in keys (see [`paged_attention_windowed`]); `None`: causal only.
+    pub(crate) window: Option<NonZeroUsize>,
     pub(crate) dims: AttentionDims,
     /// The CPU kernel's instruction set (fixed at construction so tests can pin the baseline).
     simd: Simd,
@@ -816,6 +872,7 @@ impl CustomOp3 for PagedAttentionOp {
                         block_tables,
                         self.max_seqlen_q,
                         self.max_context_len,
+                        self.window,
                     )?;
                     let meta = SeqMeta {
                         cu_seqlens_q: cu,
@@ -897,6 +954,7 @@ struct CpuArgs<'a, Q, C> {
     /// Query heads per KV head.
     group: usize,
     scale: f32,
+    window: Option<NonZeroUsize>,
 }
 
 /// Where the tasks write their disjoint pieces of the output.
@@ -1090,6 +1148,7 @@ impl PagedAttentionOp {
             dims,
             group,
             scale: self.scale,
+            window: self.window,
         };
         let tokens_per_task = (CPU_TASK_ROWS_MAX / group).max(1);
         let mut tasks = Vec::new();
@@ -1171,11 +1230,20 @@ fn attend_avx2_fma<Q: KvElem, C: KvElem>(
     attend::<Q, C, true>(args, task, scratch, out);
 }
 
+/// First key position that the query at position `pos` sees: `pos + 1 - window` (a window of
+/// `W` keys counts the query's own), or 0.
+#[inline(always)]
+pub(crate) fn window_first_key(window: Option<NonZeroUsize>, pos: usize) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w.get()))
+}
+
 /// One task: a flash-attention pass over the sequence's KV blocks, one block at a time.
 ///
 /// Rows are `(token, head)` pairs, row `r` = token `r / group`, head `r % group` of the KV
 /// head's group. Tokens are in position order, so at KV position `p` the rows that may see it
-/// are a suffix: those of tokens at positions `>= p`.
+/// are a suffix: those of tokens at positions `>= p`; with a window, a band: the tokens at
+/// positions `p..p + window`. The walk over the block table starts at the block of the first
+/// key the task's first token sees, so no entry before it is read.
 #[inline(always)]
 fn attend<Q: KvElem, C: KvElem, const FMA: bool>(
     args: &CpuArgs<'_, Q, C>,
@@ -1222,32 +1290,42 @@ fn attend<Q: KvElem, C: KvElem, const FMA: bool>(
         }
     }
 
-    let blocks_used = last_pos / bs + 1;
-    let table = &args.meta.block_tables[task.seq * args.dims.max_blocks_per_seq..][..blocks_used];
+    // Every key a row of this task sees lies in key_first..=last_pos.
+    let key_first = window_first_key(args.window, first_pos);
+    let (block_first, blocks_used) = (key_first / bs, last_pos / bs + 1);
+    let table = &args.meta.block_tables[task.seq * args.dims.max_blocks_per_seq..]
+        [block_first..blocks_used];
     for (b, &block) in table.iter().enumerate() {
-        let p0 = b * bs;
+        let p0 = (block_first + b) * bs;
         let len = (last_pos + 1 - p0).min(bs);
         let block_base = block as usize * bs * kv_row + task.kv_head * d;
         // Blocks are scattered, so the hardware prefetcher cannot guess the next one: ask for
         // it now, while this block is computed (decode is bound by these loads).
         if let Some(&next) = table.get(b + 1) {
             let next_base = next as usize * bs * kv_row + task.kv_head * d;
-            let next_len = (last_pos + 1 - (b + 1) * bs).min(bs);
+            let next_len = (last_pos + 1 - (p0 + bs)).min(bs);
             for i in 0..next_len {
                 prefetch_row(&args.k_cache[next_base + i * kv_row..][..d]);
                 prefetch_row(&args.v_cache[next_base + i * kv_row..][..d]);
             }
         }
 
-        for i in 0..len {
+        // Scores of the (key, row) pairs where the row sees the key; the others are left as
+        // they were and never read below.
+        for i in key_first.saturating_sub(p0)..len {
+            let key = p0 + i;
             let from = block_base + i * kv_row;
             let k_row = &args.k_cache[from..from + d];
-            let r_min = (p0 + i).saturating_sub(first_pos) * g;
+            let r_min = key.saturating_sub(first_pos) * g;
+            // Past the window of the tokens after key + window - 1.
+            let r_end = args.window.map_or(rows, |w| {
+                (key.saturating_add(w.get()) - first_pos).min(n_tok) * g
+            });
             // Up to 4 rows per pass: each K load feeds 4 FMAs, and the 4 horizontal sums
             // share one reduction.
             let mut r = r_min;
-            while r < rows {
-                let n = (rows - r).min(4);
+            while r < r_end {
+                let n = (r_end - r).min(4);
                 let mut dots = [0f32; 4];
                 dot_rows::<C, FMA>(&q[r * d..(r + n) * d], k_row, &mut dots[..n], row_buf);
                 for (j, &dot) in dots[..n].iter().enumerate() {
@@ -1259,11 +1337,13 @@ fn attend<Q: KvElem, C: KvElem, const FMA: bool>(
 
         for r in 0..rows {
             let pos = first_pos + r / g;
-            if pos < p0 {
+            // The keys of this block that the row sees: i_begin..i_end.
+            let i_begin = window_first_key(args.window, pos).saturating_sub(p0);
+            let i_end = (pos + 1).saturating_sub(p0).min(len);
+            if i_begin >= i_end {
                 continue;
             }
-            let n_valid = (pos + 1 - p0).min(len);
-            let s = &mut scores[r * bs..r * bs + n_valid];
+            let s = &mut scores[r * bs + i_begin..r * bs + i_end];
             let max_new = max[r].max(max_of(s));
             let block_sum = exp_sub_in_place::<FMA>(s, max_new);
             if max_new > max[r] {
@@ -1284,20 +1364,21 @@ fn attend<Q: KvElem, C: KvElem, const FMA: bool>(
         // across the block's keys (accumulating straight into memory made every key wait for
         // the previous key's store). Per element the sum runs over the keys in order with one
         // fused multiply-add each, as before.
-        let v = &args.v_cache[block_base..];
         for t in 0..n_tok {
             let pos = first_pos + t;
-            if pos < p0 {
+            let i_begin = window_first_key(args.window, pos).saturating_sub(p0);
+            let i_end = (pos + 1).saturating_sub(p0).min(len);
+            if i_begin >= i_end {
                 continue;
             }
-            let n_valid = (pos + 1 - p0).min(len);
+            let v = &args.v_cache[block_base + i_begin * kv_row..];
             let mut r = t * g;
             while r < (t + 1) * g {
                 let n = ((t + 1) * g - r).min(4);
                 accumulate_rows::<C, FMA>(
-                    (&scores[r * bs..], bs),
+                    (&scores[r * bs + i_begin..], bs),
                     (v, kv_row),
-                    n_valid,
+                    i_end - i_begin,
                     &mut acc[r * d..(r + n) * d],
                     row_buf,
                 );
@@ -1315,7 +1396,7 @@ fn attend<Q: KvElem, C: KvElem, const FMA: bool>(
         let dst = unsafe { out.range(start, g * d) };
         for (h, dst_head) in dst.chunks_exact_mut(d).enumerate() {
             let r = t * g + h;
-            // Every row sees at least position 0, so sum[r] >= 1.
+            // Every row sees at least its own position, so sum[r] >= 1.
             let inv = 1.0 / sum[r];
             let acc_row = &mut acc[r * d..(r + 1) * d];
             for x in acc_row.iter_mut() {
@@ -1713,8 +1794,9 @@ mod tests {
             },
             head_dim: 8,
         };
-        let ok =
-            |cu: &[u32], ctx: &[u32], bt: &[u32]| check_metadata_values(&dims, cu, ctx, bt, 4, 8);
+        let ok = |cu: &[u32], ctx: &[u32], bt: &[u32]| {
+            check_metadata_values(&dims, cu, ctx, bt, 4, 8, None)
+        };
         assert_eq!(ok(&[0, 4, 5], &[6, 1], &[3, 0, 2, 9]), Ok(()));
         let tensor_of = |r: std::result::Result<(), KernelError>| match r {
             Err(KernelError::OutOfRange { tensor, index, .. }) => (tensor, index),
@@ -1748,8 +1830,56 @@ mod tests {
             ("block_tables", 2)
         );
         // Host-side maxima too small for the batch.
-        assert!(check_metadata_values(&dims, &[0, 4, 5], &[6, 1], &[3, 0, 2, 9], 3, 8).is_err());
-        assert!(check_metadata_values(&dims, &[0, 4, 5], &[6, 1], &[3, 0, 2, 9], 4, 5).is_err());
+        let (cu, ctx, bt) = (&[0, 4, 5], &[6, 1], &[3, 0, 2, 9]);
+        assert!(check_metadata_values(&dims, cu, ctx, bt, 3, 8, None).is_err());
+        assert!(check_metadata_values(&dims, cu, ctx, bt, 4, 5, None).is_err());
+    }
+
+    #[test]
+    fn with_a_window_only_the_block_ids_read_are_checked() {
+        let dims = AttentionDims {
+            num_tokens: 2,
+            num_heads: 1,
+            num_seqs: 2,
+            max_blocks_per_seq: 3,
+            cache: CacheDims {
+                num_blocks: 4,
+                block_size: 4,
+                num_kv_heads: 1,
+                head_dim: 8,
+            },
+            head_dim: 8,
+        };
+        // Sequence 0: a decode at position 9 (context 10, entries 0..=2); sequence 1: a decode
+        // at position 4 (context 5, entries 3..=4; entry 5 is padding). Block id 7 is out of
+        // range (4 blocks): a stale entry.
+        let (cu, ctx) = (&[0, 1, 2], &[10, 5]);
+        let index_of = |bt: &[u32], w: Option<NonZeroUsize>| match check_metadata_values(
+            &dims, cu, ctx, bt, 1, 10, w,
+        ) {
+            Ok(()) => None,
+            Err(KernelError::OutOfRange {
+                tensor: "block_tables",
+                index,
+                ..
+            }) => Some(index),
+            Err(other) => panic!("unexpected {other:?}"),
+        };
+        let w = NonZeroUsize::new;
+        // Only sequence 0's first block is stale: read from a window of 7 (keys 3..=9) up,
+        // skipped by a window of 6 (keys 4..=9, from the first slot of entry 1).
+        let stale_0 = &[7, 1, 2, 0, 3, 9];
+        assert_eq!(index_of(stale_0, None), Some(0));
+        assert_eq!(index_of(stale_0, w(7)), Some(0));
+        assert_eq!(index_of(stale_0, w(6)), None);
+        assert_eq!(index_of(stale_0, w(1)), None);
+        // Both first blocks stale: a window of 4 skips sequence 0's (keys 6..=9) but reads
+        // sequence 1's (keys 1..=4); a window of 1 reads neither.
+        let stale_both = &[7, 1, 2, 7, 3, 9];
+        assert_eq!(index_of(stale_both, w(4)), Some(3));
+        assert_eq!(index_of(stale_both, w(1)), None);
+        // The padding entry past the context is never checked.
+        assert_eq!(index_of(&[0, 1, 2, 0, 3, 7], None), None);
     }
 
     #[test]
@@ -1808,7 +1938,9 @@ mod tests {
                 kc.to_dtype(dtype).unwrap(),
                 vc.to_dtype(dtype).unwrap(),
             );
-            baseline_and_avx2_agree_on(&q, &kc, &vc, &m, tolerance);
+            for window in [None, NonZeroUsize::new(1), NonZeroUsize::new(6)] {
+                baseline_and_avx2_agree_on(&q, &kc, &vc, &m, window, tolerance);
+            }
         }
     }
 
@@ -1817,6 +1949,7 @@ mod tests {
         kc: &Tensor,
         vc: &Tensor,
         m: &AttentionMetadata,
+        window: Option<NonZeroUsize>,
         tolerance: f32,
     ) {
         let dims = check_attention_args(q, kc, vc, m, 0.2).unwrap();
@@ -1828,6 +1961,7 @@ mod tests {
                 max_seqlen_q: m.max_seqlen_q,
                 max_context_len: m.max_context_len,
                 scale: 0.2,
+                window,
                 dims,
                 simd,
             };
@@ -1846,7 +1980,11 @@ mod tests {
             .zip(&detected)
             .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
             .fold(0f32, f32::max);
-        assert!(diff < tolerance, "{:?}: max diff {diff}", q.dtype());
+        assert!(
+            diff < tolerance,
+            "{:?} {window:?}: max diff {diff}",
+            q.dtype()
+        );
     }
 
     #[test]

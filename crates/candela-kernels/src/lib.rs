@@ -11,7 +11,7 @@ pub mod norm;
 pub mod quant;
 pub mod sampling;
 
-pub use attention::{paged_attention, write_kv, AttentionMetadata};
+pub use attention::{paged_attention, paged_attention_windowed, write_kv, AttentionMetadata};
 pub use error::KernelError;
 pub use fused::{rope_qkv, silu_mul, RopeStyle};
 pub use kv_cache::PagedKvCache;

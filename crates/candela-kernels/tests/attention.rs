@@ -1,8 +1,14 @@
 //! `write_kv` + `paged_attention` against plain dense causal attention (f64 loops), on random
 //! mixed batches of prefills, prefill chunks with earlier tokens already cached, and decodes,
-//! over shuffled non-contiguous block tables; and the errors bad inputs must give.
+//! over shuffled non-contiguous block tables; the same with a sliding window
+//! (`paged_attention_windowed`), including blocks before every window that are stale; and the
+//! errors bad inputs must give.
 
-use candela_kernels::{paged_attention, write_kv, AttentionMetadata, PagedKvCache};
+use std::num::NonZeroUsize;
+
+use candela_kernels::{
+    paged_attention, paged_attention_windowed, write_kv, AttentionMetadata, PagedKvCache,
+};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -83,6 +89,23 @@ impl Step {
         self.seqs.iter().map(|s| s.n_q).sum()
     }
 
+    /// Leading blocks of sequence `seq` that lie wholly before the window of each of its
+    /// queries (those the kernels must not read).
+    fn blocks_before_window(&self, seq: usize, window: Option<NonZeroUsize>) -> usize {
+        let s = self.seqs[seq];
+        let first_pos = s.context_len - s.n_q;
+        window.map_or(0, |w| {
+            (first_pos + 1).saturating_sub(w.get()) / self.shape.block_size
+        })
+    }
+
+    /// A block no sequence owns (there are spare ones).
+    fn spare_block(&self) -> u32 {
+        (0..self.num_blocks as u32)
+            .find(|b| self.tables.iter().all(|t| !t.contains(b)))
+            .expect("a spare block")
+    }
+
     fn slot(&self, seq: usize, pos: usize) -> u32 {
         let bs = self.shape.block_size;
         self.tables[seq][pos / bs] * bs as u32 + (pos % bs) as u32
@@ -138,6 +161,33 @@ impl Step {
 
     /// The step with the caches in `dtype` and q/k/v (and the output) in `act`.
     fn run_mixed(&self, dtype: DType, act: DType) -> Vec<f32> {
+        self.try_run(&Run {
+            dtype,
+            act,
+            ..Run::default()
+        })
+        .unwrap()
+    }
+
+    /// The step through `paged_attention_windowed` with `window`, caches and activations in
+    /// `dtype`.
+    fn run_windowed(&self, dtype: DType, window: Option<NonZeroUsize>) -> Vec<f32> {
+        self.try_run(&Run {
+            dtype,
+            act: dtype,
+            api: Api::Windowed(window),
+            stale: None,
+        })
+        .unwrap()
+    }
+
+    fn try_run(&self, run: &Run) -> candle_core::Result<Vec<f32>> {
+        let Run {
+            dtype,
+            act,
+            api,
+            stale,
+        } = *run;
         let dev = Device::Cpu;
         let sh = self.shape;
         let cache = PagedKvCache::new(
@@ -168,7 +218,7 @@ impl Step {
             &Tensor::from_vec(slots_old, n_old, &dev).unwrap(),
         )
         .unwrap();
-        let meta = self.metadata(&dev, 2);
+        let mut meta = self.metadata(&dev, 2);
         let (k_new, v_new, _) = self.rows(|s| s.context_len - s.n_q..s.context_len);
         write_kv(
             &kv_tensor(k_new),
@@ -178,6 +228,9 @@ impl Step {
             &meta.slot_mapping,
         )
         .unwrap();
+        if let Some(stale) = stale {
+            meta.block_tables = self.make_stale(stale, api.window(), &meta, kc, vc);
+        }
         let q = Tensor::from_vec(
             self.q.clone(),
             (self.num_tokens(), sh.num_heads, sh.head_dim),
@@ -187,19 +240,87 @@ impl Step {
         .to_dtype(act)
         .unwrap();
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
-        let out = paged_attention(&q, kc, vc, &meta, scale).unwrap();
+        let out = match api {
+            Api::Plain => paged_attention(&q, kc, vc, &meta, scale)?,
+            Api::Windowed(window) => paged_attention_windowed(&q, kc, vc, &meta, scale, window)?,
+        };
         assert_eq!(out.dims(), [self.num_tokens(), sh.num_heads, sh.head_dim]);
         assert_eq!(out.dtype(), act);
-        out.to_dtype(DType::F32)
+        Ok(out
+            .to_dtype(DType::F32)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
-            .unwrap()
+            .unwrap())
+    }
+
+    /// Makes the blocks wholly before every window of each sequence stale, as if the engine had
+    /// freed them and other sequences had reused them: their slots are overwritten with NaN,
+    /// and their table entries point at `stale.entries`. With `stale.one_more`, the first
+    /// block inside the window of the first query is treated the same (so the output must show
+    /// it). Returns the new block tables.
+    fn make_stale(
+        &self,
+        stale: Stale,
+        window: Option<NonZeroUsize>,
+        meta: &AttentionMetadata,
+        kc: &Tensor,
+        vc: &Tensor,
+    ) -> Tensor {
+        let sh = self.shape;
+        let bs = sh.block_size;
+        let row = sh.num_kv_heads * sh.head_dim;
+        let (b, max_blocks) = meta.block_tables.dims2().unwrap();
+        let mut tables: Vec<u32> = meta.block_tables.flatten_all().unwrap().to_vec1().unwrap();
+        let spare = self.spare_block();
+        let mut nan_slots: Vec<u32> = (0..bs as u32).map(|o| spare * bs as u32 + o).collect();
+        let mut blocks_made_stale = 0;
+        for (i, table) in self.tables.iter().enumerate() {
+            let n = self.blocks_before_window(i, window) + usize::from(stale.one_more);
+            for (j, &block) in table.iter().enumerate().take(n) {
+                nan_slots.extend((0..bs as u32).map(|o| block * bs as u32 + o));
+                tables[i * max_blocks + j] = match stale.entries {
+                    StaleEntries::OutOfRange => u32::MAX - j as u32,
+                    StaleEntries::NanBlock => spare,
+                };
+                blocks_made_stale += 1;
+            }
+        }
+        assert!(
+            blocks_made_stale > 0,
+            "a stale-block case with no stale block cannot fail"
+        );
+        let dev = Device::Cpu;
+        let nan = Tensor::full(
+            f32::NAN,
+            (nan_slots.len(), sh.num_kv_heads, sh.head_dim),
+            &dev,
+        )
+        .unwrap()
+        .to_dtype(kc.dtype())
+        .unwrap();
+        assert_eq!(nan.elem_count(), nan_slots.len() * row);
+        let n = nan_slots.len();
+        write_kv(
+            &nan,
+            &nan,
+            kc,
+            vc,
+            &Tensor::from_vec(nan_slots, n, &dev).unwrap(),
+        )
+        .unwrap();
+        Tensor::from_vec(tables, (b, max_blocks), &dev).unwrap()
     }
 
     /// Dense causal attention in f64, one query at a time.
     fn reference(&self) -> Vec<f32> {
+        self.reference_windowed(None)
+    }
+
+    /// Dense attention in f64 with llama.cpp's sliding-window mask: the query at position `p`
+    /// sees key `k` iff `k <= p` and `p - k < window`.
+    fn reference_windowed(&self, window: Option<NonZeroUsize>) -> Vec<f32> {
         let sh = self.shape;
         let (d, group) = (sh.head_dim, sh.num_heads / sh.num_kv_heads);
         let scale = 1.0 / (d as f64).sqrt();
@@ -213,17 +334,26 @@ impl Step {
                     let q = &self.q[(token * sh.num_heads + h) * d..][..d];
                     let key = |p: usize| &self.k_full[i][(p * sh.num_kv_heads + kv) * d..][..d];
                     let val = |p: usize| &self.v_full[i][(p * sh.num_kv_heads + kv) * d..][..d];
+                    let seen = |p: usize| p <= pos && window.is_none_or(|w| pos - p < w.get());
                     let scores: Vec<f64> = (0..=pos)
                         .map(|p| {
                             let k = key(p);
-                            (0..d).map(|x| q[x] as f64 * k[x] as f64).sum::<f64>() * scale
+                            let dot = (0..d).map(|x| q[x] as f64 * k[x] as f64).sum::<f64>();
+                            if seen(p) {
+                                dot * scale
+                            } else {
+                                f64::NEG_INFINITY
+                            }
                         })
                         .collect();
                     let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                     let total: f64 = weights.iter().sum();
                     for x in 0..d {
-                        let o: f64 = (0..=pos).map(|p| weights[p] * val(p)[x] as f64).sum();
+                        let o: f64 = (0..=pos)
+                            .filter(|&p| seen(p))
+                            .map(|p| weights[p] * val(p)[x] as f64)
+                            .sum();
                         out.push((o / total) as f32);
                     }
                 }
@@ -232,6 +362,63 @@ impl Step {
         }
         out
     }
+}
+
+/// How one step is run.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// Cache dtype.
+    dtype: DType,
+    /// q/k/v and output dtype.
+    act: DType,
+    api: Api,
+    /// Make the blocks before every window stale first.
+    stale: Option<Stale>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            act: DType::F32,
+            api: Api::Plain,
+            stale: None,
+        }
+    }
+}
+
+/// Which entry point a run goes through.
+#[derive(Debug, Clone, Copy)]
+enum Api {
+    /// `paged_attention`.
+    Plain,
+    /// `paged_attention_windowed` with this window.
+    Windowed(Option<NonZeroUsize>),
+}
+
+impl Api {
+    fn window(self) -> Option<NonZeroUsize> {
+        match self {
+            Api::Plain => None,
+            Api::Windowed(w) => w,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stale {
+    entries: StaleEntries,
+    /// Also one block that the first query's window does reach (the output must show it).
+    one_more: bool,
+}
+
+/// What a stale block-table entry holds.
+#[derive(Debug, Clone, Copy)]
+enum StaleEntries {
+    /// A block id past the cache.
+    OutOfRange,
+    /// A block now owned by someone else (here: filled with NaN).
+    NanBlock,
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -493,6 +680,291 @@ fn empty_batch_is_a_no_op() {
     let q = Tensor::zeros((0, 2, 8), DType::F32, &dev).unwrap();
     let out = paged_attention(&q, kc, vc, &meta, 1.0).unwrap();
     assert_eq!(out.dims(), [0, 2, 8]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sliding window.
+
+fn window(w: usize) -> Option<NonZeroUsize> {
+    NonZeroUsize::new(w)
+}
+
+/// Windows smaller than a block, equal to it and larger, around the block boundaries.
+fn windows_around(block_size: usize) -> Vec<usize> {
+    vec![
+        1,
+        2,
+        block_size / 2,
+        block_size - 1,
+        block_size,
+        block_size + 1,
+        2 * block_size + 3,
+    ]
+}
+
+#[test]
+fn windowed_mixed_batches_match_dense_attention() {
+    let mut rng = StdRng::seed_from_u64(0x5a1d);
+    let mut cases = 0;
+    let mut masked_somewhere = 0;
+    for block_size in [8, 16] {
+        for group in [1, 3] {
+            for num_kv_heads in [1, 2] {
+                for head_dim in [64, 20] {
+                    let shape = Shape {
+                        num_heads: num_kv_heads * group,
+                        num_kv_heads,
+                        head_dim,
+                        block_size,
+                    };
+                    for w in windows_around(block_size) {
+                        let seqs = random_seqs(&mut rng, block_size);
+                        let step = Step::new(&mut rng, shape, seqs);
+                        let got = step.run_windowed(DType::F32, window(w));
+                        let diff = max_abs_diff(&got, &step.reference_windowed(window(w)));
+                        assert!(
+                            diff < 2e-5,
+                            "{shape:?} window {w} {:?}: max diff {diff}",
+                            step.seqs
+                        );
+                        cases += 1;
+                        masked_somewhere +=
+                            usize::from(step.seqs.iter().any(|s| s.context_len > w));
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 112);
+    // Most cases must actually mask keys, or they only test the causal path.
+    assert!(masked_somewhere > 100, "{masked_somewhere}");
+}
+
+/// Every kind of sequence in one flat batch: a prefill chunk longer than the window, a
+/// chunked-prefill continuation over a cached prefix, decodes, contexts ending mid-block and
+/// on a boundary, and a chunk longer than a CPU task's token share.
+fn hand_picked_windowed_step(rng: &mut StdRng) -> Step {
+    let shape = Shape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+    let seqs = vec![
+        Seq {
+            context_len: 37,
+            n_q: 37,
+        }, // full prefill, ends mid-block
+        Seq {
+            context_len: 100,
+            n_q: 29,
+        }, // chunk over a 71-token cached prefix, starts mid-block
+        Seq {
+            context_len: 48,
+            n_q: 1,
+        }, // decode, ends on a block boundary
+        Seq {
+            context_len: 1,
+            n_q: 1,
+        }, // the first token of a prompt
+        Seq {
+            context_len: 65,
+            n_q: 1,
+        }, // decode, first slot of a new block
+        Seq {
+            context_len: 200,
+            n_q: 1,
+        }, // decode far past every window below
+        Seq {
+            context_len: 64,
+            n_q: 16,
+        }, // chunk of exactly one block
+    ];
+    Step::new(rng, shape, seqs)
+}
+
+#[test]
+fn windowed_prefill_chunks_and_decodes_in_one_batch() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let step = hand_picked_windowed_step(&mut rng);
+    for w in [1, 5, 15, 16, 17, 40, 150] {
+        let got = step.run_windowed(DType::F32, window(w));
+        let diff = max_abs_diff(&got, &step.reference_windowed(window(w)));
+        assert!(diff < 2e-5, "window {w}: max diff {diff}");
+    }
+}
+
+#[test]
+fn windowed_gqa_decode_batch_matches_dense_attention() {
+    // Gemma 3's local layers at small scale: GQA 4:1, 1024-key window of 16-token blocks,
+    // decodes over contexts on both sides of the window.
+    let mut rng = StdRng::seed_from_u64(19);
+    let shape = Shape {
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 16,
+    };
+    let seqs = (0..8)
+        .map(|_| Seq {
+            context_len: rng.random_range(600..=1500),
+            n_q: 1,
+        })
+        .collect();
+    let step = Step::new(&mut rng, shape, seqs);
+    let got = step.run_windowed(DType::F32, window(1024));
+    let diff = max_abs_diff(&got, &step.reference_windowed(window(1024)));
+    assert!(diff < 2e-5, "max diff {diff}");
+}
+
+#[test]
+fn a_window_at_least_the_context_changes_nothing() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let step = hand_picked_windowed_step(&mut rng);
+    let longest = step.seqs.iter().map(|s| s.context_len).max().unwrap();
+    for dtype in [DType::F32, DType::F16] {
+        let plain = step.run(dtype);
+        assert_eq!(
+            step.run_windowed(dtype, None),
+            plain,
+            "{dtype:?}: no window"
+        );
+        for w in [longest, longest + 1, usize::MAX] {
+            assert_eq!(
+                step.run_windowed(dtype, window(w)),
+                plain,
+                "{dtype:?}: window {w}"
+            );
+        }
+    }
+    // Per sequence too: a window as long as a sequence's context is no window for it, while
+    // a shorter one changes the output of a long sequence.
+    let narrower = step.run_windowed(DType::F32, window(longest - 1));
+    assert_ne!(narrower, step.run(DType::F32));
+}
+
+#[test]
+fn windowed_half_caches_match_dense_attention_within_their_precision() {
+    let mut rng = StdRng::seed_from_u64(29);
+    let shape = Shape {
+        num_heads: 6,
+        num_kv_heads: 2,
+        head_dim: 64,
+        block_size: 16,
+    };
+    for (dtype, tolerance) in [(DType::F16, 5e-3), (DType::BF16, 4e-2)] {
+        for w in [3, 16, 21] {
+            let seqs = random_seqs(&mut rng, 16);
+            let step = Step::new(&mut rng, shape, seqs);
+            let got = step.run_windowed(dtype, window(w));
+            let diff = max_abs_diff(&got, &step.reference_windowed(window(w)));
+            assert!(diff < tolerance, "{dtype:?} window {w}: max diff {diff}");
+            // f32 activations over the half cache: bit for bit the casts' result, as without
+            // a window.
+            let mixed = step
+                .try_run(&Run {
+                    dtype,
+                    act: DType::F32,
+                    api: Api::Windowed(window(w)),
+                    stale: None,
+                })
+                .unwrap();
+            assert_eq!(mixed, got, "{dtype:?} window {w}: f32 activations");
+        }
+    }
+}
+
+#[test]
+fn blocks_before_every_window_are_never_read() {
+    // Blocks wholly before the window of each query of a sequence get NaN in every slot and a
+    // stale table entry (a block id past the cache, or a block reused by someone else that
+    // holds NaN): the output must be finite and equal to the untouched run and the reference.
+    let mut rng = StdRng::seed_from_u64(31);
+    let step = hand_picked_windowed_step(&mut rng);
+    for w in [1, 5, 16, 17, 40] {
+        let want = step.run_windowed(DType::F32, window(w));
+        let diff = max_abs_diff(&want, &step.reference_windowed(window(w)));
+        assert!(diff < 2e-5, "window {w}: max diff {diff}");
+        for dtype in [DType::F32, DType::F16] {
+            for entries in [StaleEntries::OutOfRange, StaleEntries::NanBlock] {
+                let run = |one_more| Run {
+                    dtype,
+                    act: dtype,
+                    api: Api::Windowed(window(w)),
+                    stale: Some(Stale { entries, one_more }),
+                };
+                let what = format!("window {w} {dtype:?} {entries:?}");
+                let got = step.try_run(&run(false)).unwrap();
+                assert!(got.iter().all(|x| x.is_finite()), "{what}: not finite");
+                assert_eq!(got, step.run_windowed(dtype, window(w)), "{what}");
+                // The same with one block more that the first query's window reaches: the
+                // poison must show, so the check above can fail.
+                match (entries, step.try_run(&run(true))) {
+                    (StaleEntries::OutOfRange, Err(e)) => {
+                        assert!(e.to_string().contains("block_tables"), "{what}: {e}")
+                    }
+                    (StaleEntries::NanBlock, Ok(out)) => {
+                        assert!(out.iter().any(|x| x.is_nan()), "{what}: poison not seen")
+                    }
+                    (_, other) => panic!("{what}: one more stale block gave {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn windowed_strided_q_from_a_fused_projection_and_an_empty_batch() {
+    // The windowed entry point takes the same inputs as the plain one.
+    let f = fixture();
+    write_kv(&f.k, &f.v, &f.kc, &f.vc, &f.meta.slot_mapping).unwrap();
+    let plain = paged_attention(&f.q, &f.kc, &f.vc, &f.meta, 0.5).unwrap();
+    let windowed = paged_attention_windowed(&f.q, &f.kc, &f.vc, &f.meta, 0.5, window(4)).unwrap();
+    assert_eq!(
+        windowed.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        plain.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let dev = Device::Cpu;
+    let meta = AttentionMetadata {
+        slot_mapping: Tensor::zeros(0, DType::U32, &dev).unwrap(),
+        block_tables: Tensor::zeros((0, 1), DType::U32, &dev).unwrap(),
+        context_lens: Tensor::zeros(0, DType::U32, &dev).unwrap(),
+        cu_seqlens_q: Tensor::zeros(1, DType::U32, &dev).unwrap(),
+        max_seqlen_q: 0,
+        max_context_len: 0,
+    };
+    let q = Tensor::zeros((0, 2, 8), DType::F32, &dev).unwrap();
+    let out = paged_attention_windowed(&q, &f.kc, &f.vc, &meta, 1.0, window(2)).unwrap();
+    assert_eq!(out.dims(), [0, 2, 8]);
+}
+
+#[test]
+fn windowed_argument_errors_are_the_plain_ones() {
+    // Checks stay up front: a bad scale or an out-of-range block id inside the window is an
+    // error with a window too.
+    let f = fixture();
+    let err = |f: &Fixture, w: usize| match paged_attention_windowed(
+        &f.q,
+        &f.kc,
+        &f.vc,
+        &f.meta,
+        f32::NAN,
+        window(w),
+    ) {
+        Ok(_) => panic!("bad input accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err(&f, 2).contains("scale"));
+    let mut f = fixture();
+    // Sequence 1 (context 4, one query at position 3) reads entry 2 with any window.
+    f.meta.block_tables = u32s(&[1, 9, 4, 9], (2, 2));
+    for w in [1, 2, 100] {
+        let msg = match paged_attention_windowed(&f.q, &f.kc, &f.vc, &f.meta, 0.5, window(w)) {
+            Ok(_) => panic!("window {w}: bad block id accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains("block_tables[2] = 4 is out of range"), "{msg}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
