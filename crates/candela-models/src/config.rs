@@ -2,22 +2,70 @@
 //!
 //! The engine sizes the paged KV cache from it (`num_layers`, `num_kv_heads`,
 //! `head_dim`), bounds requests by `max_position`, and stops on `eos_token_ids`.
-//! The llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) differs only in small
-//! switches kept here: q/k/v bias, rope layout and rope frequency scaling.
+//! The families we serve (see [`crate::families`]) share one decoder and differ only in small,
+//! named switches kept here: q/k/v bias, per-head q/k norm, sandwich norms, the MLP's
+//! activation, embedding scaling, rope layout and scaling, sliding-window layers and final
+//! logit soft-capping.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
-/// Model families we implement. All share the llama decoder block.
+/// Model families we implement. All share one decoder block (`crate::decoder`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Architecture {
     /// Llama 2/3, SmolLM2, TinyLlama, ...
     Llama,
-    /// Mistral (llama with a sliding window, which we bound via `max_position`).
+    /// Mistral (llama with sliding-window attention in every layer).
     Mistral,
     /// Qwen2 / Qwen2.5 (llama with q/k/v bias).
     Qwen2,
+    /// Qwen3 (per-head q/k norm, no bias, head size from the file).
+    Qwen3,
+    /// Gemma 3 text (q/k norm, sandwich norms, GeGLU, scaled embeddings, 5 of 6 layers
+    /// windowed).
+    Gemma3,
+}
+
+/// The activation of the MLP's gate (`act(gate) * up`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (llama, Qwen, Mistral).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma: `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Which layers attend through a sliding window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowLayers {
+    /// Every layer (Mistral).
+    All,
+    /// Every `n`-th layer is global (layer `i` with `(i + 1) % n == 0`), the rest windowed
+    /// (Gemma 3: n = 6).
+    GlobalEvery(usize),
+}
+
+/// Sliding-window attention: a windowed layer's query at position `p` sees key positions
+/// `k` with `p - k < size` (llama.cpp's rule: `size` keys including itself).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// Keys a query sees, itself included.
+    pub size: usize,
+    /// Which layers are windowed.
+    pub layers: WindowLayers,
+    /// Rope base of the windowed layers, when it differs from `rope_theta` (Gemma 3: 10,000).
+    pub rope_theta: Option<f32>,
+}
+
+impl SlidingWindow {
+    /// Whether layer `i` is windowed.
+    pub fn applies_to(&self, layer: usize) -> bool {
+        match self.layers {
+            WindowLayers::All => true,
+            WindowLayers::GlobalEvery(n) => n == 0 || !(layer + 1).is_multiple_of(n),
+        }
+    }
 }
 
 /// How the rotary embedding pairs the dimensions of a head.
@@ -84,6 +132,24 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// q/k/v projections carry a bias (Qwen2).
     pub attention_bias: bool,
+    /// Per-head RMSNorm of q and k before rope (Qwen 3, Gemma 3).
+    pub qk_norm: bool,
+    /// RMSNorms on the attention output and the MLP output before each residual add
+    /// (Gemma 3's four norms per block).
+    pub sandwich_norms: bool,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
+    pub scale_embeddings: bool,
+    /// Norm weights are stored as `w` for a norm that multiplies by `1 + w` (Gemma's Hugging
+    /// Face checkpoints; its GGUF files store `1 + w`). Added at load.
+    pub norm_weights_offset: bool,
+    /// Attention scale; `None` is `1 / sqrt(head_dim)`.
+    pub attention_scale: Option<f32>,
+    /// Sliding-window layers, if any.
+    pub sliding_window: Option<SlidingWindow>,
+    /// Final logits become `cap * tanh(logits / cap)`.
+    pub final_logit_softcap: Option<f32>,
     /// Beginning-of-sequence token, when the model defines one.
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
@@ -126,6 +192,24 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(invalid("rope_theta", "must be a positive number"));
         }
+        if let Some(w) = &self.sliding_window {
+            if w.size == 0 {
+                return Err(invalid("sliding_window", "must be positive"));
+            }
+            if let Some(theta) = w.rope_theta {
+                if !(theta.is_finite() && theta > 0.0) {
+                    return Err(invalid("rope_local_base_freq", "must be a positive number"));
+                }
+            }
+        }
+        if let Some(cap) = self.final_logit_softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return Err(invalid(
+                    "final_logit_softcapping",
+                    "must be a positive number",
+                ));
+            }
+        }
         if let Some(RopeScaling::FreqFactors(f)) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
                 return Err(invalid(
@@ -141,14 +225,37 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The window of layer `i`, if it is a windowed layer.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .filter(|w| w.applies_to(layer))
+            .map(|w| w.size)
+    }
+
+    /// Rope base of layer `i`: windowed layers may have their own.
+    pub fn layer_rope_theta(&self, layer: usize) -> f32 {
+        match self.sliding_window {
+            Some(w) if w.applies_to(layer) => w.rope_theta.unwrap_or(self.rope_theta),
+            _ => self.rope_theta,
+        }
+    }
+
     /// Rotary inverse frequencies, one per rotated pair, after scaling.
     pub fn rope_inv_freqs(&self) -> Vec<f64> {
+        self.rope_inv_freqs_for(self.rope_theta, true)
+    }
+
+    /// [`Self::rope_inv_freqs`] for a base, with or without `rope_scaling` (which applies to
+    /// global layers only, as in transformers' Gemma 3, whose local rotary embedding is
+    /// unscaled).
+    fn rope_inv_freqs_for(&self, theta: f32, scaled: bool) -> Vec<f64> {
         let d = self.head_dim;
-        let base = self.rope_theta as f64;
+        let base = theta as f64;
+        let scaling = self.rope_scaling.as_ref().filter(|_| scaled);
         let inv: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / base.powf((2 * i) as f64 / d as f64))
             .collect();
-        match &self.rope_scaling {
+        match scaling {
             None => inv,
             Some(RopeScaling::Linear { factor }) => {
                 inv.into_iter().map(|f| f / *factor as f64).collect()
@@ -193,7 +300,18 @@ impl ModelConfig {
     /// cos and sin tables `[max_position, head_dim / 2]` (f32), built once at load and
     /// indexed by position at each step.
     pub fn rope_tables(&self, device: &Device) -> Result<(Tensor, Tensor)> {
-        let inv = self.rope_inv_freqs();
+        self.rope_tables_for(self.rope_theta, true, device)
+    }
+
+    /// [`Self::rope_tables`] for a base, with or without `rope_scaling` (the windowed layers'
+    /// own base is unscaled).
+    pub fn rope_tables_for(
+        &self,
+        theta: f32,
+        scaled: bool,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let inv = self.rope_inv_freqs_for(theta, scaled);
         let half = inv.len();
         let n = self.max_position;
         let mut cos = Vec::with_capacity(n * half);
@@ -243,6 +361,14 @@ mod tests {
             rope_scaling: None,
             rms_norm_eps: 1e-5,
             attention_bias: false,
+            qk_norm: false,
+            sandwich_norms: false,
+            activation: Activation::Silu,
+            scale_embeddings: false,
+            norm_weights_offset: false,
+            attention_scale: None,
+            sliding_window: None,
+            final_logit_softcap: None,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
         }

@@ -69,8 +69,13 @@ pub enum Error {
         reason: String,
     },
     /// The model's architecture is not one we implement.
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2)")]
-    UnsupportedArchitecture(String),
+    #[error("unsupported architecture `{name}` (supported: {supported})")]
+    UnsupportedArchitecture {
+        /// The architecture the file names.
+        name: String,
+        /// The names we serve, from the family registry.
+        supported: String,
+    },
     /// A model feature we do not implement (for example a rope scaling type).
     #[error("unsupported model feature: {0}")]
     UnsupportedFeature(String),

@@ -14,10 +14,10 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::config::{Architecture, RopeScaling, RopeStyle};
+use crate::decoder::Role;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::llama::Role;
-use crate::model::LlamaNames;
+use crate::model::TensorNames;
 use crate::tokenizer::Tokenizer;
 
 /// Writes the GGUF model at `gguf` as a checkpoint directory `out_dir` (created if missing).
@@ -36,7 +36,7 @@ pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> Result<()> {
     };
     std::fs::create_dir_all(out_dir).map_err(io)?;
 
-    let (g, h) = (LlamaNames::Gguf, LlamaNames::HuggingFace);
+    let (g, h) = (TensorNames::Gguf, TensorNames::HuggingFace);
     let mut names: Vec<(String, String)> = vec![
         (g.embedding().into(), h.embedding().into()),
         (g.final_norm().into(), h.final_norm().into()),
@@ -46,7 +46,7 @@ pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> Result<()> {
         names.push((g.head().into(), h.head().into()));
     }
     for i in 0..config.num_layers {
-        for role in Role::ALL {
+        for role in Role::LLAMA {
             names.push((
                 format!("{}.weight", g.layer(i, role)),
                 format!("{}.weight", h.layer(i, role)),

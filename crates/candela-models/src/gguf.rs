@@ -13,8 +13,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{invalid, Architecture, ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{invalid, Activation, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
+use crate::families;
 use crate::linear::{Linear, Quantize};
 use crate::model::WeightSource;
 
@@ -117,28 +118,28 @@ impl GgufFile {
             })
     }
 
-    fn str(&self, key: &str) -> Result<&str> {
+    pub(crate) fn str(&self, key: &str) -> Result<&str> {
         match self.get(key)? {
             Value::String(s) => Ok(s),
             v => Err(invalid(key, format!("expected a string, got {v:?}"))),
         }
     }
 
-    fn uint(&self, key: &str) -> Result<usize> {
+    pub(crate) fn uint(&self, key: &str) -> Result<usize> {
         let v = self.get(key)?;
         value_as_u64(v)
             .and_then(|x| usize::try_from(x).ok())
             .ok_or_else(|| invalid(key, format!("expected a non-negative integer, got {v:?}")))
     }
 
-    fn uint_opt(&self, key: &str) -> Result<Option<usize>> {
+    pub(crate) fn uint_opt(&self, key: &str) -> Result<Option<usize>> {
         match self.content.metadata.get(key) {
             None => Ok(None),
             Some(_) => self.uint(key).map(Some),
         }
     }
 
-    fn float_opt(&self, key: &str) -> Result<Option<f64>> {
+    pub(crate) fn float_opt(&self, key: &str) -> Result<Option<f64>> {
         match self.content.metadata.get(key) {
             None => Ok(None),
             Some(Value::F32(x)) => Ok(Some(*x as f64)),
@@ -150,13 +151,7 @@ impl GgufFile {
     /// Reads the model configuration from the metadata (and the shapes of a few tensors).
     pub fn model_config(&self) -> Result<ModelConfig> {
         let arch_name = self.architecture()?.to_string();
-        let (architecture, rope_style, attention_bias) = match arch_name.as_str() {
-            // llama.cpp's converter stores Mistral as `llama`, with q/k permuted for
-            // interleaved rope.
-            "llama" => (Architecture::Llama, RopeStyle::Interleaved, false),
-            "qwen2" => (Architecture::Qwen2, RopeStyle::Half, true),
-            other => return Err(Error::UnsupportedArchitecture(other.to_string())),
-        };
+        let family = families::by_gguf_name(&arch_name)?;
         let a = arch_name.as_str();
         let hidden_size = self.uint(&format!("{a}.embedding_length"))?;
         let num_heads = self.uint(&format!("{a}.attention.head_count"))?;
@@ -205,8 +200,8 @@ impl GgufFile {
                 u32::try_from(id).map_err(|_| invalid("tokenizer.ggml.bos_token_id", "too large"))
             })
             .transpose()?;
-        let config = ModelConfig {
-            architecture,
+        let mut config = ModelConfig {
+            architecture: family.architecture,
             num_layers: self.uint(&format!("{a}.block_count"))?,
             num_heads,
             num_kv_heads,
@@ -216,13 +211,22 @@ impl GgufFile {
             vocab_size,
             max_position: self.uint(&format!("{a}.context_length"))?,
             rope_theta,
-            rope_style,
+            rope_style: RopeStyle::Half,
             rope_scaling,
             rms_norm_eps,
-            attention_bias,
+            attention_bias: false,
+            qk_norm: false,
+            sandwich_norms: false,
+            activation: Activation::Silu,
+            scale_embeddings: false,
+            norm_weights_offset: false,
+            attention_scale: None,
+            sliding_window: None,
+            final_logit_softcap: None,
             bos_token_id,
             eos_token_ids,
         };
+        (family.from_gguf)(self, a, &mut config)?;
         config.validate()?;
         Ok(config)
     }

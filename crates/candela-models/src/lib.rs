@@ -4,19 +4,22 @@
 pub mod batch;
 pub mod chat_template;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod export;
+pub(crate) mod families;
 pub mod gguf;
 pub mod hub;
 pub mod linear;
-pub mod llama;
 pub mod model;
 pub mod safetensors;
 pub mod tokenizer;
 
 pub use batch::{BatchBuilder, BatchInputs, SeqChunk};
 pub use candela_kernels::quant::QuantBits;
-pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+pub use config::{
+    Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow, WindowLayers,
+};
 pub use error::{Error, Result};
 pub use hub::ModelFiles;
 pub use linear::Quantize;

@@ -12,11 +12,11 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::batch::BatchInputs;
 use crate::config::ModelConfig;
+use crate::decoder::Decoder;
 use crate::error::Result;
 use crate::gguf::GgufFile;
 use crate::hub::{self, ModelFiles};
 use crate::linear::{Linear, Quantize};
-use crate::llama::Llama;
 use crate::safetensors::SafetensorsModel;
 
 /// A decoder-only language model over flattened variable-length batches.
@@ -135,7 +135,14 @@ fn load_files_inner(
         ModelFiles::Gguf { path } => {
             let mut gguf = GgufFile::open(path)?;
             let config = gguf.model_config()?;
-            let model = Llama::load(&mut gguf, config, device, dtype, LlamaNames::Gguf, quantize)?;
+            let model = Decoder::load(
+                &mut gguf,
+                config,
+                device,
+                dtype,
+                TensorNames::Gguf,
+                quantize,
+            )?;
             Ok(LoadedModel {
                 model: Box::new(model),
                 gguf_metadata: Some(gguf.into_metadata()),
@@ -145,8 +152,8 @@ fn load_files_inner(
         ModelFiles::Safetensors { dir } => {
             let mut st = SafetensorsModel::open(dir)?;
             let config = st.model_config().clone();
-            let names = LlamaNames::HuggingFace;
-            let model = Llama::load(&mut st, config, device, dtype, names, quantize)?;
+            let names = TensorNames::HuggingFace;
+            let model = Decoder::load(&mut st, config, device, dtype, names, quantize)?;
             Ok(LoadedModel {
                 model: Box::new(model),
                 gguf_metadata: None,
@@ -158,7 +165,7 @@ fn load_files_inner(
 
 /// Tensor naming scheme of a weight source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LlamaNames {
+pub(crate) enum TensorNames {
     /// llama.cpp's: `blk.N.attn_q.weight`, `token_embd.weight`, ...
     Gguf,
     /// transformers': `model.layers.N.self_attn.q_proj.weight`, ...

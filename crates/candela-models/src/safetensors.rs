@@ -9,8 +9,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::config::{invalid, Architecture, ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{invalid, Activation, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
+use crate::families;
 use crate::linear::{Linear, Quantize};
 use crate::model::WeightSource;
 
@@ -38,10 +39,6 @@ struct HfConfig {
     bos_token_id: Option<OneOrMany>,
     #[serde(default)]
     eos_token_id: Option<OneOrMany>,
-    #[serde(default)]
-    attention_bias: Option<bool>,
-    #[serde(default)]
-    sliding_window: Option<usize>,
     #[serde(default)]
     rope_scaling: Option<HfRopeScaling>,
 }
@@ -174,10 +171,12 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
         path: path.to_path_buf(),
         source,
     })?;
-    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| Error::InvalidConfig {
+    let invalid_config = |e: serde_json::Error| Error::InvalidConfig {
         path: path.to_path_buf(),
         reason: e.to_string(),
-    })?;
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(invalid_config)?;
+    let hf: HfConfig = serde_json::from_value(json.clone()).map_err(invalid_config)?;
     let model_type = hf
         .model_type
         .clone()
@@ -185,26 +184,13 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
         .ok_or_else(|| Error::MissingMetadata {
             key: "model_type".into(),
         })?;
-    let (architecture, default_bias) = match model_type.as_str() {
-        "llama" | "LlamaForCausalLM" => (Architecture::Llama, false),
-        "mistral" | "MistralForCausalLM" => (Architecture::Mistral, false),
-        "qwen2" | "Qwen2ForCausalLM" => (Architecture::Qwen2, true),
-        other => return Err(Error::UnsupportedArchitecture(other.to_string())),
-    };
+    let family = families::by_hf_name(&model_type)?;
     if hf.num_attention_heads == 0 {
         return Err(invalid("num_attention_heads", "is zero"));
     }
     let rope_scaling = match hf.rope_scaling {
         None => None,
         Some(rs) => rope_scaling(rs)?,
-    };
-    // We have no sliding-window attention; bounding the context by the window keeps
-    // Mistral exact (every key stays inside the window).
-    let max_position = match hf.sliding_window {
-        Some(w) if architecture == Architecture::Mistral && w > 0 => {
-            hf.max_position_embeddings.min(w)
-        }
-        _ => hf.max_position_embeddings,
     };
     let mut eos_token_ids = hf.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default();
     let gen_path = path.with_file_name("generation_config.json");
@@ -224,8 +210,8 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
             }
         }
     }
-    let config = ModelConfig {
-        architecture,
+    let mut config = ModelConfig {
+        architecture: family.architecture,
         num_layers: hf.num_hidden_layers,
         num_heads: hf.num_attention_heads,
         num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
@@ -235,15 +221,26 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
         hidden_size: hf.hidden_size,
         intermediate_size: hf.intermediate_size,
         vocab_size: hf.vocab_size,
-        max_position,
+        max_position: hf.max_position_embeddings,
         rope_theta: hf.rope_theta.unwrap_or(10_000.0) as f32,
         rope_style: RopeStyle::Half,
         rope_scaling,
         rms_norm_eps: hf.rms_norm_eps,
-        attention_bias: hf.attention_bias.unwrap_or(default_bias),
+        attention_bias: families::hf_field(&json, "attention_bias")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
+        qk_norm: false,
+        sandwich_norms: false,
+        activation: Activation::Silu,
+        scale_embeddings: false,
+        norm_weights_offset: false,
+        attention_scale: None,
+        sliding_window: None,
+        final_logit_softcap: None,
         bos_token_id: hf.bos_token_id.and_then(|b| b.into_vec().first().copied()),
         eos_token_ids,
     };
+    (family.from_hf)(&json, &mut config)?;
     config.validate()?;
     Ok(config)
 }

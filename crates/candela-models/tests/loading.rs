@@ -308,7 +308,7 @@ fn unsupported_architecture_is_an_error() {
     write_gguf(&path, "gpt2", &weights);
     let err = load_model(path.to_str().expect("utf-8"), &Device::Cpu).unwrap_err();
     assert!(
-        matches!(err, Error::UnsupportedArchitecture(ref a) if a == "gpt2"),
+        matches!(err, Error::UnsupportedArchitecture { ref name, .. } if name == "gpt2"),
         "{err}"
     );
 
@@ -318,7 +318,7 @@ fn unsupported_architecture_is_an_error() {
     std::fs::write(st.join("config.json"), config).expect("config");
     let err = load_model(st.to_str().expect("utf-8"), &Device::Cpu).unwrap_err();
     assert!(
-        matches!(err, Error::UnsupportedArchitecture(ref a) if a == "bert"),
+        matches!(err, Error::UnsupportedArchitecture { ref name, .. } if name == "bert"),
         "{err}"
     );
 }

@@ -1,27 +1,33 @@
-//! The llama decoder (SmolLM2, Llama 2/3, Mistral, Qwen2) over flattened variable-length
-//! batches, attending through candela-kernels' paged KV cache.
+//! The decoder every family shares (llama, Mistral, Qwen 2/3, Gemma 3; see
+//! [`crate::families`]) over flattened variable-length batches, attending through
+//! candela-kernels' paged KV cache.
 //!
 //! One forward call per engine step, whatever mix of prefills, prefill chunks and decodes
 //! it holds: every matmul sees all `T` tokens of the step at once, and only attention
 //! looks at sequence boundaries (through [`AttentionMetadata`]). The LM head runs only on
 //! the rows that are sampled, since it is a fifth of a small model's multiply-adds.
 //!
-//! Family switches: q/k/v bias (Qwen2), rope layout (GGUF llama weights are permuted for
-//! interleaved pairs, Hugging Face ones are not) and rope frequency scaling (Llama 3).
+//! Family switches, all read from [`ModelConfig`]: q/k/v bias (Qwen2), per-head q/k norm
+//! (Qwen3, Gemma 3), sandwich norms, GeGLU and scaled embeddings (Gemma 3), rope layout (GGUF
+//! llama weights are permuted for interleaved pairs, Hugging Face ones are not), rope scaling
+//! (Llama 3), sliding-window layers with their own rope base (Gemma 3, Mistral) and final
+//! logit soft-capping.
 //!
 //! [`AttentionMetadata`]: candela_kernels::attention::AttentionMetadata
 
-use candela_kernels::attention::{paged_attention, takes_activations, write_kv};
+use std::num::NonZeroUsize;
+
+use candela_kernels::attention::{paged_attention_windowed, takes_activations, write_kv};
 use candela_kernels::fused::{rope_qkv, silu_mul, RopeStyle as FusedRope};
 use candela_kernels::kv_cache::PagedKvCache;
 use candela_kernels::norm::add_rms_norm;
 use candle_core::{DType, Device, Tensor};
 
 use crate::batch::BatchInputs;
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::{Activation, ModelConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::linear::{Linear, Quantize};
-use crate::model::{LlamaNames, Model, WeightSource};
+use crate::model::{Model, TensorNames, WeightSource};
 
 /// Weight of one tensor role in a layer, for naming.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -35,11 +41,21 @@ pub(crate) enum Role {
     Gate,
     Up,
     Down,
+    /// Per-head norm of q (Qwen3, Gemma 3).
+    QNorm,
+    /// Per-head norm of k.
+    KNorm,
+    /// Norm of the attention output (Gemma 3).
+    PostAttnNorm,
+    /// Norm before the MLP when the block has sandwich norms (Gemma 3); `FfnNorm` otherwise.
+    PreFfnNorm,
+    /// Norm of the MLP output (Gemma 3).
+    PostFfnNorm,
 }
 
 impl Role {
-    /// Every role, with bias vectors aside.
-    pub(crate) const ALL: [Role; 9] = [
+    /// The roles of a llama block, with bias vectors aside.
+    pub(crate) const LLAMA: [Role; 9] = [
         Role::AttnNorm,
         Role::Q,
         Role::K,
@@ -52,7 +68,7 @@ impl Role {
     ];
 }
 
-impl LlamaNames {
+impl TensorNames {
     pub(crate) fn layer(self, i: usize, role: Role) -> String {
         let (g, h) = match role {
             Role::AttnNorm => ("attn_norm", "input_layernorm"),
@@ -64,6 +80,11 @@ impl LlamaNames {
             Role::Gate => ("ffn_gate", "mlp.gate_proj"),
             Role::Up => ("ffn_up", "mlp.up_proj"),
             Role::Down => ("ffn_down", "mlp.down_proj"),
+            Role::QNorm => ("attn_q_norm", "self_attn.q_norm"),
+            Role::KNorm => ("attn_k_norm", "self_attn.k_norm"),
+            Role::PostAttnNorm => ("post_attention_norm", "post_attention_layernorm"),
+            Role::PreFfnNorm => ("ffn_norm", "pre_feedforward_layernorm"),
+            Role::PostFfnNorm => ("post_ffw_norm", "post_feedforward_layernorm"),
         };
         match self {
             Self::Gguf => format!("blk.{i}.{g}"),
@@ -131,6 +152,12 @@ struct Attention {
     o: Linear,
     /// q, k and v biases side by side (Qwen2).
     bias: Option<Tensor>,
+    /// `[head_dim]` weights of the per-head q and k norms (Qwen3, Gemma 3).
+    qk_norm: Option<(Tensor, Tensor)>,
+    /// This layer's sliding window, if it is windowed.
+    window: Option<NonZeroUsize>,
+    /// Whether it uses the windowed layers' rope tables.
+    local_rope: bool,
 }
 
 struct Mlp {
@@ -142,12 +169,23 @@ struct Mlp {
 struct Layer {
     attn_norm: Tensor,
     attn: Attention,
+    /// Norm of the attention output (sandwich norms).
+    post_attn_norm: Option<Tensor>,
+    /// The norm before the MLP.
     ffn_norm: Tensor,
     mlp: Mlp,
+    /// Norm of the MLP output (sandwich norms).
+    post_ffn_norm: Option<Tensor>,
 }
 
-/// A llama-family model.
-pub struct Llama {
+/// Rope cos and sin tables `[max_position, head_dim / 2]`, built once at load.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// A decoder-only model of any family we serve.
+pub struct Decoder {
     config: ModelConfig,
     device: Device,
     dtype: DType,
@@ -157,30 +195,33 @@ pub struct Llama {
     final_norm: Tensor,
     /// `[vocab, hidden]`: `output.weight`, or the embedding's stored form when tied.
     head: Linear,
-    /// `[max_position, head_dim / 2]` each, built once at load.
-    rope_cos: Tensor,
-    rope_sin: Tensor,
+    /// The global layers' rope tables.
+    rope: RopeTables,
+    /// The windowed layers' own tables, when their rope base differs (Gemma 3).
+    rope_local: Option<RopeTables>,
     attn_scale: f32,
+    /// `sqrt(hidden_size)` when embeddings are scaled (Gemma).
+    embedding_scale: Option<f64>,
     /// `(tensor, storage and matmul)` of every matrix, for the load report.
     weight_paths: Vec<(String, String)>,
 }
 
-impl std::fmt::Debug for Llama {
+impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Llama")
+        f.debug_struct("Decoder")
             .field("config", &self.config)
             .field("device", &self.device)
             .finish()
     }
 }
 
-impl Llama {
+impl Decoder {
     pub(crate) fn load<S: WeightSource>(
         src: &mut S,
         config: ModelConfig,
         device: &Device,
         dtype: DType,
-        names: LlamaNames,
+        names: TensorNames,
         quantize: Option<Quantize>,
     ) -> Result<Self> {
         config.validate()?;
@@ -213,6 +254,12 @@ impl Llama {
             check(src, &name, &[len])?;
             src.dense(&name, device, dtype)
         };
+        // Gemma's checkpoints store a norm's weight as `w` for a norm that multiplies by
+        // `1 + w`; its GGUF files (and every other family) store the factor itself.
+        let norm_offset = if c.norm_weights_offset { 1.0 } else { 0.0 };
+        let norm = |src: &mut S, name: String, len: usize| -> Result<Tensor> {
+            Ok(vector(src, name, len)?.affine(1.0, norm_offset)?)
+        };
 
         let embed_name = names.embedding();
         check(src, embed_name, &[c.vocab_size, hidden])?;
@@ -225,7 +272,7 @@ impl Llama {
         } else {
             (tied_head, format!("{embed_name} (tied LM head)"))
         };
-        let final_norm = vector(src, names.final_norm().to_string(), hidden)?;
+        let final_norm = norm(src, names.final_norm().to_string(), hidden)?;
 
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -242,8 +289,34 @@ impl Llama {
             } else {
                 None
             };
+            let qk_norm = if c.qk_norm {
+                Some((
+                    norm(src, format!("{}.weight", n(Role::QNorm)), c.head_dim)?,
+                    norm(src, format!("{}.weight", n(Role::KNorm)), c.head_dim)?,
+                ))
+            } else {
+                None
+            };
+            let (post_attn_norm, ffn_role, post_ffn_norm) = if c.sandwich_norms {
+                (
+                    Some(norm(
+                        src,
+                        format!("{}.weight", n(Role::PostAttnNorm)),
+                        hidden,
+                    )?),
+                    Role::PreFfnNorm,
+                    Some(norm(
+                        src,
+                        format!("{}.weight", n(Role::PostFfnNorm)),
+                        hidden,
+                    )?),
+                )
+            } else {
+                (None, Role::FfnNorm, None)
+            };
+            let window = c.layer_window(i).and_then(NonZeroUsize::new);
             layers.push(Layer {
-                attn_norm: vector(src, format!("{}.weight", n(Role::AttnNorm)), hidden)?,
+                attn_norm: norm(src, format!("{}.weight", n(Role::AttnNorm)), hidden)?,
                 attn: Attention {
                     qkv: Projections::new(vec![
                         linear(src, n(Role::Q), [q_out, hidden])?,
@@ -252,8 +325,13 @@ impl Llama {
                     ])?,
                     o: linear(src, n(Role::O), [hidden, q_out])?,
                     bias,
+                    qk_norm,
+                    window,
+                    local_rope: window.is_some()
+                        && c.sliding_window.is_some_and(|w| w.rope_theta.is_some()),
                 },
-                ffn_norm: vector(src, format!("{}.weight", n(Role::FfnNorm)), hidden)?,
+                post_attn_norm,
+                ffn_norm: norm(src, format!("{}.weight", n(ffn_role)), hidden)?,
                 mlp: Mlp {
                     gate_up: Projections::new(vec![
                         linear(src, n(Role::Gate), [inter, hidden])?,
@@ -261,6 +339,7 @@ impl Llama {
                     ])?,
                     down: linear(src, n(Role::Down), [hidden, inter])?,
                 },
+                post_ffn_norm,
             });
         }
         weight_paths.push((head_name, head.describe()));
@@ -272,10 +351,27 @@ impl Llama {
             "q/k/v and gate/up stacked into one matmul each in {stacked} of {} layers",
             layers.len()
         );
-        let (rope_cos, rope_sin) = config.rope_tables(device)?;
-        let (rope_cos, rope_sin) = (rope_cos.to_dtype(dtype)?, rope_sin.to_dtype(dtype)?);
+        let tables = |theta: f32, scaled: bool| -> Result<RopeTables> {
+            let (cos, sin) = config.rope_tables_for(theta, scaled, device)?;
+            Ok(RopeTables {
+                cos: cos.to_dtype(dtype)?,
+                sin: sin.to_dtype(dtype)?,
+            })
+        };
+        let rope = tables(config.rope_theta, true)?;
+        let rope_local = match config.sliding_window {
+            Some(w) if layers.iter().any(|l| l.attn.local_rope) => {
+                Some(tables(w.rope_theta.unwrap_or(config.rope_theta), false)?)
+            }
+            _ => None,
+        };
         Ok(Self {
-            attn_scale: 1.0 / (config.head_dim as f32).sqrt(),
+            attn_scale: config
+                .attention_scale
+                .unwrap_or(1.0 / (config.head_dim as f32).sqrt()),
+            embedding_scale: config
+                .scale_embeddings
+                .then(|| (config.hidden_size as f64).sqrt()),
             config,
             device: device.clone(),
             dtype,
@@ -283,8 +379,8 @@ impl Llama {
             layers,
             final_norm,
             head,
-            rope_cos,
-            rope_sin,
+            rope,
+            rope_local,
             weight_paths,
         })
     }
@@ -320,7 +416,7 @@ impl Llama {
     }
 }
 
-impl Model for Llama {
+impl Model for Decoder {
     fn forward(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
         if self.device.is_cpu() && rayon::current_thread_index().is_none() {
             // Called from outside the thread pool (the engine thread), every parallel op of
@@ -350,7 +446,7 @@ impl Model for Llama {
     }
 }
 
-impl Llama {
+impl Decoder {
     fn forward_on_pool(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
         let t = self.check_inputs(input, kv)?;
         let c = &self.config;
@@ -358,9 +454,15 @@ impl Llama {
         let eps = c.rms_norm_eps as f32;
 
         let half = d / 2;
-        let cos = self.rope_cos.index_select(&input.positions, 0)?;
-        let sin = self.rope_sin.index_select(&input.positions, 0)?;
-        debug_assert_eq!(cos.dims(), [t, half]);
+        let select = |tables: &RopeTables| -> Result<(Tensor, Tensor)> {
+            Ok((
+                tables.cos.index_select(&input.positions, 0)?,
+                tables.sin.index_select(&input.positions, 0)?,
+            ))
+        };
+        let global_rope = select(&self.rope)?;
+        let local_rope = self.rope_local.as_ref().map(select).transpose()?;
+        debug_assert_eq!(global_rope.0.dims(), [t, half]);
         let kv_dtype = kv.dtype();
         let rope_style = match c.rope_style {
             RopeStyle::Interleaved => FusedRope::Interleaved,
@@ -371,6 +473,9 @@ impl Llama {
         // layer's MLP norm, the MLP output's with the next layer's attention norm (the final
         // norm after the last layer). On a GPU that halves the launches of the small ops.
         let mut x = self.embedding.index_select(&input.token_ids, 0)?;
+        if let Some(scale) = self.embedding_scale {
+            x = x.affine(scale, 0.0)?;
+        }
         let mut hs = match self.layers.first() {
             Some(layer) => candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?,
             None => candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?,
@@ -381,8 +486,22 @@ impl Llama {
             if let Some(bias) = &a.bias {
                 qkv = qkv.broadcast_add(bias)?;
             }
+            if let Some((q_norm, k_norm)) = &a.qk_norm {
+                // Per-head RMSNorm of q and k before rope; v passes through.
+                let heads = qkv.reshape((t, h + 2 * kvh, d))?;
+                let q =
+                    candle_nn::ops::rms_norm(&heads.narrow(1, 0, h)?.contiguous()?, q_norm, eps)?;
+                let k =
+                    candle_nn::ops::rms_norm(&heads.narrow(1, h, kvh)?.contiguous()?, k_norm, eps)?;
+                let v = heads.narrow(1, h + kvh, kvh)?;
+                qkv = Tensor::cat(&[q, k, v], 1)?.reshape((t, (h + 2 * kvh) * d))?;
+            }
+            let (cos, sin) = match (&local_rope, a.local_rope) {
+                (Some(local), true) => local,
+                _ => &global_rope,
+            };
             // `[t, h + 2 kvh, d]`: q and k rotated, v copied, in one pass over the row.
-            let mut qkv = rope_qkv(&qkv, &cos, &sin, h, kvh, d, rope_style)?;
+            let mut qkv = rope_qkv(&qkv, cos, sin, h, kvh, d, rope_style)?;
             // A KV cache in another dtype than the activations (`--kv-cache-dtype`): the CPU
             // kernels take f32 q/k/v over a half-precision cache as they are (k/v rounded as
             // they are stored); otherwise q/k/v are cast to the cache's dtype, q rounded once,
@@ -397,13 +516,33 @@ impl Llama {
             );
             let (key_cache, value_cache) = kv.layer(i);
             write_kv(&k, &v, key_cache, value_cache, &input.attn.slot_mapping)?;
-            let o = paged_attention(&q, key_cache, value_cache, &input.attn, self.attn_scale)?;
-            let attn_out = a.o.forward(&o.reshape((t, h * d))?.to_dtype(x.dtype())?)?;
+            let o = paged_attention_windowed(
+                &q,
+                key_cache,
+                value_cache,
+                &input.attn,
+                self.attn_scale,
+                a.window,
+            )?;
+            let mut attn_out = a.o.forward(&o.reshape((t, h * d))?.to_dtype(x.dtype())?)?;
+            if let Some(post) = &layer.post_attn_norm {
+                attn_out = candle_nn::ops::rms_norm(&attn_out, post, eps)?;
+            }
             let (sum, normed) = add_rms_norm(&x, &attn_out, &layer.ffn_norm, eps)?;
 
             let m = &layer.mlp;
-            let act = silu_mul(&m.gate_up.forward(&normed)?, c.intermediate_size)?;
-            let mlp_out = m.down.forward(&act)?;
+            let gate_up = m.gate_up.forward(&normed)?;
+            let inter = c.intermediate_size;
+            let act = match c.activation {
+                Activation::Silu => silu_mul(&gate_up, inter)?,
+                Activation::GeluTanh => {
+                    (gate_up.narrow(1, 0, inter)?.gelu()? * gate_up.narrow(1, inter, inter)?)?
+                }
+            };
+            let mut mlp_out = m.down.forward(&act)?;
+            if let Some(post) = &layer.post_ffn_norm {
+                mlp_out = candle_nn::ops::rms_norm(&mlp_out, post, eps)?;
+            }
             let next_norm = self
                 .layers
                 .get(i + 1)
@@ -422,6 +561,13 @@ impl Llama {
         } else {
             hs.index_select(&input.sample_rows, 0)?
         };
-        Ok(self.head.forward(&rows)?.to_dtype(DType::F32)?)
+        let logits = self.head.forward(&rows)?.to_dtype(DType::F32)?;
+        match c.final_logit_softcap {
+            Some(cap) => {
+                let cap = f64::from(cap);
+                Ok(logits.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)?)
+            }
+            None => Ok(logits),
+        }
     }
 }
