@@ -35,13 +35,13 @@ def free_port() -> int:
 class Server:
     """One `candela serve` process."""
 
-    def __init__(self, *extra_args: str, env: dict | None = None):
+    def __init__(self, *extra_args: str, env: dict | None = None, model: Path = MODEL):
         if not BINARY.exists():
             pytest.fail(f"{BINARY} is missing: build it with `cargo build --release -p candela-cli`")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="candela-e2e-", suffix=".log", delete=False)
-        args = [str(BINARY), "serve", "--model", str(MODEL), "--host", "127.0.0.1",
+        args = [str(BINARY), "serve", "--model", str(model), "--host", "127.0.0.1",
                 "--port", str(self.port), *extra_args]
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
