@@ -1,9 +1,11 @@
 //! Quantized matmul: our packed kernels against candle's `QMatMul` (same GGUF bytes) and against
-//! an f32 matmul, at SmolLM2-135M's shapes.
+//! an f32 matmul, at SmolLM2-135M's shapes, and the GGUF k-quants at Gemma 3 270M's shapes.
 //!
 //! Ids are `{type}/{impl}/m{m}_k{k}_n{n}`, with impl one of `ours` (rayon's global pool),
 //! `ours_1t` (a one-thread pool), `candle` (candle's quantized matmul, its own pool) and `f32`.
-//! Run a slice with e.g. `cargo bench -p candela-kernels --bench qmatmul -- 'q4_1/.*m1_k1536'`.
+//! Run a slice with e.g. `cargo bench -p candela-kernels --bench qmatmul -- 'q4_1/.*m1_k1536'`,
+//! or only the k-quants with `-- 'q[2-6]k/'`. Threads: rayon's global pool, which candle's
+//! quantized matmul also uses (`RAYON_NUM_THREADS=2` to pin both to two).
 //! Measurement times are short on purpose: the machine is a shared 2-core VM.
 
 use std::time::Duration;
@@ -20,6 +22,18 @@ const SHAPES: [(usize, usize); 4] = [(576, 576), (576, 192), (576, 1536), (1536,
 const ROWS: [usize; 5] = [1, 4, 16, 64, 256];
 const LM_HEAD: (usize, usize) = (576, 49152);
 const LM_HEAD_ROWS: [usize; 2] = [1, 16];
+/// (k, n) of Gemma 3 270M Q4_K_M's k-quant tensors (`examples/gguf_tensors` in candela-models):
+/// attn_output [640, 1024] in Q4_K, ffn_down [640, 2048] in Q4_K or Q6_K. Its other matrices
+/// have k = 640, not a multiple of 256, so llama.cpp stored them as Q5_0 / Q8_0.
+const KQUANT_SHAPES: [(usize, usize); 2] = [(1024, 640), (2048, 640)];
+const KQUANT_ROWS: [usize; 3] = [1, 7, 64];
+const KQUANTS: [(GgmlDType, &str); 5] = [
+    (GgmlDType::Q4K, "q4k"),
+    (GgmlDType::Q5K, "q5k"),
+    (GgmlDType::Q6K, "q6k"),
+    (GgmlDType::Q2K, "q2k"),
+    (GgmlDType::Q3K, "q3k"),
+];
 
 fn random_tensor(rng: &mut StdRng, rows: usize, cols: usize, scale: f32) -> Tensor {
     let v: Vec<f32> = (0..rows * cols)
@@ -28,21 +42,20 @@ fn random_tensor(rng: &mut StdRng, rows: usize, cols: usize, scale: f32) -> Tens
     Tensor::from_vec(v, (rows, cols), &Device::Cpu).expect("bench tensor")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_shape(
     c: &mut Criterion,
     one_thread: &rayon::ThreadPool,
     k: usize,
     n: usize,
     rows: &[usize],
+    dtypes: &[(GgmlDType, &str)],
+    with_f32: bool,
 ) {
     let mut rng = StdRng::seed_from_u64(7);
     let w = random_tensor(&mut rng, n, k, 0.05);
     let mut group = c.benchmark_group("qmatmul");
-    for (dtype, name) in [
-        (GgmlDType::Q4_1, "q4_1"),
-        (GgmlDType::Q4_0, "q4_0"),
-        (GgmlDType::Q8_0, "q8_0"),
-    ] {
+    for &(dtype, name) in dtypes {
         let qt = QTensor::quantize(&w, dtype).expect("quantize");
         let packed =
             PackedWeight::from_ggml(dtype, &qt.data().expect("bytes"), n, k).expect("repack");
@@ -62,6 +75,10 @@ fn bench_shape(
             });
         }
     }
+    if !with_f32 {
+        group.finish();
+        return;
+    }
     let wt = w.t().expect("transpose");
     for &m in rows {
         let x = random_tensor(&mut rng, m, k, 1.0);
@@ -77,10 +94,26 @@ fn benches(c: &mut Criterion) {
         .num_threads(1)
         .build()
         .expect("one-thread pool");
+    let legacy = [
+        (GgmlDType::Q4_1, "q4_1"),
+        (GgmlDType::Q4_0, "q4_0"),
+        (GgmlDType::Q8_0, "q8_0"),
+    ];
     for (k, n) in SHAPES {
-        bench_shape(c, &one_thread, k, n, &ROWS);
+        bench_shape(c, &one_thread, k, n, &ROWS, &legacy, true);
     }
-    bench_shape(c, &one_thread, LM_HEAD.0, LM_HEAD.1, &LM_HEAD_ROWS);
+    bench_shape(
+        c,
+        &one_thread,
+        LM_HEAD.0,
+        LM_HEAD.1,
+        &LM_HEAD_ROWS,
+        &legacy,
+        true,
+    );
+    for (k, n) in KQUANT_SHAPES {
+        bench_shape(c, &one_thread, k, n, &KQUANT_ROWS, &KQUANTS, false);
+    }
 }
 
 criterion_group! {

@@ -2,7 +2,7 @@
 //! candle's own dequantization and `QMatMul`, and every kernel this CPU runs (plus the portable
 //! one) against an f32 matmul of the dequantized weight.
 
-use candela_kernels::quant::{Kernel, PackedWeight, QuantBits, QuantError};
+use candela_kernels::quant::{Kernel, PackedWeight, QuantBits, QuantError, ScaleDType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rand::rngs::StdRng;
@@ -153,12 +153,116 @@ fn ggml_repacking_dequantizes_bit_exactly_like_candle() {
 fn ggml_repacking_rejects_what_it_cannot_keep() {
     let dev = Device::Cpu;
     let t = Tensor::zeros((4, 256), candle_core::DType::F32, &dev).unwrap();
-    let qt = QTensor::quantize(&t, GgmlDType::Q4K).unwrap();
-    let err = PackedWeight::from_ggml(GgmlDType::Q4K, &qt.data().unwrap(), 4, 256).unwrap_err();
+    let qt = QTensor::quantize(&t, GgmlDType::F16).unwrap();
+    let err = PackedWeight::from_ggml(GgmlDType::F16, &qt.data().unwrap(), 4, 256).unwrap_err();
     assert!(matches!(err, QuantError::UnsupportedGgml { .. }));
     // Wrong byte count for the shape.
     let err = PackedWeight::from_ggml(GgmlDType::Q4_1, &[0u8; 39], 1, 64).unwrap_err();
     assert!(matches!(err, QuantError::Length { .. }));
+    let err = PackedWeight::from_ggml(GgmlDType::Q4K, &[0u8; 143], 1, 256).unwrap_err();
+    assert!(matches!(err, QuantError::Length { .. }));
+    // k-quant rows are whole super-blocks of 256.
+    let err = PackedWeight::from_ggml(GgmlDType::Q6K, &[0u8; 210], 2, 128).unwrap_err();
+    assert!(matches!(
+        err,
+        QuantError::KNotMultipleOfGroup { k: 128, .. }
+    ));
+}
+
+const KQUANTS: [GgmlDType; 5] = [
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// candle's dequantization of `qt` as row-major f32.
+fn candle_dequantized(qt: &QTensor) -> Vec<f32> {
+    qt.dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn kquant_repacking_dequantizes_bit_exactly_like_candle() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let dev = Device::Cpu;
+    for dtype in KQUANTS {
+        for &(n, k) in &[(19, 256), (16, 512), (3, 1280)] {
+            let w = random_weight(&mut rng, n, k);
+            let t = Tensor::from_vec(w, (n, k), &dev).unwrap();
+            let qt = QTensor::quantize(&t, dtype).unwrap();
+            let p = PackedWeight::from_ggml(dtype, &qt.data().unwrap(), n, k).unwrap();
+            assert_eq!(p.source_ggml(), Some(dtype));
+            assert_eq!(p.scale_dtype(), ScaleDType::F32);
+            let (bits, gs) = match dtype {
+                GgmlDType::Q4K => (QuantBits::Int4, 32),
+                GgmlDType::Q5K => (QuantBits::Int8, 32),
+                GgmlDType::Q6K => (QuantBits::Int8, 16),
+                _ => (QuantBits::Int4, 16),
+            };
+            assert_eq!((p.bits(), p.group_size()), (bits, gs), "{dtype:?}");
+            let ours = p.dequantize();
+            let theirs = candle_dequantized(&qt);
+            assert_eq!(ours.len(), theirs.len());
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                // Bit-exact, up to the sign of zero (see the test of the 32-weight types).
+                assert!(
+                    a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0),
+                    "{dtype:?} n{n} k{k} element {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Every k-quant through every kernel this CPU runs (the portable one included), at decode and
+/// prefill row counts, against candle's dequantize-then-matmul: within the error that int8
+/// activation quantization (per group of the weight's group size) can cause.
+#[test]
+fn kquant_matmul_matches_candle_dequantized_matmul() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let dev = Device::Cpu;
+    let kernels = Kernel::available();
+    for dtype in KQUANTS {
+        for &(n, k) in &[(40, 256), (17, 512), (64, 768)] {
+            let w = random_weight(&mut rng, n, k);
+            let qt = QTensor::quantize(&Tensor::from_vec(w, (n, k), &dev).unwrap(), dtype).unwrap();
+            let p = PackedWeight::from_ggml(dtype, &qt.data().unwrap(), n, k).unwrap();
+            let wd = candle_dequantized(&qt);
+            let wt = Tensor::from_vec(wd.clone(), (n, k), &dev).unwrap();
+            for m in [1, 7, 64] {
+                let x = random_vec(&mut rng, m * k, 2.0);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
+                let want: Vec<f32> = xt
+                    .matmul(&wt.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let bound = error_bound(&x, &wd, m, n, k, p.group_size());
+                for &kernel in &kernels {
+                    let mut y = vec![f32::NAN; m * n];
+                    p.matmul_f32_with(kernel, &x, m, &mut y).unwrap();
+                    for i in 0..m * n {
+                        // The bound, plus candle's f32 summation order.
+                        let tol = bound[i] * 1.01 + 1e-5 * want[i].abs();
+                        assert!(
+                            (y[i] - want[i]).abs() <= tol,
+                            "{kernel:?} {dtype:?} m{m} n{n} k{k} at {i}: {} vs candle {} (bound {tol})",
+                            y[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

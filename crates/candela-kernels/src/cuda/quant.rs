@@ -15,7 +15,7 @@ use candle_core::{
 use half::{bf16, f16};
 
 use super::{arg_i32, contiguous_view, dim_u32, kernel, KernelDType};
-use crate::quant::{PackedWeight, QuantBits, TILE_COLS};
+use crate::quant::{PackedWeight, QuantBits, ScaleDType, TILE_COLS};
 
 /// PTX of `kernels/quant.cu` (module name, source).
 const QUANT_PTX: (&str, &str) = (
@@ -45,6 +45,14 @@ struct Geometry {
 impl Geometry {
     fn of(w: &PackedWeight) -> Result<Self> {
         let (n, k, bits, group_size) = (w.n(), w.k(), w.bits(), w.group_size());
+        // kernels/quant.cu reads f16 scales and whole 32-weight chunks per group; the k-quant
+        // repacks (f32 scales, groups of 16) run on the CPU only, and stay with candle on CUDA.
+        if w.scale_dtype() != ScaleDType::F16 || !group_size.is_multiple_of(32) {
+            candle_core::bail!(
+                "{OP}: expected f16 scales and a group size that is a multiple of 32, got {:?} scales, group size {group_size}",
+                w.scale_dtype()
+            );
+        }
         let code_bytes = match bits {
             QuantBits::Int8 => TILE_COLS * group_size,
             QuantBits::Int4 => TILE_COLS * group_size / 2,

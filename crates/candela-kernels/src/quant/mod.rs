@@ -7,7 +7,16 @@
 //!
 //! Every weight value is stored as an unsigned code `q` with a per-group scale `d` and min `m`
 //! (both f16), so `w = q * d + m` whatever the source: Q4_1 keeps its own `d` and `m`, Q4_0
-//! becomes `m = -8 d`, Q8_0 becomes `q + 128` with `m = -128 d`. Unsigned codes are what
+//! becomes `m = -8 d`, Q8_0 becomes `q + 128` with `m = -128 d`.
+//!
+//! GGUF k-quants (Q2_K .. Q6_K) repack losslessly too, with two extensions of the format: f32
+//! group scales and mins ([`ScaleDType::F32`]), since a k-quant sub-block's scale is an f16
+//! super-block scale times a 4- to 8-bit integer (`d * sc`), exact in f32 but not in f16; and
+//! groups of 16 for the types whose sub-blocks are 16 weights (Q2_K, Q3_K, Q6_K). Q4_K and
+//! Q2_K/Q3_K codes fit int4, Q5_K and Q6_K codes int8. See [`PackedWeight::from_ggml`] for
+//! each type's mapping and `benches/qmatmul.rs` for what it buys over candle's k-quant path.
+//!
+//! Unsigned codes are what
 //! VNNI's `vpdpbusd` (u8 x i8) wants; the `m` term is folded in per group with the activation
 //! group sum. Activations are quantized per row on the fly, in groups of the weight's group size,
 //! to i8 with a scale `sx` (llama.cpp's Q8_1 scheme), so a group's dot product is
@@ -34,12 +43,22 @@ pub use pack::TILE_COLS;
 /// without it.
 pub const CUDA_GEMV_ROWS_MAX: usize = 8;
 
+/// How the per-group scales and mins are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScaleDType {
+    /// 2 bytes each: `--quantize` and the 32-weight GGML types (whose scales are f16 already).
+    F16,
+    /// 4 bytes each: GGUF k-quants, whose `d * sc` products need up to 19 significant bits.
+    F32,
+}
+
 /// Width of the stored integer codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantBits {
-    /// One byte per weight: symmetric int8 (`--quantize int8`), Q8_0, Q5_0, Q5_1.
+    /// One byte per weight: symmetric int8 (`--quantize int8`), Q8_0, Q5_0, Q5_1, Q5_K, Q6_K.
     Int8,
-    /// Half a byte per weight with a per-group min: `--quantize int4`, Q4_0, Q4_1.
+    /// Half a byte per weight with a per-group min: `--quantize int4`, Q4_0, Q4_1, Q2_K, Q3_K,
+    /// Q4_K.
     Int4,
 }
 
@@ -147,8 +166,8 @@ impl Kernel {
 /// Errors of packing and of the quantized matmul.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
-    /// The group size must be a multiple of 32 in 32..=512.
-    #[error("unsupported group size {group_size}: expected a multiple of 32 in 32..=512")]
+    /// The group size must be a multiple of 16 in 16..=512.
+    #[error("unsupported group size {group_size}: expected a multiple of 16 in 16..=512")]
     GroupSize {
         /// The requested group size.
         group_size: usize,
@@ -188,8 +207,9 @@ pub enum QuantError {
         /// Group index along k.
         group: usize,
     },
-    /// Weights stacked with [`PackedWeight::concat_rows`] must share k, bits and group size.
-    #[error("cannot stack packed weights of different k, bits or group size")]
+    /// Weights stacked with [`PackedWeight::concat_rows`] must share k, bits, group size and
+    /// scale type.
+    #[error("cannot stack packed weights of different k, bits, group size or scale type")]
     Incompatible,
     /// The requested kernel needs CPU features this machine lacks.
     #[error("kernel {kernel:?} is not supported by this CPU")]
@@ -240,8 +260,18 @@ impl PackedWeight {
     }
 
     /// Repacks raw GGML block bytes of a `[n, k]` weight (k contiguous), keeping every value
-    /// exactly: Q4_0 and Q4_1 become int4, Q8_0, Q5_0 and Q5_1 become int8, all with group
-    /// size 32. Other types (k-quants, floats) return [`QuantError::UnsupportedGgml`].
+    /// exactly (dequantization is bit-exact with candle's, up to the sign of zero):
+    ///
+    /// | GGML | codes | group | scales | `d`, `m` of a group |
+    /// |------|-------|-------|--------|---------------------|
+    /// | Q4_0, Q4_1 | int4 | 32 | f16 | block `d`; `-8 d` or the block min |
+    /// | Q5_0, Q5_1, Q8_0 | int8 | 32 | f16 | block `d`; `-16 d`, the block min or `-128 d` |
+    /// | Q4_K, Q5_K | int4, int8 | 32 | f32 | `d * sc`, `-dmin * m` (6-bit `sc`, `m`) |
+    /// | Q6_K | int8 | 16 | f32 | `d * sc` (i8 `sc`), `-32 d sc` |
+    /// | Q3_K | int4 | 16 | f32 | `d * (sc - 32)` (6-bit `sc`), `-4 d (sc - 32)` |
+    /// | Q2_K | int4 | 16 | f32 | `d * sc`, `-dmin * m` (4-bit `sc`, `m`) |
+    ///
+    /// Other types (floats, Q8_1, Q8_K) return [`QuantError::UnsupportedGgml`].
     pub fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<Self> {
         pack::from_ggml(dtype, data, n, k)
     }
@@ -277,6 +307,11 @@ impl PackedWeight {
     /// Weights per scale along k.
     pub fn group_size(&self) -> usize {
         self.layout.group_size
+    }
+
+    /// How the group scales and mins are stored.
+    pub fn scale_dtype(&self) -> ScaleDType {
+        self.layout.scales
     }
 
     /// The GGML type this weight was repacked from, if any.

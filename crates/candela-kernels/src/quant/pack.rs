@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! tile t: [ group 0 block ][ group 1 block ] ... [ group k/G-1 block ]
-//! block:  [ chunk 0 ][ chunk 1 ] ... [ 16 x f16 d ][ 16 x f16 m ]       (64-byte aligned)
+//! block:  [ chunk 0 ][ chunk 1 ] ... [ 16 x d ][ 16 x m ]   (f16 or f32; 64-byte aligned)
 //! chunk:  64 bytes = 16 lanes (columns) x 4 bytes
 //!   int8: lane j, byte b  = code of w[col j, k0 + b]                      (k0 = g G + 4 c)
 //!   int4: lane j, byte b  = code of w[col j, k0 + b]       in the low nibble
@@ -17,18 +17,21 @@
 //! Each lane's 4 bytes line up with 4 consecutive activations, which is exactly what one
 //! `vpdpbusd` lane sums, so the kernels broadcast 4 activation bytes and never reduce
 //! horizontally. Columns past `n` in the last tile are zero (code 0, d = m = 0).
+//!
+//! A group is at least 16 weights (two int4 chunks or four int8 ones), so blocks stay whole
+//! cache lines: codes are 128 or 256 bytes, the scale and min rows 32 (f16) or 64 (f32) each.
 
 use half::f16;
 
-use super::{PackedWeight, QuantBits, QuantError, Result};
+mod kquant;
+
+use super::{PackedWeight, QuantBits, QuantError, Result, ScaleDType};
 use candle_core::quantized::GgmlDType;
 
 /// Output columns per tile.
 pub const TILE_COLS: usize = 16;
 /// Bytes per chunk: 16 lanes of 4 bytes.
 pub(crate) const CHUNK_BYTES: usize = 64;
-/// Bytes of the scale row and of the min row at the end of a block (16 f16 each).
-const SCALE_ROW_BYTES: usize = TILE_COLS * 2;
 /// The largest group size accepted (keeps the i32 group accumulators far from overflow).
 const GROUP_SIZE_MAX: usize = 512;
 
@@ -39,12 +42,15 @@ pub(crate) struct PackLayout {
     pub k: usize,
     pub bits: QuantBits,
     pub group_size: usize,
+    pub scales: ScaleDType,
     /// `k / group_size`.
     pub groups: usize,
     /// `ceil(n / TILE_COLS)`.
     pub tiles: usize,
     /// Bytes of codes in one block (one tile x one group).
     pub code_bytes: usize,
+    /// Bytes of the scale row and of the min row at the end of a block (16 of each).
+    pub scale_row_bytes: usize,
     /// Bytes of one block: codes, then scales, then mins.
     pub block_bytes: usize,
     /// Bytes of one tile: `groups` blocks.
@@ -52,8 +58,14 @@ pub(crate) struct PackLayout {
 }
 
 impl PackLayout {
-    pub(crate) fn new(n: usize, k: usize, bits: QuantBits, group_size: usize) -> Result<Self> {
-        if group_size == 0 || !group_size.is_multiple_of(32) || group_size > GROUP_SIZE_MAX {
+    pub(crate) fn new(
+        n: usize,
+        k: usize,
+        bits: QuantBits,
+        group_size: usize,
+        scales: ScaleDType,
+    ) -> Result<Self> {
+        if group_size == 0 || !group_size.is_multiple_of(16) || group_size > GROUP_SIZE_MAX {
             return Err(QuantError::GroupSize { group_size });
         }
         if k == 0 || !k.is_multiple_of(group_size) {
@@ -66,7 +78,12 @@ impl PackLayout {
             QuantBits::Int8 => TILE_COLS * group_size,
             QuantBits::Int4 => TILE_COLS * group_size / 2,
         };
-        let block_bytes = code_bytes + 2 * SCALE_ROW_BYTES;
+        let scale_row_bytes = match scales {
+            ScaleDType::F16 => TILE_COLS * 2,
+            ScaleDType::F32 => TILE_COLS * 4,
+        };
+        let block_bytes = code_bytes + 2 * scale_row_bytes;
+        debug_assert_eq!(code_bytes % CHUNK_BYTES, 0);
         debug_assert_eq!(block_bytes % CHUNK_BYTES, 0);
         let groups = k / group_size;
         Ok(Self {
@@ -74,9 +91,11 @@ impl PackLayout {
             k,
             bits,
             group_size,
+            scales,
             groups,
             tiles: n.div_ceil(TILE_COLS),
             code_bytes,
+            scale_row_bytes,
             block_bytes,
             tile_bytes: groups * block_bytes,
         })
@@ -155,7 +174,8 @@ impl Packer {
     }
 
     /// Stores one group of codes (`group_size` of them, each < 16 for int4) with its scale/min.
-    fn set_group(&mut self, col: usize, group: usize, codes: &[u8], d: f16, m: f16) {
+    /// With f16 scales, `d` and `m` must be f16 values (callers check with [`exact_f16`]).
+    fn set_group(&mut self, col: usize, group: usize, codes: &[u8], d: f32, m: f32) {
         let l = self.layout;
         debug_assert_eq!(codes.len(), l.group_size);
         let base = l.block_offset(col, group);
@@ -167,10 +187,20 @@ impl Packer {
             block[i] |= q << shift;
         }
         let lane = col % TILE_COLS;
-        let ds = l.code_bytes + 2 * lane;
-        block[ds..ds + 2].copy_from_slice(&d.to_bits().to_le_bytes());
-        let ms = l.code_bytes + SCALE_ROW_BYTES + 2 * lane;
-        block[ms..ms + 2].copy_from_slice(&m.to_bits().to_le_bytes());
+        let ds = l.code_bytes;
+        let ms = l.code_bytes + l.scale_row_bytes;
+        match l.scales {
+            ScaleDType::F16 => {
+                let (dh, mh) = (f16::from_f32(d), f16::from_f32(m));
+                debug_assert!(dh.to_f32() == d && mh.to_f32() == m);
+                block[ds + 2 * lane..][..2].copy_from_slice(&dh.to_bits().to_le_bytes());
+                block[ms + 2 * lane..][..2].copy_from_slice(&mh.to_bits().to_le_bytes());
+            }
+            ScaleDType::F32 => {
+                block[ds + 4 * lane..][..4].copy_from_slice(&d.to_le_bytes());
+                block[ms + 4 * lane..][..4].copy_from_slice(&m.to_le_bytes());
+            }
+        }
     }
 
     fn finish(self, source: Option<GgmlDType>) -> PackedWeight {
@@ -185,7 +215,7 @@ impl Packer {
 }
 
 /// Reads one group back: codes into `codes`, returns (d, m).
-fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f16, f16) {
+fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f32, f32) {
     let l = w.layout;
     let base = l.block_offset(col, group);
     let block = &w.data.as_slice()[base..base + l.block_bytes];
@@ -197,23 +227,36 @@ fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f
         };
     }
     let lane = col % TILE_COLS;
-    let ds = l.code_bytes + 2 * lane;
-    let ms = l.code_bytes + SCALE_ROW_BYTES + 2 * lane;
-    (
-        f16::from_bits(u16::from_le_bytes([block[ds], block[ds + 1]])),
-        f16::from_bits(u16::from_le_bytes([block[ms], block[ms + 1]])),
-    )
+    let (ds, ms) = (l.code_bytes, l.code_bytes + l.scale_row_bytes);
+    match l.scales {
+        ScaleDType::F16 => (
+            read_f16(block, ds + 2 * lane).to_f32(),
+            read_f16(block, ms + 2 * lane).to_f32(),
+        ),
+        ScaleDType::F32 => (
+            read_f32(block, ds + 4 * lane),
+            read_f32(block, ms + 4 * lane),
+        ),
+    }
 }
 
 pub(crate) fn concat_rows(parts: &[&PackedWeight]) -> Result<PackedWeight> {
     let first = parts.first().ok_or(QuantError::EmptyN)?.layout;
-    let compatible =
-        |l: &PackLayout| (l.k, l.bits, l.group_size) == (first.k, first.bits, first.group_size);
+    let compatible = |l: &PackLayout| {
+        (l.k, l.bits, l.group_size, l.scales)
+            == (first.k, first.bits, first.group_size, first.scales)
+    };
     if !parts.iter().all(|p| compatible(&p.layout)) {
         return Err(QuantError::Incompatible);
     }
     let n = parts.iter().map(|p| p.layout.n).sum();
-    let mut packer = Packer::new(PackLayout::new(n, first.k, first.bits, first.group_size)?);
+    let mut packer = Packer::new(PackLayout::new(
+        n,
+        first.k,
+        first.bits,
+        first.group_size,
+        first.scales,
+    )?);
     let mut codes = vec![0u8; first.group_size];
     let mut base = 0;
     for part in parts {
@@ -237,7 +280,6 @@ pub(crate) fn dequantize(w: &PackedWeight) -> Vec<f32> {
     for col in 0..l.n {
         for g in 0..l.groups {
             let (d, m) = get_group(w, col, g, &mut codes);
-            let (d, m) = (d.to_f32(), m.to_f32());
             let row = &mut out[col * l.k + g * l.group_size..][..l.group_size];
             for (o, &q) in row.iter_mut().zip(codes.iter()) {
                 // Same expression and rounding as candle's `to_float` (no fused multiply-add),
@@ -263,7 +305,7 @@ pub(crate) fn quantize_f32(
     bits: QuantBits,
     group_size: usize,
 ) -> Result<PackedWeight> {
-    let layout = PackLayout::new(n, k, bits, group_size)?;
+    let layout = PackLayout::new(n, k, bits, group_size, ScaleDType::F16)?;
     if w.len() != n * k {
         return Err(QuantError::Length {
             what: "weight",
@@ -311,7 +353,7 @@ pub(crate) fn quantize_f32(
                     (d, m)
                 }
             };
-            packer.set_group(col, g, &codes, d, m);
+            packer.set_group(col, g, &codes, d.to_f32(), m.to_f32());
         }
     }
     Ok(packer.finish(None))
@@ -324,7 +366,14 @@ fn read_f16(b: &[u8], at: usize) -> f16 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]))
 }
 
+fn read_f32(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Result<PackedWeight> {
+    if let Some(kq) = kquant::KQuant::of(dtype) {
+        return kquant::repack(kq, data, n, k);
+    }
     let (bits, block_bytes) = match dtype {
         GgmlDType::Q4_0 => (QuantBits::Int4, 18),
         GgmlDType::Q4_1 => (QuantBits::Int4, 20),
@@ -334,7 +383,7 @@ pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Re
         _ => return Err(QuantError::UnsupportedGgml { dtype }),
     };
     debug_assert_eq!(block_bytes, dtype.type_size());
-    let layout = PackLayout::new(n, k, bits, GGML_BLOCK)?;
+    let layout = PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?;
     let expected = n * (k / GGML_BLOCK) * block_bytes;
     if data.len() != expected {
         return Err(QuantError::Length {
@@ -380,7 +429,7 @@ pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Re
             }
             _ => return Err(QuantError::UnsupportedGgml { dtype }),
         };
-        packer.set_group(col, g, &codes, dd, m);
+        packer.set_group(col, g, &codes, dd.to_f32(), m.to_f32());
     }
     Ok(packer.finish(Some(dtype)))
 }
@@ -405,7 +454,7 @@ mod tests {
     #[test]
     fn code_positions_cover_each_block_byte_once() {
         for bits in [QuantBits::Int8, QuantBits::Int4] {
-            let l = PackLayout::new(TILE_COLS, 64, bits, 64).unwrap();
+            let l = PackLayout::new(TILE_COLS, 64, bits, 64, ScaleDType::F16).unwrap();
             let mut seen = vec![0u32; l.code_bytes];
             for col in 0..TILE_COLS {
                 for kk in 0..64 {
@@ -472,15 +521,15 @@ mod tests {
     #[test]
     fn rejects_bad_shapes() {
         assert!(matches!(
-            PackLayout::new(4, 48, QuantBits::Int4, 32),
+            PackLayout::new(4, 48, QuantBits::Int4, 32, ScaleDType::F16),
             Err(QuantError::KNotMultipleOfGroup { .. })
         ));
         assert!(matches!(
-            PackLayout::new(4, 64, QuantBits::Int4, 48),
+            PackLayout::new(4, 64, QuantBits::Int4, 40, ScaleDType::F16),
             Err(QuantError::GroupSize { .. })
         ));
         assert!(matches!(
-            PackLayout::new(0, 64, QuantBits::Int8, 32),
+            PackLayout::new(0, 64, QuantBits::Int8, 32, ScaleDType::F16),
             Err(QuantError::EmptyN)
         ));
     }

@@ -3,7 +3,7 @@
 
 use super::driver::KernelArgs;
 use super::pack::{CHUNK_BYTES, TILE_COLS};
-use super::QuantBits;
+use super::{QuantBits, ScaleDType};
 
 /// Computes output tiles `tile_begin..tile_end` for every row.
 pub(crate) fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
@@ -49,8 +49,10 @@ pub(crate) fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) 
                 let sumx = a.sumx[r * l.groups + g];
                 let scales = &block[l.code_bytes..];
                 for (j, f) in facc.iter_mut().enumerate() {
-                    let d = f16_at(scales, 2 * j);
-                    let m = f16_at(scales, 2 * TILE_COLS + 2 * j);
+                    let (d, m) = match l.scales {
+                        ScaleDType::F16 => (f16_at(scales, 2 * j), f16_at(scales, 32 + 2 * j)),
+                        ScaleDType::F32 => (f32_at(scales, 4 * j), f32_at(scales, 64 + 4 * j)),
+                    };
                     *f += iacc[j] as f32 * (d * sx) + m * sumx;
                 }
             }
@@ -65,4 +67,8 @@ pub(crate) fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) 
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }

@@ -6,13 +6,13 @@
 //! broadcast is used for all `NC` tiles. When the block is small (decode, `MR * NC <= 4`) the
 //! low- and high-nibble products go to separate accumulators so `vpdpbusd`'s latency does not
 //! serialize the loop. Per group the int32 sums are folded into f32 accumulators:
-//! `acc += float(isum) * (d * sx) + m * sumx`.
+//! `acc += float(isum) * (d * sx) + m * sumx`, with `d` and `m` read as f16 or f32 (k-quants).
 
 use std::arch::x86_64::*;
 
 use super::driver::KernelArgs;
 use super::pack::TILE_COLS;
-use super::{portable, Kernel, QuantBits};
+use super::{portable, Kernel, QuantBits, ScaleDType};
 
 /// Runs `kernel` on output tiles `tile_begin..tile_end`, all rows.
 ///
@@ -92,6 +92,8 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
     let w0 = a.w.as_ptr().add(t0 * l.tile_bytes);
     let xq0 = a.xq.as_ptr().add(r0 * l.k);
     let nib = _mm512_set1_epi8(0x0F);
+    // A per-weight constant: the branch below always goes the same way.
+    let f32_scales = l.scales == ScaleDType::F32;
     let mut facc = [[_mm512_setzero_ps(); NC]; MR];
     for g in 0..l.groups {
         let blk = w0.add(g * l.block_bytes);
@@ -130,8 +132,17 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
         }
         for t in 0..NC {
             let sp = blk.add(t * l.tile_bytes + l.code_bytes);
-            let d = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
-            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast()));
+            let (d, mn) = if f32_scales {
+                (
+                    _mm512_loadu_ps(sp.cast()),
+                    _mm512_loadu_ps(sp.add(64).cast()),
+                )
+            } else {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast())),
+                )
+            };
             for r in 0..MR {
                 let gi = (r0 + r) * l.groups + g;
                 let isum = if split {
@@ -270,6 +281,8 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
     let w0 = a.w.as_ptr().add(t0 * l.tile_bytes);
     let xq0 = a.xq.as_ptr().add(r0 * l.k);
     let nib = _mm256_set1_epi8(0x0F);
+    // A per-weight constant: the branch below always goes the same way.
+    let f32_scales = l.scales == ScaleDType::F32;
     let mut facc = [[_mm256_setzero_ps(); 2]; MR];
     for g in 0..l.groups {
         let blk = w0.add(g * l.block_bytes);
@@ -307,9 +320,19 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
             }
         }
         for half in 0..2 {
-            let sp = blk.add(l.code_bytes + half * 16);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(sp.cast()));
-            let mn = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32).cast()));
+            let (d, mn) = if f32_scales {
+                let sp = blk.add(l.code_bytes + half * 32);
+                (
+                    _mm256_loadu_ps(sp.cast()),
+                    _mm256_loadu_ps(sp.add(64).cast()),
+                )
+            } else {
+                let sp = blk.add(l.code_bytes + half * 16);
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(sp.cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32).cast())),
+                )
+            };
             for r in 0..MR {
                 let gi = (r0 + r) * l.groups + g;
                 let mut isum = if split {
