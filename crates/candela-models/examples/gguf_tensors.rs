@@ -20,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dims = info.shape.dims().to_vec();
         println!("{name:32} {:6} {dims:?}", format!("{:?}", info.ggml_dtype));
         // Layer tensors collapse to their role (`blk.N.ffn_down.weight` -> `ffn_down.weight`).
-        let role = name.splitn(3, '.').nth(2).filter(|_| name.starts_with("blk."));
+        let role = name
+            .splitn(3, '.')
+            .nth(2)
+            .filter(|_| name.starts_with("blk."));
         let e = per_kind
             .entry((format!("{:?}", info.ggml_dtype), dims))
             .or_insert((0, String::new()));

@@ -6,10 +6,10 @@
 //! variants built in [`Linear::from_qtensor`] without touching the model.
 
 use candela_kernels::quant::{
-    Kernel, PackedWeight, QuantBits, QuantError, CUDA_GEMV_ROWS_MAX as GEMV_ROWS_MAX,
+    Kernel, PackedWeight, QuantBits, QuantError, ScaleDType, CUDA_GEMV_ROWS_MAX as GEMV_ROWS_MAX,
 };
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
@@ -81,7 +81,8 @@ impl Linear {
     /// On the CPU, GGML types that candle runs without SIMD or without its tiled paths at
     /// our shapes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are repacked losslessly into
     /// [`PackedWeight`]: measured in `benches/qmatmul.rs`, 5x to 200x faster than candle's
-    /// `QMatMul` at SmolLM2's shapes. k-quants stay with candle, whose Q4K path is fast.
+    /// `QMatMul` at SmolLM2's shapes. So are the k-quants (Q2_K .. Q6_K, with f32 group
+    /// scales), which candle runs through its per-row `vec_dot` path.
     /// `CANDELA_CPU_QMATMUL=candle` keeps candle's path for every type (to compare).
     pub fn from_qtensor(weight: QTensor) -> Result<Self> {
         let dequantize_all = std::env::var("CANDLE_DEQUANTIZE_ALL").is_ok_and(|v| v == "1");
@@ -109,13 +110,18 @@ impl Linear {
     }
 
     /// For a CUDA `device`: `weight` (read on the CPU) as [`Linear::Hybrid`] when its GGML
-    /// type repacks losslessly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else candle's CUDA quantized
+    /// type repacks losslessly with f16 scales (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), else candle's
+    /// CUDA quantized
     /// matmul. `CANDELA_CUDA_QMATMUL=candle` or `=ours` keeps one of the two forms for every
     /// shape (to compare them).
     pub fn for_cuda(weight: QTensor, device: &Device) -> Result<Self> {
         let choice = std::env::var("CANDELA_CUDA_QMATMUL").unwrap_or_default();
         let on_device = |w: &QTensor| qmatmul_on(w.dtype(), &w.data()?, w.shape().dims2()?, device);
         if choice == "candle" {
+            return Ok(Self::Quantized(on_device(&weight)?));
+        }
+        // The k-quant repacks (f32 scales, groups of 16) have no CUDA kernel: candle runs them.
+        if is_kquant(weight.dtype()) {
             return Ok(Self::Quantized(on_device(&weight)?));
         }
         match Self::packed(&weight)? {
@@ -228,8 +234,12 @@ impl Linear {
                     Some(t) => format!("{t:?}, lossless"),
                     None => "--quantize".to_string(),
                 };
+                let scales = match w.scale_dtype() {
+                    ScaleDType::F16 => "",
+                    ScaleDType::F32 => " f32-scales",
+                };
                 format!(
-                    "packed {bits} g{} ({from}), candela matmul [{} on CPU]",
+                    "packed {bits} g{}{scales} ({from}), candela matmul [{} on CPU]",
                     w.group_size(),
                     Kernel::detect().name()
                 )
@@ -267,6 +277,14 @@ fn qmatmul_on(
     Ok(QMatMul::from_qtensor(q)?)
 }
 
+/// The GGUF k-quants, which repack with f32 group scales (CPU kernels only).
+fn is_kquant(dtype: GgmlDType) -> bool {
+    matches!(
+        dtype,
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+    )
+}
+
 fn bits_name(bits: QuantBits) -> &'static str {
     match bits {
         QuantBits::Int8 => "int8",
@@ -277,7 +295,6 @@ fn bits_name(bits: QuantBits) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::GgmlDType;
     use candle_core::Device;
 
     #[test]
