@@ -28,9 +28,10 @@ pub enum Architecture {
 }
 
 /// The activation of the MLP's gate (`act(gate) * up`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Activation {
     /// SwiGLU (llama, Qwen, Mistral).
+    #[default]
     Silu,
     /// GeGLU with the tanh approximation of GELU (Gemma: `gelu_pytorch_tanh`).
     GeluTanh,
@@ -101,6 +102,30 @@ pub enum RopeScaling {
     FreqFactors(Vec<f32>),
 }
 
+/// The switches a family sets over the shared decoder (`crate::families`). `Default` is
+/// llama's: none of them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FamilySwitches {
+    /// Per-head RMSNorm of q and k before rope (Qwen 3, Gemma 3).
+    pub qk_norm: bool,
+    /// RMSNorms on the attention output and the MLP output before each residual add
+    /// (Gemma 3's four norms per block).
+    pub sandwich_norms: bool,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
+    pub scale_embeddings: bool,
+    /// Norm weights are stored as `w` for a norm that multiplies by `1 + w` (Gemma's Hugging
+    /// Face checkpoints; its GGUF files store `1 + w`). Added at load.
+    pub norm_weights_offset: bool,
+    /// Attention scale; `None` is `1 / sqrt(head_dim)`.
+    pub attention_scale: Option<f32>,
+    /// Sliding-window layers, if any.
+    pub sliding_window: Option<SlidingWindow>,
+    /// Final logits become `cap * tanh(logits / cap)`.
+    pub final_logit_softcap: Option<f32>,
+}
+
 /// Shape and hyper-parameters of a loaded model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -132,24 +157,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     /// q/k/v projections carry a bias (Qwen2).
     pub attention_bias: bool,
-    /// Per-head RMSNorm of q and k before rope (Qwen 3, Gemma 3).
-    pub qk_norm: bool,
-    /// RMSNorms on the attention output and the MLP output before each residual add
-    /// (Gemma 3's four norms per block).
-    pub sandwich_norms: bool,
-    /// The MLP's gate activation.
-    pub activation: Activation,
-    /// Embeddings multiplied by `sqrt(hidden_size)` (Gemma).
-    pub scale_embeddings: bool,
-    /// Norm weights are stored as `w` for a norm that multiplies by `1 + w` (Gemma's Hugging
-    /// Face checkpoints; its GGUF files store `1 + w`). Added at load.
-    pub norm_weights_offset: bool,
-    /// Attention scale; `None` is `1 / sqrt(head_dim)`.
-    pub attention_scale: Option<f32>,
-    /// Sliding-window layers, if any.
-    pub sliding_window: Option<SlidingWindow>,
-    /// Final logits become `cap * tanh(logits / cap)`.
-    pub final_logit_softcap: Option<f32>,
+    /// What the family changes in the shared decoder.
+    pub switches: FamilySwitches,
     /// Beginning-of-sequence token, when the model defines one.
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
@@ -192,7 +201,7 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(invalid("rope_theta", "must be a positive number"));
         }
-        if let Some(w) = &self.sliding_window {
+        if let Some(w) = &self.switches.sliding_window {
             if w.size == 0 {
                 return Err(invalid("sliding_window", "must be positive"));
             }
@@ -202,7 +211,7 @@ impl ModelConfig {
                 }
             }
         }
-        if let Some(cap) = self.final_logit_softcap {
+        if let Some(cap) = self.switches.final_logit_softcap {
             if !(cap.is_finite() && cap > 0.0) {
                 return Err(invalid(
                     "final_logit_softcapping",
@@ -227,14 +236,15 @@ impl ModelConfig {
 
     /// The window of layer `i`, if it is a windowed layer.
     pub fn layer_window(&self, layer: usize) -> Option<usize> {
-        self.sliding_window
+        self.switches
+            .sliding_window
             .filter(|w| w.applies_to(layer))
             .map(|w| w.size)
     }
 
     /// Rope base of layer `i`: windowed layers may have their own.
     pub fn layer_rope_theta(&self, layer: usize) -> f32 {
-        match self.sliding_window {
+        match self.switches.sliding_window {
             Some(w) if w.applies_to(layer) => w.rope_theta.unwrap_or(self.rope_theta),
             _ => self.rope_theta,
         }
@@ -361,14 +371,7 @@ mod tests {
             rope_scaling: None,
             rms_norm_eps: 1e-5,
             attention_bias: false,
-            qk_norm: false,
-            sandwich_norms: false,
-            activation: Activation::Silu,
-            scale_embeddings: false,
-            norm_weights_offset: false,
-            attention_scale: None,
-            sliding_window: None,
-            final_logit_softcap: None,
+            switches: FamilySwitches::default(),
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
         }

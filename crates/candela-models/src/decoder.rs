@@ -256,7 +256,11 @@ impl Decoder {
         };
         // Gemma's checkpoints store a norm's weight as `w` for a norm that multiplies by
         // `1 + w`; its GGUF files (and every other family) store the factor itself.
-        let norm_offset = if c.norm_weights_offset { 1.0 } else { 0.0 };
+        let norm_offset = if c.switches.norm_weights_offset {
+            1.0
+        } else {
+            0.0
+        };
         let norm = |src: &mut S, name: String, len: usize| -> Result<Tensor> {
             Ok(vector(src, name, len)?.affine(1.0, norm_offset)?)
         };
@@ -289,7 +293,7 @@ impl Decoder {
             } else {
                 None
             };
-            let qk_norm = if c.qk_norm {
+            let qk_norm = if c.switches.qk_norm {
                 Some((
                     norm(src, format!("{}.weight", n(Role::QNorm)), c.head_dim)?,
                     norm(src, format!("{}.weight", n(Role::KNorm)), c.head_dim)?,
@@ -297,7 +301,7 @@ impl Decoder {
             } else {
                 None
             };
-            let (post_attn_norm, ffn_role, post_ffn_norm) = if c.sandwich_norms {
+            let (post_attn_norm, ffn_role, post_ffn_norm) = if c.switches.sandwich_norms {
                 (
                     Some(norm(
                         src,
@@ -328,7 +332,9 @@ impl Decoder {
                     qk_norm,
                     window,
                     local_rope: window.is_some()
-                        && c.sliding_window.is_some_and(|w| w.rope_theta.is_some()),
+                        && c.switches
+                            .sliding_window
+                            .is_some_and(|w| w.rope_theta.is_some()),
                 },
                 post_attn_norm,
                 ffn_norm: norm(src, format!("{}.weight", n(ffn_role)), hidden)?,
@@ -359,7 +365,7 @@ impl Decoder {
             })
         };
         let rope = tables(config.rope_theta, true)?;
-        let rope_local = match config.sliding_window {
+        let rope_local = match config.switches.sliding_window {
             Some(w) if layers.iter().any(|l| l.attn.local_rope) => {
                 Some(tables(w.rope_theta.unwrap_or(config.rope_theta), false)?)
             }
@@ -367,9 +373,11 @@ impl Decoder {
         };
         Ok(Self {
             attn_scale: config
+                .switches
                 .attention_scale
                 .unwrap_or(1.0 / (config.head_dim as f32).sqrt()),
             embedding_scale: config
+                .switches
                 .scale_embeddings
                 .then(|| (config.hidden_size as f64).sqrt()),
             config,
@@ -533,7 +541,7 @@ impl Decoder {
             let m = &layer.mlp;
             let gate_up = m.gate_up.forward(&normed)?;
             let inter = c.intermediate_size;
-            let act = match c.activation {
+            let act = match c.switches.activation {
                 Activation::Silu => silu_mul(&gate_up, inter)?,
                 Activation::GeluTanh => {
                     (gate_up.narrow(1, 0, inter)?.gelu()? * gate_up.narrow(1, inter, inter)?)?
@@ -562,7 +570,7 @@ impl Decoder {
             hs.index_select(&input.sample_rows, 0)?
         };
         let logits = self.head.forward(&rows)?.to_dtype(DType::F32)?;
-        match c.final_logit_softcap {
+        match c.switches.final_logit_softcap {
             Some(cap) => {
                 let cap = f64::from(cap);
                 Ok(logits.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)?)

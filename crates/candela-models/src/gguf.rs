@@ -13,7 +13,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{invalid, Activation, ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{invalid, FamilySwitches, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
 use crate::families;
 use crate::linear::{Linear, Quantize};
@@ -215,14 +215,7 @@ impl GgufFile {
             rope_scaling,
             rms_norm_eps,
             attention_bias: false,
-            qk_norm: false,
-            sandwich_norms: false,
-            activation: Activation::Silu,
-            scale_embeddings: false,
-            norm_weights_offset: false,
-            attention_scale: None,
-            sliding_window: None,
-            final_logit_softcap: None,
+            switches: FamilySwitches::default(),
             bos_token_id,
             eos_token_ids,
         };

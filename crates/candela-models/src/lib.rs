@@ -18,7 +18,8 @@ pub mod tokenizer;
 pub use batch::{BatchBuilder, BatchInputs, SeqChunk};
 pub use candela_kernels::quant::QuantBits;
 pub use config::{
-    Activation, Architecture, ModelConfig, RopeScaling, RopeStyle, SlidingWindow, WindowLayers,
+    Activation, Architecture, FamilySwitches, ModelConfig, RopeScaling, RopeStyle, SlidingWindow,
+    WindowLayers,
 };
 pub use error::{Error, Result};
 pub use hub::ModelFiles;

@@ -9,7 +9,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::config::{invalid, Activation, ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{invalid, FamilySwitches, ModelConfig, RopeScaling, RopeStyle};
 use crate::error::{Error, Result};
 use crate::families;
 use crate::linear::{Linear, Quantize};
@@ -229,14 +229,7 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
         attention_bias: families::hf_field(&json, "attention_bias")
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false),
-        qk_norm: false,
-        sandwich_norms: false,
-        activation: Activation::Silu,
-        scale_embeddings: false,
-        norm_weights_offset: false,
-        attention_scale: None,
-        sliding_window: None,
-        final_logit_softcap: None,
+        switches: FamilySwitches::default(),
         bos_token_id: hf.bos_token_id.and_then(|b| b.into_vec().first().copied()),
         eos_token_ids,
     };

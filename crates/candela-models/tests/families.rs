@@ -330,7 +330,7 @@ fn qwen3_matches_candle_transformers() {
     let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
     let c = loaded.config();
     assert_eq!(c.architecture, Architecture::Qwen3);
-    assert!(c.qk_norm && !c.attention_bias && c.head_dim == HEAD_DIM);
+    assert!(c.switches.qk_norm && !c.attention_bias && c.head_dim == HEAD_DIM);
     let seqs = test_seqs([9, 13, 6]);
     let got = ours(loaded.model.as_ref(), &seqs);
     let cfg: qwen3::Config = serde_json::from_value(config).expect("candle's config");

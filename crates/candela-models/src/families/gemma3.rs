@@ -35,22 +35,22 @@ pub(super) const GEMMA3: Family = Family {
 
 fn common(config: &mut ModelConfig) {
     config.rope_style = RopeStyle::Half;
-    config.qk_norm = true;
-    config.sandwich_norms = true;
-    config.activation = Activation::GeluTanh;
-    config.scale_embeddings = true;
+    config.switches.qk_norm = true;
+    config.switches.sandwich_norms = true;
+    config.switches.activation = Activation::GeluTanh;
+    config.switches.scale_embeddings = true;
 }
 
 fn from_gguf(gguf: &GgufFile, arch: &str, config: &mut ModelConfig) -> Result<()> {
     common(config);
     let key = format!("{arch}.attention.sliding_window");
     let size = gguf.uint_opt(&key)?.ok_or(Error::MissingMetadata { key })?;
-    config.sliding_window = Some(SlidingWindow {
+    config.switches.sliding_window = Some(SlidingWindow {
         size,
         layers: WindowLayers::GlobalEvery(GLOBAL_EVERY),
         rope_theta: Some(LOCAL_ROPE_THETA),
     });
-    config.final_logit_softcap = gguf
+    config.switches.final_logit_softcap = gguf
         .float_opt(&format!("{arch}.final_logit_softcapping"))?
         .map(|cap| cap as f32);
     Ok(())
@@ -58,7 +58,7 @@ fn from_gguf(gguf: &GgufFile, arch: &str, config: &mut ModelConfig) -> Result<()
 
 fn from_hf(json: &Value, config: &mut ModelConfig) -> Result<()> {
     common(config);
-    config.norm_weights_offset = true;
+    config.switches.norm_weights_offset = true;
     let activation = hf_field(json, "hidden_activation")
         .or_else(|| hf_field(json, "hidden_act"))
         .and_then(Value::as_str)
@@ -72,7 +72,7 @@ fn from_hf(json: &Value, config: &mut ModelConfig) -> Result<()> {
         if scalar <= 0.0 {
             return Err(invalid("query_pre_attn_scalar", "must be positive"));
         }
-        config.attention_scale = Some((1.0 / scalar.sqrt()) as f32);
+        config.switches.attention_scale = Some((1.0 / scalar.sqrt()) as f32);
     }
     if hf_f64(json, "attn_logit_softcapping")?.is_some() {
         return Err(Error::UnsupportedFeature(
@@ -83,14 +83,15 @@ fn from_hf(json: &Value, config: &mut ModelConfig) -> Result<()> {
         key: "sliding_window".into(),
     })?;
     let layers = window_layers(json, config.num_layers)?;
-    config.sliding_window = Some(SlidingWindow {
+    config.switches.sliding_window = Some(SlidingWindow {
         size,
         layers,
         rope_theta: Some(
             hf_f64(json, "rope_local_base_freq")?.map_or(LOCAL_ROPE_THETA, |x| x as f32),
         ),
     });
-    config.final_logit_softcap = hf_f64(json, "final_logit_softcapping")?.map(|cap| cap as f32);
+    config.switches.final_logit_softcap =
+        hf_f64(json, "final_logit_softcapping")?.map(|cap| cap as f32);
     Ok(())
 }
 

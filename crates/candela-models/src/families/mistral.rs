@@ -11,7 +11,7 @@ pub(super) const MISTRAL: Family = Family {
     hf_names: &["mistral", "MistralForCausalLM"],
     from_gguf: |_, _, _| Ok(()),
     from_hf: |json, config: &mut ModelConfig| {
-        config.sliding_window = hf_usize(json, "sliding_window")?
+        config.switches.sliding_window = hf_usize(json, "sliding_window")?
             .filter(|&size| size > 0 && size < config.max_position)
             .map(|size| SlidingWindow {
                 size,

@@ -10,11 +10,11 @@ pub(super) const QWEN3: Family = Family {
     hf_names: &["qwen3", "Qwen3ForCausalLM"],
     from_gguf: |_, _, config: &mut ModelConfig| {
         config.rope_style = RopeStyle::Half;
-        config.qk_norm = true;
+        config.switches.qk_norm = true;
         Ok(())
     },
     from_hf: |json, config: &mut ModelConfig| {
-        config.qk_norm = true;
+        config.switches.qk_norm = true;
         config.attention_bias = hf_field(json, "attention_bias")
             .and_then(serde_json::Value::as_bool)
             .unwrap_or(false);
