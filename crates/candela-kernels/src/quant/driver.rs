@@ -91,8 +91,7 @@ pub(crate) fn matmul(
         return Ok(());
     }
     let mut run = |buf: &mut ActBuf| {
-        let use_avx512 = matches!(kernel, Kernel::Avx512Vnni);
-        act::quantize_rows(x, m, l.k, l.group_size, use_avx512, buf);
+        act::quantize_rows(x, m, l.k, l.group_size, kernel, buf);
         let args = KernelArgs {
             layout: l,
             w: w.data.as_slice(),

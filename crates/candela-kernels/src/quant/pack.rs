@@ -43,6 +43,9 @@ pub(crate) struct PackLayout {
     pub bits: QuantBits,
     pub group_size: usize,
     pub scales: ScaleDType,
+    /// The largest code stored (15 for int4). Below 128, int8 codes can go through AVX2's
+    /// `vpmaddubsw` as they are: pairs of 127 x 127 do not saturate its i16 sums.
+    pub code_max: u8,
     /// `k / group_size`.
     pub groups: usize,
     /// `ceil(n / TILE_COLS)`.
@@ -92,6 +95,10 @@ impl PackLayout {
             bits,
             group_size,
             scales,
+            code_max: match bits {
+                QuantBits::Int8 => u8::MAX,
+                QuantBits::Int4 => 15,
+            },
             groups,
             tiles: n.div_ceil(TILE_COLS),
             code_bytes,
@@ -99,6 +106,12 @@ impl PackLayout {
             block_bytes,
             tile_bytes: groups * block_bytes,
         })
+    }
+
+    /// The same layout, promising codes of at most `code_max` (checked as groups are stored).
+    pub(crate) fn with_code_max(self, code_max: u8) -> Self {
+        debug_assert!(code_max <= self.code_max);
+        Self { code_max, ..self }
     }
 
     fn total_bytes(&self) -> usize {
@@ -183,7 +196,7 @@ impl Packer {
         let block = &mut bytes[base..base + l.block_bytes];
         for (kk, &q) in codes.iter().enumerate() {
             let (i, shift) = l.code_position(col, kk);
-            debug_assert!(l.bits == QuantBits::Int8 || q < 16);
+            debug_assert!(q <= l.code_max, "code {q} > {}", l.code_max);
             block[i] |= q << shift;
         }
         let lane = col % TILE_COLS;
@@ -250,13 +263,15 @@ pub(crate) fn concat_rows(parts: &[&PackedWeight]) -> Result<PackedWeight> {
         return Err(QuantError::Incompatible);
     }
     let n = parts.iter().map(|p| p.layout.n).sum();
-    let mut packer = Packer::new(PackLayout::new(
-        n,
-        first.k,
-        first.bits,
-        first.group_size,
-        first.scales,
-    )?);
+    let code_max = parts
+        .iter()
+        .map(|p| p.layout.code_max)
+        .max()
+        .unwrap_or(u8::MAX);
+    let mut packer = Packer::new(
+        PackLayout::new(n, first.k, first.bits, first.group_size, first.scales)?
+            .with_code_max(code_max),
+    );
     let mut codes = vec![0u8; first.group_size];
     let mut base = 0;
     for part in parts {
@@ -374,16 +389,16 @@ pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Re
     if let Some(kq) = kquant::KQuant::of(dtype) {
         return kquant::repack(kq, data, n, k);
     }
-    let (bits, block_bytes) = match dtype {
-        GgmlDType::Q4_0 => (QuantBits::Int4, 18),
-        GgmlDType::Q4_1 => (QuantBits::Int4, 20),
-        GgmlDType::Q5_0 => (QuantBits::Int8, 22),
-        GgmlDType::Q5_1 => (QuantBits::Int8, 24),
-        GgmlDType::Q8_0 => (QuantBits::Int8, 34),
+    let (bits, block_bytes, code_max) = match dtype {
+        GgmlDType::Q4_0 => (QuantBits::Int4, 18, 15),
+        GgmlDType::Q4_1 => (QuantBits::Int4, 20, 15),
+        GgmlDType::Q5_0 => (QuantBits::Int8, 22, 31),
+        GgmlDType::Q5_1 => (QuantBits::Int8, 24, 31),
+        GgmlDType::Q8_0 => (QuantBits::Int8, 34, 255),
         _ => return Err(QuantError::UnsupportedGgml { dtype }),
     };
     debug_assert_eq!(block_bytes, dtype.type_size());
-    let layout = PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?;
+    let layout = PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?.with_code_max(code_max);
     let expected = n * (k / GGML_BLOCK) * block_bytes;
     if data.len() != expected {
         return Err(QuantError::Length {

@@ -178,8 +178,8 @@ trait Dot256 {
     /// Whether `dot_u8` returns `sum((q - 128) x)` (sign trick) rather than `sum(q x)`, so the
     /// group sum needs `128 * sum(xq)` added back.
     const I8_FIX: bool;
-    /// `w` bytes are < 16 (int4 codes).
-    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
+    /// `w` bytes are < 128 (int4 codes, or int8 codes of at most 7 bits).
+    unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
     /// `w` bytes are any u8 (int8 codes).
     unsafe fn dot_u8(acc: __m256i, w: __m256i, x: __m256i) -> __m256i;
 }
@@ -188,7 +188,7 @@ struct AvxVnniDot;
 impl Dot256 for AvxVnniDot {
     const I8_FIX: bool = false;
     #[inline(always)]
-    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(acc, w, x)
     }
     #[inline(always)]
@@ -201,7 +201,7 @@ struct Avx512VlDot;
 impl Dot256 for Avx512VlDot {
     const I8_FIX: bool = false;
     #[inline(always)]
-    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(acc, w, x)
     }
     #[inline(always)]
@@ -214,8 +214,8 @@ struct Avx2Dot;
 impl Dot256 for Avx2Dot {
     const I8_FIX: bool = true;
     #[inline(always)]
-    unsafe fn dot_u4(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
-        // Pairs of 15 * 127 cannot saturate the i16 of vpmaddubsw.
+    unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        // Pairs of 127 * 127 (or 127 * -128) cannot saturate the i16 of vpmaddubsw.
         let p = _mm256_maddubs_epi16(w, x);
         _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
     }
@@ -248,28 +248,32 @@ unsafe fn run_avx2(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
 #[inline(always)]
 unsafe fn run_256<D: Dot256>(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
     let int4 = a.layout.bits == QuantBits::Int4;
+    let u7 = a.layout.code_max < 128;
     for t in tile_begin..tile_end {
         let mut r = 0;
         while r < a.m {
             // 16 ymm registers (AVX2) hold two rows x two halves of accumulators at most.
             let mr = if a.m - r >= 2 { 2 } else { 1 };
-            match (mr, int4) {
-                (2, true) => block_256::<D, 2, true>(a, t, r),
-                (2, false) => block_256::<D, 2, false>(a, t, r),
-                (_, true) => block_256::<D, 1, true>(a, t, r),
-                (_, false) => block_256::<D, 1, false>(a, t, r),
+            match (mr, int4, u7) {
+                (2, true, _) => block_256::<D, 2, true, true>(a, t, r),
+                (2, false, true) => block_256::<D, 2, false, true>(a, t, r),
+                (2, false, false) => block_256::<D, 2, false, false>(a, t, r),
+                (_, true, _) => block_256::<D, 1, true, true>(a, t, r),
+                (_, false, true) => block_256::<D, 1, false, true>(a, t, r),
+                (_, false, false) => block_256::<D, 1, false, false>(a, t, r),
             }
             r += mr;
         }
     }
 }
 
-/// Rows `r0..r0 + MR` of tile `t0`.
+/// Rows `r0..r0 + MR` of tile `t0`. `U7`: every code is below 128 (always so for int4), so
+/// int8 codes take `dot_u7`, without AVX2's sign trick and its `128 * sum(xq)` fix-up.
 // Register blocking: `(r, t)` index the accumulator grid, the activation rows and the tiles at
 // once; the constant-bound loops unroll, and the arrays live in registers.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
+unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool, const U7: bool>(
     a: &KernelArgs<'_>,
     t0: usize,
     r0: usize,
@@ -298,8 +302,8 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
                         let xp = xg.add(r * l.k + c * 8);
                         let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
                         let x1 = _mm256_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
-                        ia[r][half][0] = D::dot_u4(ia[r][half][0], lo, x0);
-                        ia[r][half][h] = D::dot_u4(ia[r][half][h], hi, x1);
+                        ia[r][half][0] = D::dot_u7(ia[r][half][0], lo, x0);
+                        ia[r][half][h] = D::dot_u7(ia[r][half][h], hi, x1);
                     }
                 }
             }
@@ -313,8 +317,13 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
                         let xp = xg.add(r * l.k + c * 4);
                         let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
                         let x1 = _mm256_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
-                        ia[r][half][0] = D::dot_u8(ia[r][half][0], wa, x0);
-                        ia[r][half][h] = D::dot_u8(ia[r][half][h], wb, x1);
+                        if U7 {
+                            ia[r][half][0] = D::dot_u7(ia[r][half][0], wa, x0);
+                            ia[r][half][h] = D::dot_u7(ia[r][half][h], wb, x1);
+                        } else {
+                            ia[r][half][0] = D::dot_u8(ia[r][half][0], wa, x0);
+                            ia[r][half][h] = D::dot_u8(ia[r][half][h], wb, x1);
+                        }
                     }
                 }
             }
@@ -340,7 +349,7 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool>(
                 } else {
                     ia[r][half][0]
                 };
-                if !INT4 && D::I8_FIX {
+                if !U7 && D::I8_FIX {
                     let fix = 128 * *a.sumq.get_unchecked(gi);
                     isum = _mm256_add_epi32(isum, _mm256_set1_epi32(fix));
                 }

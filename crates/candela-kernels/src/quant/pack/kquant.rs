@@ -76,6 +76,17 @@ impl KQuant {
         }
     }
 
+    /// The largest code (`2^bits - 1` of the stored integers).
+    fn code_max(self) -> u8 {
+        match self {
+            Self::Q2K => 3,
+            Self::Q3K => 7,
+            Self::Q4K => 15,
+            Self::Q5K => 31,
+            Self::Q6K => 63,
+        }
+    }
+
     fn group_size(self) -> usize {
         match self {
             Self::Q4K | Self::Q5K => 32,
@@ -102,7 +113,8 @@ pub(super) fn repack(kq: KQuant, data: &[u8], n: usize, k: usize) -> Result<Pack
         });
     }
     let gs = kq.group_size();
-    let layout = PackLayout::new(n, k, kq.bits(), gs, ScaleDType::F32)?;
+    let layout =
+        PackLayout::new(n, k, kq.bits(), gs, ScaleDType::F32)?.with_code_max(kq.code_max());
     let expected = n * (k / QK_K) * kq.block_bytes();
     if data.len() != expected {
         return Err(QuantError::Length {
