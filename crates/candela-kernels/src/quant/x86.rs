@@ -175,6 +175,10 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
 
 /// The one instruction that differs between the 256-bit variants: `acc += sum of 4 u8 x i8`.
 trait Dot256 {
+    /// Whether the kernel may sum `vpmaddubsw`'s i16 products in i16 for a few steps before
+    /// widening them with `vpmaddwd` (AVX2 without VNNI: it halves the multiplies, the port
+    /// that bounds this kernel on AMD Zen 1).
+    const I16_SUMS: bool;
     /// Whether `dot_u8` returns `sum((q - 128) x)` (sign trick) rather than `sum(q x)`, so the
     /// group sum needs `128 * sum(xq)` added back.
     const I8_FIX: bool;
@@ -186,6 +190,7 @@ trait Dot256 {
 
 struct AvxVnniDot;
 impl Dot256 for AvxVnniDot {
+    const I16_SUMS: bool = false;
     const I8_FIX: bool = false;
     #[inline(always)]
     unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
@@ -199,6 +204,7 @@ impl Dot256 for AvxVnniDot {
 
 struct Avx512VlDot;
 impl Dot256 for Avx512VlDot {
+    const I16_SUMS: bool = false;
     const I8_FIX: bool = false;
     #[inline(always)]
     unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
@@ -212,6 +218,7 @@ impl Dot256 for Avx512VlDot {
 
 struct Avx2Dot;
 impl Dot256 for Avx2Dot {
+    const I16_SUMS: bool = true;
     const I8_FIX: bool = true;
     #[inline(always)]
     unsafe fn dot_u7(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
@@ -248,39 +255,74 @@ unsafe fn run_avx2(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
 #[inline(always)]
 unsafe fn run_256<D: Dot256>(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
     let int4 = a.layout.bits == QuantBits::Int4;
-    let u7 = a.layout.code_max < 128;
+    let code_max = usize::from(a.layout.code_max).max(1);
+    let u7 = code_max < 128;
+    // Loop steps (an int4 chunk, or a pair of int8 chunks: 2 `vpmaddubsw` each) whose i16
+    // products can be summed in i16: each product pair is at most 2 * 127 * code_max.
+    let i16_steps = I16_MAX / (4 * 127 * code_max);
+    let i16 = D::I16_SUMS && u7 && i16_steps >= 1;
     for t in tile_begin..tile_end {
         let mut r = 0;
         while r < a.m {
             // 16 ymm registers (AVX2) hold two rows x two halves of accumulators at most.
             let mr = if a.m - r >= 2 { 2 } else { 1 };
-            match (mr, int4, u7) {
-                (2, true, _) => block_256::<D, 2, true, true>(a, t, r),
-                (2, false, true) => block_256::<D, 2, false, true>(a, t, r),
-                (2, false, false) => block_256::<D, 2, false, false>(a, t, r),
-                (_, true, _) => block_256::<D, 1, true, true>(a, t, r),
-                (_, false, true) => block_256::<D, 1, false, true>(a, t, r),
-                (_, false, false) => block_256::<D, 1, false, false>(a, t, r),
+            let n = i16_steps;
+            match (mr, int4, u7, i16) {
+                (2, true, _, true) => block_256::<D, 2, true, true, true>(a, t, r, n),
+                (2, true, _, false) => block_256::<D, 2, true, true, false>(a, t, r, n),
+                (2, false, true, true) => block_256::<D, 2, false, true, true>(a, t, r, n),
+                (2, false, true, false) => block_256::<D, 2, false, true, false>(a, t, r, n),
+                (2, false, false, _) => block_256::<D, 2, false, false, false>(a, t, r, n),
+                (_, true, _, true) => block_256::<D, 1, true, true, true>(a, t, r, n),
+                (_, true, _, false) => block_256::<D, 1, true, true, false>(a, t, r, n),
+                (_, false, true, true) => block_256::<D, 1, false, true, true>(a, t, r, n),
+                (_, false, true, false) => block_256::<D, 1, false, true, false>(a, t, r, n),
+                (_, false, false, _) => block_256::<D, 1, false, false, false>(a, t, r, n),
             }
             r += mr;
         }
     }
 }
 
+/// The largest i16.
+const I16_MAX: usize = i16::MAX as usize;
+
 /// Rows `r0..r0 + MR` of tile `t0`. `U7`: every code is below 128 (always so for int4), so
 /// int8 codes take `dot_u7`, without AVX2's sign trick and its `128 * sum(xq)` fix-up.
+/// `I16` (AVX2, `U7` only): `vpmaddubsw` products are summed in i16 (in `ia[..][..][1]`) for
+/// `i16_steps` loop steps, then widened into `ia[..][..][0]` by one `vpmaddwd`; exact, since
+/// the caller chose `i16_steps` so that no i16 sum can overflow.
 // Register blocking: `(r, t)` index the accumulator grid, the activation rows and the tiles at
 // once; the constant-bound loops unroll, and the arrays live in registers.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool, const U7: bool>(
+unsafe fn block_256<
+    D: Dot256,
+    const MR: usize,
+    const INT4: bool,
+    const U7: bool,
+    const I16: bool,
+>(
     a: &KernelArgs<'_>,
     t0: usize,
     r0: usize,
+    i16_steps: usize,
 ) {
     let l = &a.layout;
-    let split = MR == 1;
+    // Decode splits the i32 sums over two accumulators to break `vpdpbusd`'s dependency
+    // chain; the i16 path's `vpaddw` has a one-cycle latency and uses the second slot itself.
+    let split = MR == 1 && !I16;
     let h = usize::from(split);
+    let ones = _mm256_set1_epi16(1);
+    // Widens the i16 sums of slot 1 into the i32 sums of slot 0.
+    let widen = |ia: &mut [[[__m256i; 2]; 2]; MR]| {
+        for row in ia.iter_mut() {
+            for acc in row.iter_mut() {
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(acc[1], ones));
+                acc[1] = _mm256_setzero_si256();
+            }
+        }
+    };
     let gs = l.group_size;
     let w0 = a.w.as_ptr().add(t0 * l.tile_bytes);
     let xq0 = a.xq.as_ptr().add(r0 * l.k);
@@ -302,9 +344,20 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool, const U7: bool
                         let xp = xg.add(r * l.k + c * 8);
                         let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
                         let x1 = _mm256_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
-                        ia[r][half][0] = D::dot_u7(ia[r][half][0], lo, x0);
-                        ia[r][half][h] = D::dot_u7(ia[r][half][h], hi, x1);
+                        if I16 {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, x0),
+                                _mm256_maddubs_epi16(hi, x1),
+                            );
+                            ia[r][half][1] = _mm256_add_epi16(ia[r][half][1], p);
+                        } else {
+                            ia[r][half][0] = D::dot_u7(ia[r][half][0], lo, x0);
+                            ia[r][half][h] = D::dot_u7(ia[r][half][h], hi, x1);
+                        }
                     }
+                }
+                if I16 && ((c + 1) % i16_steps == 0 || c + 1 == gs / 8) {
+                    widen(&mut ia);
                 }
             }
         } else {
@@ -317,7 +370,13 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool, const U7: bool
                         let xp = xg.add(r * l.k + c * 4);
                         let x0 = _mm256_set1_epi32(xp.cast::<i32>().read_unaligned());
                         let x1 = _mm256_set1_epi32(xp.add(4).cast::<i32>().read_unaligned());
-                        if U7 {
+                        if I16 {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(wa, x0),
+                                _mm256_maddubs_epi16(wb, x1),
+                            );
+                            ia[r][half][1] = _mm256_add_epi16(ia[r][half][1], p);
+                        } else if U7 {
                             ia[r][half][0] = D::dot_u7(ia[r][half][0], wa, x0);
                             ia[r][half][h] = D::dot_u7(ia[r][half][h], wb, x1);
                         } else {
@@ -325,6 +384,10 @@ unsafe fn block_256<D: Dot256, const MR: usize, const INT4: bool, const U7: bool
                             ia[r][half][h] = D::dot_u8(ia[r][half][h], wb, x1);
                         }
                     }
+                }
+                let step = c / 2 + 1;
+                if I16 && (step % i16_steps == 0 || c + 2 >= gs / 4) {
+                    widen(&mut ia);
                 }
             }
         }
