@@ -103,3 +103,45 @@ def keyed_server():
     s = Server("--api-key", API_KEY, "--max-num-seqs", "1", "--max-waiting", "1")
     yield s
     s.stop()
+
+
+def first_near_tie(record: dict, margin: float) -> int:
+    """Index of the first output token whose reference top-1 and top-2 logprobs are within
+    `margin` nats (entries are aligned by id: a split UTF-8 piece may have none)."""
+    ids = record["output_token_ids"]
+    tops = record.get("output_top_logprobs") or []
+    j = 0
+    for i, token in enumerate(ids):
+        if j < len(tops) and tops[j]["id"] == token:
+            top = tops[j]["top"]
+            j += 1
+            if len(top) >= 2 and top[0][1] - top[1][1] < margin:
+                return i
+    return len(ids)
+
+
+def assert_matches_record(client, model: str, record: dict, margin: float):
+    """Prompt ids equal llama.cpp's exactly; greedy output ids equal its up to the first
+    near-tie, and at least one token is compared."""
+    common = dict(model=model, max_tokens=record.get("max_tokens", 48), temperature=0,
+                  extra_body={"return_token_ids": True})
+    if record["mode"] == "completion":
+        r = client.completions.create(prompt=record["prompt"], **common).to_dict()
+        prompt_ids = r["choices"][0]["prompt_token_ids"]
+    else:
+        r = client.chat.completions.create(messages=record["messages"], **common).to_dict()
+        prompt_ids = r["prompt_token_ids"]
+    assert prompt_ids == record["prompt_token_ids"]
+    ours = r["choices"][0]["token_ids"]
+    theirs = record["output_token_ids"]
+    cut = first_near_tie(record, margin)
+    # The end-of-sequence token may or may not be reported among the output ids.
+    if len(theirs) <= cut and len(ours) == len(theirs) - 1 and record["finish_reason"] == "stop":
+        theirs = theirs[:-1]
+    if cut == 0:
+        # A near-tie at the very first token: ours must be one of the tied candidates.
+        top = record["output_top_logprobs"][0]["top"]
+        tied = [t for t, lp in top if top[0][1] - lp < margin]
+        assert ours[:1] and ours[0] in tied, f"first token {ours[:1]} not among {tied}"
+    else:
+        assert ours[:cut] == theirs[:cut], f"diverged before the first near-tie at {cut}"
