@@ -7,8 +7,16 @@
 //   out         [T, num_heads, head_dim]         contiguous
 //
 // Sequence b owns query tokens cu[b]..cu[b+1]; its query j sits at absolute position
-// context_len - n_q + j and attends to keys 0..=that position (causal). Decode is n_q == 1,
-// prefill n_q == context_len, chunked prefill anything between.
+// p = context_len - n_q + j and attends to keys 0..=p (causal). Decode is n_q == 1, prefill
+// n_q == context_len, chunked prefill anything between.
+//
+// Sliding window (the paged_attention_swa_* kernels, window > 0): query p attends to keys
+// max(0, p - window + 1)..=p only, as llama.cpp's SWA mask. A cta starts its keys at the
+// window of its first row's token and never reads a block-table entry (nor a cache slot)
+// before it: the engine frees and reuses the blocks that have left the window of every query
+// of a sequence, so those entries may be stale. The window code is a template parameter, so
+// the plain kernels are compiled without it (it costs registers: 154 -> 167 for f16/d128,
+// 128 -> 145 for f32/d64, one cta less per multiprocessor there).
 //
 // One cta handles one (sequence, kv head) and a tile of ROWS "rows", a row being one
 // (query token, query head) pair among the heads that share the kv head (GQA); local row
@@ -112,7 +120,7 @@ struct ChunkLoader {
   }
 };
 
-template <typename T, int DPL>
+template <typename T, int DPL, bool WINDOWED>
 __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t,
                                      int64_t q_stride_h, const T* __restrict__ key_cache,
                                      const T* __restrict__ value_cache,
@@ -122,7 +130,7 @@ __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t
                                      T* __restrict__ out, int num_tokens, int num_heads,
                                      int num_kv_heads, int head_dim, int block_size,
                                      int max_blocks_per_seq, uint32_t num_blocks, float scale,
-                                     int num_splits, int keys_per_split,
+                                     uint32_t window, int num_splits, int keys_per_split,
                                      float* __restrict__ part_acc, float* __restrict__ part_ml) {
   extern __shared__ float smem[];
   const int D = head_dim;
@@ -150,6 +158,13 @@ __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t
   if (key_end > ctx) key_end = ctx;
   const int64_t max_keys = (int64_t)max_blocks_per_seq * block_size;
   if (key_end > max_keys) key_end = max_keys;
+  // First key of the cta: the window's start for its first (lowest-position) row, so the
+  // keys, and the block-table entries, before every row's window are never touched.
+  int64_t key_begin = 0;
+  if (WINDOWED && window > 0) {
+    key_begin = first_pos + row0 / group + 1 - (int64_t)window;
+    if (key_begin < 0) key_begin = 0;
+  }
 
   for (int i = threadIdx.x; i < ROWS * D; i += blockDim.x) {
     const int r = i / D, d = i - (i / D) * D;
@@ -167,6 +182,7 @@ __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t
   const int lane = threadIdx.x % 32;
   float m[ROWS_PER_WARP], l[ROWS_PER_WARP], acc[ROWS_PER_WARP][DPL];
   int64_t pos[ROWS_PER_WARP];  // last key each row may see; -1: inactive row
+  int64_t lo[ROWS_PER_WARP];   // first key each row may see (WINDOWED only)
 #pragma unroll
   for (int r = 0; r < ROWS_PER_WARP; ++r) {
     m[r] = -INFINITY;
@@ -175,12 +191,17 @@ __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t
     for (int i = 0; i < DPL; ++i) acc[r][i] = 0.f;
     const int row = row0 + r * WARPS + warp;
     pos[r] = row < rows_total ? first_pos + row / group : -1;
+    lo[r] = WINDOWED && window > 0 ? pos[r] + 1 - (int64_t)window : 0;
+    if (lo[r] < 0) lo[r] = 0;
     if (pos[r] >= key_end) pos[r] = key_end - 1;
+    // A window past the clamped position (only on inconsistent metadata): no key, inactive.
+    if (WINDOWED && lo[r] > pos[r]) pos[r] = -1;
   }
 
   const uint32_t* table = block_tables + (int64_t)b * max_blocks_per_seq;
   // This cta's share of the keys (flash-decoding split; the whole range when num_splits == 1).
-  const int64_t split_begin = (int64_t)split * keys_per_split;
+  // The launcher sizes splits to cover key_begin..key_end of every cta.
+  const int64_t split_begin = key_begin + (int64_t)split * keys_per_split;
   if (key_end > split_begin + keys_per_split) key_end = split_begin + keys_per_split;
   ChunkLoader<T, 32 * DPL> loader;
   const bool vec = D % ChunkLoader<T, 32 * DPL>::VEC == 0 &&
@@ -220,11 +241,15 @@ __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t
 
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
-      if (pos[r] < c0) continue;  // warp-uniform: inactive row, or chunk past its causal limit
+      // Warp-uniform: inactive row, chunk past its causal limit or wholly before its window.
+      // Any chunk left holds a key the row sees, so m_new below is finite.
+      if (pos[r] < c0 || (WINDOWED && lo[r] >= c0 + KEYS)) continue;
       const float* qrow = qs + (r * WARPS + warp) * D;
       const int64_t key = c0 + lane;
+      // (Spelled out twice, not held in a bool: that cost the plain f32/d128 kernel 4
+      // registers.)
       float s = -INFINITY;
-      if (key <= pos[r]) {
+      if ((!WINDOWED || key >= lo[r]) && key <= pos[r]) {
         const float* krow = ks + lane * DP;
         float dot = 0.f;
 #pragma unroll 8
@@ -233,7 +258,7 @@ __device__ void paged_attention_impl(const T* __restrict__ q, int64_t q_stride_t
       }
       const float m_new = fmaxf(m[r], warp_max(s));
       const float alpha = expf(m[r] - m_new);
-      const float p = key <= pos[r] ? expf(s - m_new) : 0.f;
+      const float p = (!WINDOWED || key >= lo[r]) && key <= pos[r] ? expf(s - m_new) : 0.f;
       l[r] = l[r] * alpha + warp_sum(p);
 #pragma unroll
       for (int i = 0; i < DPL; ++i) acc[r][i] *= alpha;
@@ -328,29 +353,40 @@ __device__ void write_kv_impl(const T* __restrict__ src, int64_t stride_t, int64
 
 }  // namespace
 
-#define PAGED_ATTENTION(NAME, T, DPL)                                                        \
+// `window` is read by the _swa kernels only (the plain ones are launched with 0).
+#define PAGED_ATTENTION(NAME, T, DPL, WINDOWED)                                              \
   extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(                             \
       const T* q, int64_t q_stride_t, int64_t q_stride_h, const T* key_cache,                \
       const T* value_cache, const uint32_t* block_tables, const uint32_t* context_lens,      \
       const uint32_t* cu_seqlens_q, T* out, int num_tokens, int num_heads, int num_kv_heads, \
       int head_dim, int block_size, int max_blocks_per_seq, uint32_t num_blocks,             \
-      float scale, int num_splits, int keys_per_split, float* part_acc, float* part_ml) {    \
-    paged_attention_impl<T, DPL>(q, q_stride_t, q_stride_h, key_cache, value_cache,          \
-                                 block_tables, context_lens, cu_seqlens_q, out, num_tokens,  \
-                                 num_heads, num_kv_heads, head_dim, block_size,              \
-                                 max_blocks_per_seq, num_blocks, scale, num_splits,          \
-                                 keys_per_split, part_acc, part_ml);                         \
+      float scale, uint32_t window, int num_splits, int keys_per_split, float* part_acc,     \
+      float* part_ml) {                                                                      \
+    paged_attention_impl<T, DPL, WINDOWED>(                                                  \
+        q, q_stride_t, q_stride_h, key_cache, value_cache, block_tables, context_lens,       \
+        cu_seqlens_q, out, num_tokens, num_heads, num_kv_heads, head_dim, block_size,        \
+        max_blocks_per_seq, num_blocks, scale, window, num_splits, keys_per_split, part_acc, \
+        part_ml);                                                                            \
   }
 
-PAGED_ATTENTION(paged_attention_f32_64, float, 2)
-PAGED_ATTENTION(paged_attention_f32_128, float, 4)
-PAGED_ATTENTION(paged_attention_f32_256, float, 8)
-PAGED_ATTENTION(paged_attention_f16_64, __half, 2)
-PAGED_ATTENTION(paged_attention_f16_128, __half, 4)
-PAGED_ATTENTION(paged_attention_f16_256, __half, 8)
-PAGED_ATTENTION(paged_attention_bf16_64, __nv_bfloat16, 2)
-PAGED_ATTENTION(paged_attention_bf16_128, __nv_bfloat16, 4)
-PAGED_ATTENTION(paged_attention_bf16_256, __nv_bfloat16, 8)
+PAGED_ATTENTION(paged_attention_f32_64, float, 2, false)
+PAGED_ATTENTION(paged_attention_f32_128, float, 4, false)
+PAGED_ATTENTION(paged_attention_f32_256, float, 8, false)
+PAGED_ATTENTION(paged_attention_f16_64, __half, 2, false)
+PAGED_ATTENTION(paged_attention_f16_128, __half, 4, false)
+PAGED_ATTENTION(paged_attention_f16_256, __half, 8, false)
+PAGED_ATTENTION(paged_attention_bf16_64, __nv_bfloat16, 2, false)
+PAGED_ATTENTION(paged_attention_bf16_128, __nv_bfloat16, 4, false)
+PAGED_ATTENTION(paged_attention_bf16_256, __nv_bfloat16, 8, false)
+PAGED_ATTENTION(paged_attention_swa_f32_64, float, 2, true)
+PAGED_ATTENTION(paged_attention_swa_f32_128, float, 4, true)
+PAGED_ATTENTION(paged_attention_swa_f32_256, float, 8, true)
+PAGED_ATTENTION(paged_attention_swa_f16_64, __half, 2, true)
+PAGED_ATTENTION(paged_attention_swa_f16_128, __half, 4, true)
+PAGED_ATTENTION(paged_attention_swa_f16_256, __half, 8, true)
+PAGED_ATTENTION(paged_attention_swa_bf16_64, __nv_bfloat16, 2, true)
+PAGED_ATTENTION(paged_attention_swa_bf16_128, __nv_bfloat16, 4, true)
+PAGED_ATTENTION(paged_attention_swa_bf16_256, __nv_bfloat16, 8, true)
 
 #define WRITE_KV(NAME, T)                                                                    \
   extern "C" __global__ void NAME(const T* src, int64_t stride_t, int64_t stride_h, T* cache, \

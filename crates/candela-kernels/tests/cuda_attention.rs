@@ -7,6 +7,10 @@
 //! the attention outputs within a relative L2 error that depends only on the output dtype's
 //! rounding (both sides accumulate in f32).
 //!
+//! The same with a sliding window (`paged_attention_windowed`), including decode over long
+//! contexts (the flash-decoding split, sized from the window) and blocks before every window
+//! whose table entries are stale (out of range, or pointing at a reused block full of NaN).
+//!
 //! Without a CUDA device the tests print why and return: CI has no GPU; `scripts/gpu-check`
 //! runs them on one.
 #![cfg(feature = "cuda")]
@@ -14,7 +18,9 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use candela_kernels::{paged_attention, write_kv, AttentionMetadata};
+use std::num::NonZeroUsize;
+
+use candela_kernels::{paged_attention, paged_attention_windowed, write_kv, AttentionMetadata};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -54,6 +60,8 @@ struct Case {
     seqs: Vec<(usize, usize)>,
     /// Take q, k, v as narrows of one fused [T, H + 2 KVH, D] tensor (strided rows).
     fused_qkv: bool,
+    /// Sliding window: `None` runs `paged_attention`, `Some` `paged_attention_windowed`.
+    window: Option<NonZeroUsize>,
 }
 
 fn random_case(rng: &mut StdRng) -> Case {
@@ -82,6 +90,7 @@ fn random_case(rng: &mut StdRng) -> Case {
         block_size,
         seqs,
         fused_qkv: rng.random_bool(0.5),
+        window: None,
     }
 }
 
@@ -180,7 +189,12 @@ fn run_on(case: &Case, inp: &Inputs, dev: &Device) -> (Tensor, Tensor, Tensor) {
     };
     write_kv(&k, &v, &key_cache, &value_cache, &meta.slot_mapping).unwrap();
     let scale = 1.0 / (case.head_dim as f32).sqrt();
-    let out = paged_attention(&q, &key_cache, &value_cache, &meta, scale).unwrap();
+    let out = match case.window {
+        None => paged_attention(&q, &key_cache, &value_cache, &meta, scale).unwrap(),
+        Some(w) => {
+            paged_attention_windowed(&q, &key_cache, &value_cache, &meta, scale, Some(w)).unwrap()
+        }
+    };
     let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
     (cpu(&key_cache), cpu(&value_cache), cpu(&out))
 }
@@ -234,11 +248,193 @@ fn cuda_long_context_decode_matches_cpu() {
             block_size: 16,
             seqs: vec![(4000, 1), (1, 1), (2049, 1), (777, 1)],
             fused_qkv: false,
+            window: None,
         };
         let inp = make_inputs(&case, &mut rng);
         let (_, _, out_cpu) = run_on(&case, &inp, &Device::Cpu);
         let (_, _, out_gpu) = run_on(&case, &inp, &gpu);
         let (err, nan) = rel_l2(&out_gpu, &out_cpu);
         assert!(!nan && err <= tolerance(dtype), "{dtype:?}: rel L2 {err:e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sliding window.
+
+#[test]
+fn cuda_windowed_matches_cpu_on_random_batches() {
+    let Some(gpu) = cuda_device() else { return };
+    let mut rng = StdRng::seed_from_u64(0x5a1d_a77e);
+    for i in 0..60 {
+        let mut case = random_case(&mut rng);
+        let bs = case.block_size;
+        // Below, at and above a block, and around the kernel's 32-key chunks.
+        let w = [1, 2, bs.max(2) - 1, bs, bs + 1, 31, 32, 33, 100, 1000][rng.random_range(0..10)];
+        case.window = NonZeroUsize::new(w);
+        let inp = make_inputs(&case, &mut rng);
+        let (_, _, out_cpu) = run_on(&case, &inp, &Device::Cpu);
+        let (_, _, out_gpu) = run_on(&case, &inp, &gpu);
+        let (err, nan) = rel_l2(&out_gpu, &out_cpu);
+        let tol = tolerance(case.dtype);
+        assert!(
+            !nan && err <= tol,
+            "case {i} window {w} {case:?}: rel L2 {err:e} > {tol:e} (nan: {nan})"
+        );
+        eprintln!("windowed case {i:2}: window {w} {case:?}: rel L2 {err:.2e}");
+    }
+}
+
+/// Decode of few sequences over long contexts: the launch splits the keys of each cta
+/// (flash-decoding), and with a window the splits cover the window, not the context.
+#[test]
+fn cuda_windowed_long_context_decode_matches_cpu() {
+    let Some(gpu) = cuda_device() else { return };
+    let mut rng = StdRng::seed_from_u64(71);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for w in [1, 31, 256, 512, 513, 1000, 2049, 4000, 5000] {
+            let case = Case {
+                dtype,
+                num_kv_heads: 2,
+                group: 4,
+                head_dim: 128,
+                block_size: 16,
+                seqs: vec![(4000, 1), (1, 1), (2049, 1), (777, 1), (600, 17)],
+                fused_qkv: false,
+                window: NonZeroUsize::new(w),
+            };
+            let inp = make_inputs(&case, &mut rng);
+            let (_, _, out_cpu) = run_on(&case, &inp, &Device::Cpu);
+            let (_, _, out_gpu) = run_on(&case, &inp, &gpu);
+            let (err, nan) = rel_l2(&out_gpu, &out_cpu);
+            assert!(
+                !nan && err <= tolerance(dtype),
+                "{dtype:?} window {w}: rel L2 {err:e}"
+            );
+        }
+    }
+}
+
+/// What a stale block-table entry holds.
+#[derive(Debug, Clone, Copy)]
+enum StaleEntries {
+    /// A block id past the cache.
+    OutOfRange,
+    /// A block now owned by someone else, here full of NaN.
+    NanBlock,
+}
+
+/// `inp` with the blocks wholly before the window of every query of each sequence made stale
+/// (their slots NaN, their entries replaced), plus `extra` blocks more per sequence. Returns
+/// the inputs and how many blocks were made stale.
+fn make_stale(
+    case: &Case,
+    inp: &Inputs,
+    window: usize,
+    entries: StaleEntries,
+    extra: usize,
+) -> (Inputs, usize) {
+    let bs = case.block_size;
+    let (kvh, d) = (case.num_kv_heads, case.head_dim);
+    let mut block_tables = inp.block_tables.clone();
+    let owned: Vec<u32> = case
+        .seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &(ctx, _))| {
+            inp.block_tables[s * inp.max_blocks..][..ctx.div_ceil(bs)].to_vec()
+        })
+        .collect();
+    let num_blocks = inp.key_cache.dim(0).unwrap();
+    let spare = (0..num_blocks as u32)
+        .find(|b| !owned.contains(b))
+        .expect("a spare block");
+    let mut nan_blocks = vec![spare];
+    let mut stale = 0;
+    for (s, &(ctx, n_q)) in case.seqs.iter().enumerate() {
+        let before = (ctx - n_q + 1).saturating_sub(window) / bs;
+        let n = (before + extra).min(ctx.div_ceil(bs));
+        for j in 0..n {
+            let entry = &mut block_tables[s * inp.max_blocks + j];
+            nan_blocks.push(*entry);
+            *entry = match entries {
+                StaleEntries::OutOfRange => u32::MAX - j as u32,
+                StaleEntries::NanBlock => spare,
+            };
+            stale += 1;
+        }
+    }
+    let poison = |cache: &Tensor| {
+        let mut data = to_f32_vec(cache);
+        for &b in &nan_blocks {
+            data[b as usize * bs * kvh * d..][..bs * kvh * d].fill(f32::NAN);
+        }
+        Tensor::from_vec(data, cache.dims(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(case.dtype)
+            .unwrap()
+    };
+    let stale_inputs = Inputs {
+        q: inp.q.clone(),
+        k: inp.k.clone(),
+        v: inp.v.clone(),
+        key_cache: poison(&inp.key_cache),
+        value_cache: poison(&inp.value_cache),
+        slot_mapping: inp.slot_mapping.clone(),
+        block_tables,
+        max_blocks: inp.max_blocks,
+        context_lens: inp.context_lens.clone(),
+        cu_seqlens_q: inp.cu_seqlens_q.clone(),
+    };
+    (stale_inputs, stale)
+}
+
+#[test]
+fn cuda_windowed_never_reads_blocks_before_every_window() {
+    // Entries and slots of blocks before every window are stale: the GPU output must be
+    // finite and equal to the GPU output on the untouched inputs (same keys read, same
+    // arithmetic), and close to the CPU's.
+    let Some(gpu) = cuda_device() else { return };
+    let mut rng = StdRng::seed_from_u64(73);
+    for dtype in [DType::F32, DType::BF16] {
+        for (block_size, w) in [(16, 1), (16, 20), (16, 300), (8, 33), (1, 50), (32, 31)] {
+            let case = Case {
+                dtype,
+                num_kv_heads: 2,
+                group: 3,
+                head_dim: 64,
+                block_size,
+                // Decodes and chunks whose first query is far past the window, one that is
+                // not, and a split decode over a long context.
+                seqs: vec![(700, 1), (450, 40), (35, 35), (2000, 1), (129, 3)],
+                fused_qkv: false,
+                window: NonZeroUsize::new(w),
+            };
+            let inp = make_inputs(&case, &mut rng);
+            let (_, _, want_gpu) = run_on(&case, &inp, &gpu);
+            for entries in [StaleEntries::OutOfRange, StaleEntries::NanBlock] {
+                let what = format!("{dtype:?} bs {block_size} window {w} {entries:?}");
+                let (stale, n) = make_stale(&case, &inp, w, entries, 0);
+                assert!(n > 0, "{what}: nothing made stale");
+                let (_, _, out_cpu) = run_on(&case, &stale, &Device::Cpu);
+                let (_, _, out_gpu) = run_on(&case, &stale, &gpu);
+                let (same, nan) = rel_l2(&out_gpu, &want_gpu);
+                assert!(
+                    !nan && same == 0.0,
+                    "{what}: differs from the untouched run ({same:e}, nan {nan})"
+                );
+                let (err, _) = rel_l2(&out_gpu, &out_cpu);
+                assert!(err <= tolerance(dtype), "{what}: rel L2 {err:e} vs the CPU");
+                if let StaleEntries::NanBlock = entries {
+                    // One block more per sequence is inside a window: the NaN must show, or
+                    // the check above proves nothing.
+                    let (stale, _) = make_stale(&case, &inp, w, entries, 1);
+                    let (_, _, out_gpu) = run_on(&case, &stale, &gpu);
+                    assert!(
+                        to_f32_vec(&out_gpu).iter().any(|x| x.is_nan()),
+                        "{what}: poison not seen"
+                    );
+                }
+            }
+        }
     }
 }

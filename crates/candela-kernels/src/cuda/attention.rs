@@ -11,6 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Layout, Result, Shape};
 use half::{bf16, f16};
+use std::num::NonZeroUsize;
 
 use super::meta_guard;
 use super::PAGED_ATTENTION_PTX;
@@ -249,15 +250,20 @@ fn paged_attention_t<T: KernelDType>(
     } else {
         256
     };
+    // The window's keys, 0 for none; the sliding-window kernels are compiled apart, so the
+    // plain ones carry none of their registers.
+    let window = window_arg(op.window);
+    let kind = if window > 0 { "swa_" } else { "" };
     let func = kernel(
         &dev,
         PAGED_ATTENTION_PTX,
-        &format!("paged_attention_{}_{variant}", T::SUFFIX),
+        &format!("paged_attention_{kind}{}_{variant}", T::SUFFIX),
     )?;
     let shared_bytes = (CTA_ROWS * head_dim + 2 * CTA_KEYS * (head_dim + 1)) * 4;
     allow_shared_bytes(&func, shared_bytes)?;
     let base_ctas = row_tiles * cache.num_kv_heads * dims.num_seqs;
-    let (num_splits, keys_per_split) = kv_splits(base_ctas, op.max_context_len);
+    let keys_span = cta_keys_max(op.window, op.max_context_len, op.max_seqlen_q);
+    let (num_splits, keys_per_split) = kv_splits(base_ctas, keys_span);
     // Partial results of the splits: [splits, T, H, D] accumulators and [splits, T, H, 2]
     // (running max, sum); a 1-element dummy when there is no split.
     let part_len = if num_splits > 1 {
@@ -318,6 +324,7 @@ fn paged_attention_t<T: KernelDType>(
     b.arg(&max_blocks);
     b.arg(&num_blocks);
     b.arg(&scale);
+    b.arg(&window);
     let num_splits_a = arg_i32(PAGED_ATTENTION, "num_splits", num_splits)?;
     let keys_per_split_a = arg_i32(PAGED_ATTENTION, "keys_per_split", keys_per_split)?;
     b.arg(&num_splits_a);
@@ -326,8 +333,9 @@ fn paged_attention_t<T: KernelDType>(
     b.arg(&mut part_ml);
     // SAFETY: the argument list matches `paged_attention_*` in kernels/paged_attention.cu;
     // q is read within its checked shape and strides, the caches within their checked
-    // contiguous shape (block ids >= num_blocks are skipped), the output is [T, H, D] and
-    // the partials [splits, T, H, D] / [splits, T, H, 2] when num_splits > 1.
+    // contiguous shape (block ids >= num_blocks are skipped), block-table entries within the
+    // row's first max_blocks_per_seq, the output is [T, H, D] and the partials
+    // [splits, T, H, D] / [splits, T, H, 2] when num_splits > 1.
     unsafe { b.launch(cfg) }.w()?;
     drop(b);
     if num_splits > 1 {
@@ -361,6 +369,31 @@ fn paged_attention_t<T: KernelDType>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
+/// The kernel's `window` argument: the window's keys, 0 for none. A window of 2^32 keys or
+/// more is wider than any context (`context_lens` are u32), so it is passed as none.
+fn window_arg(window: Option<NonZeroUsize>) -> u32 {
+    window.map_or(0, |w| u32::try_from(w.get()).unwrap_or(0))
+}
+
+/// Most keys one cta attends over: the whole context without a window; with one, the window
+/// of its first row's token plus one key for each later token of the cta (a cta spans at most
+/// `CTA_ROWS` tokens, one row each when there is no GQA), never more than the context. Splits
+/// are sized from this, so that a windowed decode over a long context is split over its
+/// window, not over the context.
+fn cta_keys_max(
+    window: Option<NonZeroUsize>,
+    max_context_len: usize,
+    max_seqlen_q: usize,
+) -> usize {
+    match window {
+        None => max_context_len,
+        Some(w) => {
+            let tokens = max_seqlen_q.clamp(1, CTA_ROWS);
+            max_context_len.min(w.get().saturating_add(tokens - 1))
+        }
+    }
+}
+
 /// Ctas wanted per launch: about 2.5 waves of an H100 (132 multiprocessors x 3 resident
 /// ctas of this kernel), so the last, partial wave costs little.
 const CTAS_TARGET: usize = 1024;
@@ -369,7 +402,8 @@ const SPLIT_KEYS_MIN: usize = 256;
 
 /// Splits of the key range (flash-decoding) when the (row tile, kv head, sequence) grid
 /// alone would leave the GPU idle: decode of few sequences over long contexts. Returns
-/// `(num_splits, keys_per_split)`, keys per split a multiple of the cta's key chunk.
+/// `(num_splits, keys_per_split)`, keys per split a multiple of the cta's key chunk, that
+/// cover `max_context_len` keys: the most keys one cta attends over ([`cta_keys_max`]).
 fn kv_splits(base_ctas: usize, max_context_len: usize) -> (usize, usize) {
     let whole = max_context_len.max(1).next_multiple_of(CTA_KEYS);
     if base_ctas == 0 || base_ctas >= CTAS_TARGET || max_context_len < 2 * SPLIT_KEYS_MIN {
@@ -402,5 +436,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_cta_never_attends_over_more_keys_than_its_splits_cover() {
+        // Brute force over the kernel's own arithmetic: for every cta (row tile) of a
+        // sequence, key_begin..key_end must fit in cta_keys_max keys.
+        for window in [1usize, 3, 16, 31, 32, 33, 100, 4096] {
+            let w = NonZeroUsize::new(window);
+            for group in [1usize, 2, 3, 8] {
+                for n_q in [1usize, 2, 15, 16, 17, 40] {
+                    for extra in [0usize, 1, 50, 5000] {
+                        let ctx = n_q + extra;
+                        let first_pos = ctx - n_q;
+                        let rows = n_q * group;
+                        let most = cta_keys_max(w, ctx, n_q);
+                        for row0 in (0..rows).step_by(CTA_ROWS) {
+                            let last_row = (row0 + CTA_ROWS).min(rows) - 1;
+                            let key_end = (first_pos + last_row / group + 1).min(ctx);
+                            let key_begin = (first_pos + row0 / group + 1).saturating_sub(window);
+                            assert!(
+                                key_end - key_begin <= most,
+                                "w {window} g {group} n_q {n_q} ctx {ctx} row0 {row0}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cta_keys_max(None, 777, 3), 777);
+        assert_eq!(window_arg(None), 0);
+        assert_eq!(window_arg(NonZeroUsize::new(4096)), 4096);
     }
 }
