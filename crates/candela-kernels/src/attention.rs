@@ -919,12 +919,6 @@ impl CustomOp3 for PagedAttentionOp {
         v: &candle_core::CudaStorage,
         v_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        // The CUDA kernel has no window yet: refuse rather than attend past it.
-        if let Some(window) = self.window {
-            candle_core::bail!(
-                "{PAGED_ATTENTION}: a sliding window ({window} keys) is not implemented on CUDA yet"
-            );
-        }
         crate::cuda::attention::paged_attention(self, q, q_layout, k, k_layout, v, v_layout)
     }
 }
