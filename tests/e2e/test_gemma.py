@@ -3,11 +3,18 @@ openai client: greedy completions, a prompt longer than its 512-token sliding wi
 chunks, the same prompt again from the prefix cache, and structured outputs over its 262k-token
 vocabulary."""
 
+import json
+
 import pytest
 
-from conftest import REPO, Server
+from conftest import REPO, Server, assert_matches_record
 
 GEMMA = REPO / "models" / "gemma-3-270m-q4_k_m.gguf"
+# llama.cpp's greedy outputs for the same file (scripts/gemma-reference made them).
+REFERENCE = REPO / "testdata" / "reference" / "gemma3-270m-greedy.jsonl"
+# As for SmolLM2 (tests/e2e/test_reference.py): two correct implementations of one quantized
+# model part ways at near-ties; 8-bit activation rounding makes 0.1 nats too tight a margin.
+NEAR_TIE_NATS = 0.25
 LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 70) + " The capital of France is"
 
 
@@ -47,3 +54,32 @@ def test_structured_output(gemma):
                                   max_tokens=8, temperature=0,
                                   extra_body={"guided_choice": [" London", " Paris", " Rome"]})
     assert r.choices[0].text == " Paris", r.choices[0].text
+
+
+def reference_records():
+    with REFERENCE.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# Known divergences, measured 2026-12-04: at output position 2 we take llama.cpp's second
+# candidate where its top-2 gap is 0.455 (s15, an 8-token prompt) and 0.568 nats (l03, 1,180
+# tokens). Not yet explained (llama.cpp rounds activations per 256 for k-quant dot products, we
+# per 32). Strict: a fix makes these pass and the marks must go.
+KNOWN_DIVERGENT = {"s15", "l03"}
+
+
+def marked(record):
+    if record["id"] in KNOWN_DIVERGENT:
+        return pytest.param(record, marks=pytest.mark.xfail(strict=True, reason="diverges past a 0.45-0.57 nat gap"))
+    return record
+
+
+@pytest.mark.parametrize("record", [marked(r) for r in reference_records()], ids=lambda r: r["id"])
+def test_greedy_matches_llama_cpp(gemma, record):
+    assert_matches_record(gemma.client(), "gemma-3-270m", record, NEAR_TIE_NATS)
+
+
+def test_the_reference_has_long_prompts():
+    records = reference_records()
+    assert len(records) >= 30
+    assert sum(len(r["prompt_token_ids"]) > 512 for r in records) >= 5
