@@ -25,8 +25,8 @@ use std::path::Path;
 use candela_models::{load_model, Architecture, BatchInputs, Model, SeqChunk};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use support::{log_softmax_rows, max_abs_diff, new_cache};
+use rand::SeedableRng;
+use support::{log_softmax_rows, max_abs_diff, new_cache, seeded_normal};
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -38,15 +38,6 @@ const CONTEXT: usize = 128;
 const BLOCK: usize = 4;
 const TOLERANCE: f32 = 1e-4;
 const GEMMA_KV_HEADS: usize = 1;
-
-fn seeded_normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        })
-        .collect()
-}
 
 /// Which optional tensors a family's checkpoint holds.
 struct Layout {

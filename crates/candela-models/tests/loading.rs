@@ -19,8 +19,8 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use support::{log_softmax_rows, max_abs_diff, new_cache, DEFAULT_MODEL};
+use rand::SeedableRng;
+use support::{log_softmax_rows, max_abs_diff, new_cache, seeded_normal, DEFAULT_MODEL};
 
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
@@ -32,18 +32,6 @@ const VOCAB: usize = 80;
 const CONTEXT: usize = 64;
 /// Seed of the tiny model's weights.
 const TINY_SEED: u64 = 0x7111;
-
-/// `n` standard normal samples from a seeded generator (Box-Muller), so every run of the tests
-/// sees the same tiny model: candle's `randn` draws from an unseeded one, which made the
-/// int8 closeness bound fail on about one random model in six.
-fn seeded_normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        })
-        .collect()
-}
 
 /// The tiny model's weights in Hugging Face naming, `[out, in]` matrices, f32 values that
 /// are exactly representable in f16.
