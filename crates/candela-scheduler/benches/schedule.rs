@@ -36,6 +36,7 @@ impl Sim {
             num_blocks: 16_384,
             policy,
             enable_prefix_caching: true,
+            window: None,
         };
         let mut sim = Self {
             s: Scheduler::new(cfg).expect("valid config"),

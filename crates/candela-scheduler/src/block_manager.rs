@@ -49,6 +49,15 @@ pub(crate) struct BlockLink {
     generation: u32,
 }
 
+impl BlockLink {
+    /// One number per block and generation: the key under which the window pool caches the
+    /// window block computed with this block (`crate::window`). Unique, so no collision can
+    /// happen there, unlike the hashed keys of this pool.
+    pub(crate) fn key(self) -> u64 {
+        (u64::from(self.id.0) << 32) | u64::from(self.generation)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct BlockMeta {
     ref_count: u32,

@@ -33,10 +33,12 @@
 pub mod block_manager;
 pub mod scheduler;
 pub mod sequence;
+pub mod window;
 
 pub use block_manager::BlockManager;
 pub use scheduler::{ScheduledBatch, ScheduledSeq, Scheduler, SchedulerStats, StepOutput};
 pub use sequence::{SeqStatus, Sequence};
+pub use window::WindowConfig;
 
 /// A hash map for keys that are not chosen by clients (engine-assigned [`SeqId`]s, block
 /// hashes that are already keyed SipHash outputs), hashed with one multiply (FxHash's) instead
@@ -102,6 +104,9 @@ pub struct SchedulerConfig {
     pub policy: Policy,
     /// Share full blocks of identical prefixes between sequences.
     pub enable_prefix_caching: bool,
+    /// Sliding-window layers whose KV lives in a pool of its own, released as it falls out of
+    /// the window ([`window`]); `None` when every layer keeps the whole context here.
+    pub window: Option<WindowConfig>,
 }
 
 impl Default for SchedulerConfig {
@@ -113,6 +118,7 @@ impl Default for SchedulerConfig {
             num_blocks: 1024,
             policy: Policy::Fcfs,
             enable_prefix_caching: true,
+            window: None,
         }
     }
 }
@@ -154,6 +160,32 @@ impl SchedulerConfig {
                     self.num_blocks, self.block_size
                 ),
             );
+        }
+        if let Some(w) = &self.window {
+            if w.window == 0 {
+                return invalid("window.window", "must be at least 1".into());
+            }
+            let min = WindowConfig::blocks_min(
+                w.window,
+                self.block_size,
+                self.max_num_seqs,
+                self.max_num_batched_tokens,
+            );
+            if u64::from(w.num_blocks) < min {
+                return invalid(
+                    "window.num_blocks",
+                    format!(
+                        "must be at least {min} for a window of {} tokens (got {})",
+                        w.window, w.num_blocks
+                    ),
+                );
+            }
+            if u64::from(w.num_blocks) * u64::from(self.block_size) > u64::from(u32::MAX) {
+                return invalid(
+                    "window.num_blocks",
+                    "times block_size must fit in u32".into(),
+                );
+            }
         }
         Ok(())
     }

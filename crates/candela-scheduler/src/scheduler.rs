@@ -32,6 +32,7 @@ use std::ops::Range;
 
 use crate::block_manager::BlockManager;
 use crate::sequence::{SeqStatus, Sequence, WaitKey};
+use crate::window::{WindowPool, RELEASED};
 use crate::{BlockId, Error, FastMap, Policy, SchedulerConfig, SeqId, TokenId};
 
 /// What the engine reports for one sampled sequence after running a step.
@@ -101,6 +102,8 @@ pub struct ScheduledBatch {
     pub failed: Vec<(SeqId, Error)>,
     block_size: u32,
     block_ids: Vec<BlockId>,
+    /// With a window pool: every sequence's window table, at the same ranges as `block_ids`.
+    window_block_ids: Option<Vec<BlockId>>,
     input_ids: Vec<TokenId>,
 }
 
@@ -125,6 +128,14 @@ impl ScheduledBatch {
         &self.block_ids[seq.table.start as usize..seq.table.end as usize]
     }
 
+    /// With a window pool, the windowed layers' block table of `seq`: as long as
+    /// [`Self::block_table`], released entries [`RELEASED`] (never read by the windowed
+    /// layers).
+    pub fn window_block_table(&self, seq: &ScheduledSeq) -> Option<&[BlockId]> {
+        let ids = self.window_block_ids.as_ref()?;
+        Some(&ids[seq.table.start as usize..seq.table.end as usize])
+    }
+
     /// The token ids `seq` computes this step (`tokens[positions]`).
     pub fn input_ids(&self, seq: &ScheduledSeq) -> &[TokenId] {
         let start = seq.input_offset as usize;
@@ -142,6 +153,14 @@ impl ScheduledBatch {
         let table = self.block_table(seq);
         let block = table[(pos / self.block_size) as usize];
         block.0 * self.block_size + pos % self.block_size
+    }
+
+    /// With a window pool, the windowed layers' KV slot of position `pos` of `seq` (a position
+    /// this step computes or attends to).
+    pub fn window_slot(&self, seq: &ScheduledSeq, pos: u32) -> Option<u32> {
+        let block = self.window_block_table(seq)?[(pos / self.block_size) as usize];
+        debug_assert_ne!(block, RELEASED, "position {pos} is out of every window");
+        Some(block.0 * self.block_size + pos % self.block_size)
     }
 
     /// Slots of the tokens `seq` computes this step, in order.
@@ -189,6 +208,10 @@ pub struct SchedulerStats {
     pub preemptions_total: u64,
     /// Preemptions in the last `schedule()`.
     pub preemptions_last_step: u32,
+    /// Window-pool blocks held by sequences (0 without a window pool).
+    pub window_blocks_used: u32,
+    /// Window-pool blocks (0 without a window pool).
+    pub window_blocks_total: u32,
 }
 
 impl SchedulerStats {
@@ -213,6 +236,8 @@ struct Pick {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     bm: BlockManager,
+    /// The windowed layers' own pool (`cfg.window`).
+    window: Option<WindowPool>,
     seqs: FastMap<SeqId, Sequence>,
     /// Admission order; served first each step.
     running: Vec<SeqId>,
@@ -236,6 +261,7 @@ impl Scheduler {
         cfg.validate()?;
         Ok(Self {
             bm: BlockManager::new(cfg.num_blocks, cfg.block_size),
+            window: cfg.window.map(|w| WindowPool::new(w, cfg.block_size)),
             cfg,
             seqs: FastMap::default(),
             running: Vec::new(),
@@ -259,6 +285,11 @@ impl Scheduler {
     /// Read access to the block manager (stats, tests).
     pub fn block_manager(&self) -> &BlockManager {
         &self.bm
+    }
+
+    /// Read access to the window pool's blocks, if there is a window pool.
+    pub fn window_block_manager(&self) -> Option<&BlockManager> {
+        self.window.as_ref().map(|w| &w.bm)
     }
 
     /// A queued or running sequence.
@@ -428,6 +459,11 @@ impl Scheduler {
                 let block = self.bm.allocate().expect("free blocks were counted");
                 seq.block_table.push(block);
             }
+            if let Some(pool) = &mut self.window {
+                for _ in 0..need {
+                    seq.window_table.push(pool.allocate());
+                }
+            }
             seq.num_computed_tokens = end;
             picks.push(Pick {
                 seq_id: id,
@@ -467,6 +503,7 @@ impl Scheduler {
             failed,
             block_size: bs,
             block_ids: Vec::new(),
+            window_block_ids: self.window.as_ref().map(|_| Vec::new()),
             input_ids: Vec::with_capacity(tokens_total as usize),
         };
         let mut in_flight = Vec::with_capacity(picks.len());
@@ -478,6 +515,9 @@ impl Scheduler {
             let sample = end == seq.num_tokens();
             let table_start = batch.block_ids.len() as u32;
             batch.block_ids.extend_from_slice(&seq.block_table);
+            if let Some(ids) = &mut batch.window_block_ids {
+                ids.extend_from_slice(&seq.window_table);
+            }
             let input_offset = batch.input_ids.len() as u32;
             batch
                 .input_ids
@@ -555,7 +595,13 @@ impl Scheduler {
                 continue;
             };
             if self.cfg.enable_prefix_caching {
-                register_computed_blocks(&mut self.bm, seq);
+                register_computed_blocks(&mut self.bm, self.window.as_mut(), seq);
+            }
+            if let Some(pool) = &mut self.window {
+                // Every later query of this sequence is at a position >= num_computed.
+                let upto = pool.releasable(seq.num_computed_tokens);
+                seq.window_released =
+                    pool.release_prefix(&mut seq.window_table, seq.window_released, upto);
             }
             if !seq.followers.is_empty() && !seq.is_prefill() {
                 self.release_followers(id);
@@ -590,6 +636,8 @@ impl Scheduler {
             prefix_cache_hits_tokens: self.prefix_cache_hits_tokens,
             preemptions_total: self.preemptions_total,
             preemptions_last_step: self.preemptions_last_step,
+            window_blocks_used: self.window.as_ref().map_or(0, |w| w.bm.num_used()),
+            window_blocks_total: self.window.as_ref().map_or(0, |w| w.bm.num_blocks()),
         }
     }
 
@@ -617,6 +665,10 @@ impl Scheduler {
                 }
                 SeqStatus::Waiting => {
                     assert!(seq.block_table.is_empty(), "{id:?} waits holding blocks");
+                    assert!(
+                        seq.window_table.is_empty(),
+                        "{id:?} waits holding window blocks"
+                    );
                     assert_eq!(seq.num_computed_tokens, 0);
                     match (seq.wait_key, seq.leader) {
                         (Some(key), None) => {
@@ -661,11 +713,45 @@ impl Scheduler {
                 "block {i} ref count"
             );
         }
+        if let Some(pool) = &self.window {
+            self.check_window_invariants(pool);
+        }
         assert_eq!(running, self.running.len());
         assert_eq!(queued, self.waiting.len());
         assert_eq!(held, self.num_held);
         for id in &self.running {
             assert_eq!(self.seqs[id].status, SeqStatus::Running);
+        }
+    }
+
+    /// The window pool's part of [`Self::check_invariants`]: tables as long as the main ones,
+    /// released entries exactly the leading ones and never one a later query sees, reference
+    /// counts equal to the holders, cached blocks holding the sequence's tokens.
+    fn check_window_invariants(&self, pool: &WindowPool) {
+        pool.bm.check_invariants();
+        let bs = self.cfg.block_size;
+        let mut refs = vec![0u32; pool.bm.num_blocks() as usize];
+        for (id, seq) in &self.seqs {
+            if seq.status == SeqStatus::Waiting {
+                continue;
+            }
+            assert_eq!(seq.window_table.len(), seq.block_table.len(), "{id:?}");
+            assert!(seq.window_released <= pool.releasable(seq.num_computed_tokens));
+            for (j, &b) in seq.window_table.iter().enumerate() {
+                let released = (j as u32) < seq.window_released;
+                assert_eq!(b == RELEASED, released, "{id:?} window block {j}");
+                if released {
+                    continue;
+                }
+                refs[b.0 as usize] += 1;
+                if let Some(cached) = pool.bm.cached_tokens(b) {
+                    let start = j * bs as usize;
+                    assert_eq!(cached, &seq.tokens()[start..start + bs as usize]);
+                }
+            }
+        }
+        for (i, &r) in refs.iter().enumerate() {
+            assert_eq!(r, pool.bm.ref_count(BlockId(i as u32)), "window block {i}");
         }
     }
 
@@ -733,7 +819,7 @@ impl Scheduler {
     fn preempt(&mut self, pos: usize) {
         let id = self.running.remove(pos);
         let mut seq = self.seqs.remove(&id).expect("running sequences exist");
-        free_blocks(&mut self.bm, &mut seq);
+        free_blocks(&mut self.bm, self.window.as_mut(), &mut seq);
         seq.num_preemptions += 1;
         seq.num_cached_tokens = 0;
         self.preemptions_total += 1;
@@ -771,6 +857,32 @@ impl Scheduler {
                 }
             }
         }
+        // The windowed layers need their KV of the hit's last window: shorten the hit to the
+        // longest prefix whose last window is still in the window pool.
+        let mut window_hits: Vec<BlockId> = Vec::new();
+        if let Some(pool) = &self.window {
+            let found: Vec<Option<BlockId>> = hits
+                .iter()
+                .enumerate()
+                .map(|(j, &g)| {
+                    let j = j as u32;
+                    pool.lookup(self.bm.link(g), seq.tokens_in(j * bs..(j + 1) * bs))
+                })
+                .collect();
+            let usable = (0..=hits.len())
+                .rev()
+                .find(|&k| {
+                    let first = pool.releasable(k as u32 * bs) as usize;
+                    found[first.min(k)..k].iter().all(Option::is_some)
+                })
+                .unwrap_or(0);
+            hits.truncate(usable);
+            let first = pool.releasable(usable as u32 * bs) as usize;
+            window_hits = std::iter::repeat_n(RELEASED, first.min(usable))
+                .chain(found[first.min(usable)..usable].iter().flatten().copied())
+                .collect();
+            debug_assert_eq!(window_hits.len(), usable);
+        }
         let cached = hits.len() as u32 * bs;
         let num_new = (len - cached).min(budget);
         let end = cached + num_new;
@@ -784,6 +896,15 @@ impl Scheduler {
         for &b in &hits {
             self.bm.acquire(b);
         }
+        let window_released = window_hits.iter().filter(|&&b| b == RELEASED).count() as u32;
+        if let Some(pool) = &mut self.window {
+            for &b in window_hits.iter().filter(|&&b| b != RELEASED) {
+                pool.acquire(b);
+            }
+            for _ in 0..need {
+                window_hits.push(pool.allocate());
+            }
+        }
         let last_hit = hits.last().map(|&b| self.bm.link(b));
         let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
         seq.num_registered_blocks = hits.len() as u32;
@@ -793,6 +914,8 @@ impl Scheduler {
             let block = self.bm.allocate().expect("free blocks were counted");
             seq.block_table.push(block);
         }
+        seq.window_table = window_hits;
+        seq.window_released = window_released;
         seq.num_computed_tokens = end;
         seq.num_cached_tokens = cached;
         seq.status = SeqStatus::Running;
@@ -835,7 +958,7 @@ impl Scheduler {
                 let pos = self.running.iter().position(|&r| r == id);
                 self.running
                     .remove(pos.expect("running sequences are in `running`"));
-                free_blocks(&mut self.bm, &mut seq);
+                free_blocks(&mut self.bm, self.window.as_mut(), &mut seq);
             }
             SeqStatus::Waiting => {
                 if let Some(key) = seq.wait_key.take() {
@@ -875,29 +998,40 @@ enum Admit {
 
 /// Returns a sequence's blocks, last block first so that the LRU evicts a prefix's tail
 /// before its head (heads are the most shared).
-fn free_blocks(bm: &mut BlockManager, seq: &mut Sequence) {
+fn free_blocks(bm: &mut BlockManager, window: Option<&mut WindowPool>, seq: &mut Sequence) {
     for block in seq.block_table.drain(..).rev() {
         bm.release(block);
     }
+    if let Some(pool) = window {
+        pool.release_all(&mut seq.window_table);
+    }
+    seq.window_released = 0;
     seq.num_computed_tokens = 0;
     seq.num_registered_blocks = 0;
     seq.last_registered = None;
 }
 
-/// Offers the sequence's newly computed full blocks to the prefix cache, in order.
-fn register_computed_blocks(bm: &mut BlockManager, seq: &mut Sequence) {
+/// Offers the sequence's newly computed full blocks to the prefix cache, in order, and their
+/// window blocks (still held: release comes after) to the window pool's cache under the link of
+/// the canonical global block.
+fn register_computed_blocks(
+    bm: &mut BlockManager,
+    mut window: Option<&mut WindowPool>,
+    seq: &mut Sequence,
+) {
     let bs = bm.block_size();
     let full = seq.num_computed_tokens / bs;
     while seq.num_registered_blocks < full {
         let j = seq.num_registered_blocks;
         let block = seq.block_table[j as usize];
         let hash = seq.block_hashes[j as usize];
-        let link = bm.register(
-            block,
-            hash,
-            seq.tokens_in(j * bs..(j + 1) * bs),
-            seq.last_registered,
-        );
+        let tokens = seq.tokens_in(j * bs..(j + 1) * bs);
+        let link = bm.register(block, hash, tokens, seq.last_registered);
+        if let Some(pool) = window.as_deref_mut() {
+            let window_block = seq.window_table[j as usize];
+            debug_assert_ne!(window_block, RELEASED, "released before registered");
+            pool.register(window_block, link, tokens);
+        }
         seq.last_registered = Some(link);
         seq.num_registered_blocks += 1;
     }
@@ -906,6 +1040,8 @@ fn register_computed_blocks(bm: &mut BlockManager, seq: &mut Sequence) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::window::releasable;
+    use crate::WindowConfig;
 
     fn config(block_size: u32, num_blocks: u32, seqs_max: u32, tokens_max: u32) -> SchedulerConfig {
         SchedulerConfig {
@@ -915,6 +1051,7 @@ mod tests {
             num_blocks,
             policy: Policy::Fcfs,
             enable_prefix_caching: true,
+            window: None,
         }
     }
 
@@ -937,6 +1074,24 @@ mod tests {
             .collect();
         s.update_after_step(&outputs).expect("valid outputs");
         batch
+    }
+
+    /// Runs every sequence until it is sampled once, then finishes it.
+    fn run_to_end(s: &mut Scheduler) {
+        while s.has_unfinished() {
+            let batch = s.schedule();
+            let outputs: Vec<StepOutput> = batch
+                .seqs
+                .iter()
+                .filter(|q| q.sample)
+                .map(|q| StepOutput {
+                    seq_id: q.seq_id,
+                    new_token: Some(1),
+                    finished: true,
+                })
+                .collect();
+            s.update_after_step(&outputs).expect("valid outputs");
+        }
     }
 
     fn find(batch: &ScheduledBatch, id: u64) -> Option<&ScheduledSeq> {
@@ -1367,6 +1522,105 @@ mod tests {
         assert_eq!(st.prefix_cache_hit_rate(), Some(0.0));
     }
 
+    /// A pool for a window of `window` tokens, as small as allowed.
+    fn windowed(mut cfg: SchedulerConfig, window: u32) -> SchedulerConfig {
+        let num_blocks = WindowConfig::blocks_min(
+            window,
+            cfg.block_size,
+            cfg.max_num_seqs,
+            cfg.max_num_batched_tokens,
+        );
+        cfg.window = Some(WindowConfig {
+            window,
+            num_blocks: num_blocks as u32,
+        });
+        cfg
+    }
+
+    #[test]
+    fn a_long_sequence_keeps_only_its_window_in_the_window_pool() {
+        // Block size 4, window 10: after c computed tokens the blocks before (c + 1 - 10) / 4
+        // are released; at most ceil((10 - 1 + new) / 4) + 1 are held.
+        let mut s = scheduler(windowed(config(4, 64, 1, 8), 10));
+        s.add(SeqId(1), prompt(40, 0), 30, 0).expect("fits");
+        let mut held_max = 0;
+        while s.has_unfinished() {
+            let b = step(&mut s, 7);
+            let q = &b.seqs[0];
+            let table = b.window_block_table(q).expect("a window pool");
+            assert_eq!(table.len(), b.block_table(q).len());
+            held_max = held_max.max(s.stats().window_blocks_used);
+            let seq = s.sequence(SeqId(1)).expect("running");
+            if seq.num_tokens() == 69 {
+                break;
+            }
+            let released = releasable(seq.num_computed_tokens(), 10, 4) as usize;
+            let now = seq.window_table();
+            assert!(now[..released].iter().all(|&b| b == RELEASED));
+            assert!(now[released..].iter().all(|&b| b != RELEASED));
+            // The global layers keep every block.
+            assert_eq!(seq.block_table().len(), now.len());
+            assert_eq!(s.stats().window_blocks_used as usize, now.len() - released);
+        }
+        assert!(held_max <= (10 - 1 + 8u32).div_ceil(4) + 1, "{held_max}");
+        assert!(
+            s.stats().blocks_used >= 69 / 4,
+            "global layers keep the whole context"
+        );
+        assert!(s.abort(SeqId(1)));
+        assert_eq!(s.stats().window_blocks_used, 0);
+        assert_eq!(s.stats().blocks_used, 0);
+    }
+
+    #[test]
+    fn a_prefix_hit_takes_the_cached_last_window_and_nothing_before_it() {
+        let mut s = scheduler(windowed(config(4, 64, 2, 64), 10));
+        s.add(SeqId(1), prompt(30, 0), 1, 0).expect("fits");
+        run_to_end(&mut s);
+        // Same 30-token prompt plus two tokens: 7 full blocks are cached in the main pool, and
+        // the window blocks of the hit's last window (positions 19..28: blocks 4..7) stay
+        // cached in the window pool's LRU after the first sequence finished.
+        let mut longer = prompt(30, 0);
+        longer.extend([9, 9]);
+        s.add(SeqId(2), longer, 1, 0).expect("fits");
+        let b = s.schedule();
+        let q = &b.seqs[0];
+        assert_eq!(q.num_cached_tokens, 28);
+        let table = b.window_block_table(q).expect("a window pool");
+        let first = releasable(28, 10, 4) as usize;
+        assert_eq!(first, 4);
+        assert!(table[..first].iter().all(|&b| b == RELEASED));
+        let pool = s.window_block_manager().expect("a window pool");
+        for (j, &b) in table.iter().enumerate().take(7).skip(first) {
+            assert!(pool.cached_tokens(b).is_some(), "window block {j} is a hit");
+        }
+    }
+
+    #[test]
+    fn a_prefix_hit_without_its_window_cached_is_shortened() {
+        // Prefix caching of the window pool is emptied by a second, unrelated sequence that
+        // reallocates every free window block; the main pool is large and keeps its hits.
+        let mut cfg = windowed(config(4, 256, 1, 8), 6);
+        let min = cfg.window.expect("windowed").num_blocks;
+        let mut s = scheduler(cfg.clone());
+        s.add(SeqId(1), prompt(24, 0), 1, 0).expect("fits");
+        run_to_end(&mut s);
+        // Enough new, uncached work to cycle the whole window pool through allocation.
+        s.add(SeqId(2), prompt(4 * (min + 8), 100), 1, 0)
+            .expect("fits");
+        run_to_end(&mut s);
+        s.add(SeqId(3), prompt(24, 0), 1, 0).expect("fits");
+        let b = s.schedule();
+        assert_eq!(b.seqs[0].num_cached_tokens, 0, "no usable window, no hit");
+        // The same with a window covering nothing: hits need no window blocks at all.
+        cfg = windowed(config(4, 256, 1, 8), 1);
+        let mut s = scheduler(cfg);
+        s.add(SeqId(1), prompt(24, 0), 1, 0).expect("fits");
+        run_to_end(&mut s);
+        s.add(SeqId(3), prompt(24, 0), 1, 0).expect("fits");
+        assert_eq!(s.schedule().seqs[0].num_cached_tokens, 20);
+    }
+
     #[test]
     fn invalid_configs_are_refused() {
         let ok = SchedulerConfig::default();
@@ -1394,6 +1648,21 @@ mod tests {
             },
             SchedulerConfig {
                 num_blocks: u32::MAX,
+                ..ok.clone()
+            },
+            SchedulerConfig {
+                window: Some(WindowConfig {
+                    window: 0,
+                    num_blocks: 1 << 20,
+                }),
+                ..ok.clone()
+            },
+            SchedulerConfig {
+                // One block short of what the worst case can hold.
+                window: Some(WindowConfig {
+                    window: 64,
+                    num_blocks: WindowConfig::blocks_min(64, 16, 256, 2048) as u32 - 1,
+                }),
                 ..ok.clone()
             },
         ];

@@ -51,6 +51,10 @@ pub struct Sequence {
     arrival: u64,
     pub(crate) num_computed_tokens: u32,
     pub(crate) block_table: Vec<BlockId>,
+    /// With a window pool: the windowed layers' blocks, one per `block_table` entry, the
+    /// first `window_released` of them [`crate::window::RELEASED`]. Empty without one.
+    pub(crate) window_table: Vec<BlockId>,
+    pub(crate) window_released: u32,
     pub(crate) status: SeqStatus,
     /// Prompt tokens served from the prefix cache at the latest admission.
     pub(crate) num_cached_tokens: u32,
@@ -87,6 +91,8 @@ impl Sequence {
             arrival,
             num_computed_tokens: 0,
             block_table: Vec::new(),
+            window_table: Vec::new(),
+            window_released: 0,
             status: SeqStatus::Waiting,
             num_cached_tokens: 0,
             num_preemptions: 0,
@@ -167,6 +173,12 @@ impl Sequence {
     /// Blocks holding this sequence's KV, in token order.
     pub fn block_table(&self) -> &[BlockId] {
         &self.block_table
+    }
+
+    /// The windowed layers' blocks (with a window pool; empty otherwise), in token order;
+    /// blocks out of every later query's window are [`crate::window::RELEASED`].
+    pub fn window_table(&self) -> &[BlockId] {
+        &self.window_table
     }
 
     /// Waiting or running.

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use candela_scheduler::{
     Error, Policy, ScheduledBatch, Scheduler, SchedulerConfig, SchedulerStats, SeqId, SeqStatus,
-    StepOutput, TokenId,
+    StepOutput, TokenId, WindowConfig,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -68,9 +68,10 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         1u32..24,
         any::<bool>(),
         any::<bool>(),
+        prop::option::of((1u32..12, 0u32..4)),
     )
         .prop_map(
-            |(block_size, num_blocks, seqs, tokens, priority, caching)| SchedulerConfig {
+            |(block_size, num_blocks, seqs, tokens, priority, caching, window)| SchedulerConfig {
                 max_num_seqs: seqs,
                 max_num_batched_tokens: tokens,
                 block_size,
@@ -81,6 +82,12 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                     Policy::Fcfs
                 },
                 enable_prefix_caching: caching,
+                // The smallest pool allowed, or a little more (more room for cached windows).
+                window: window.map(|(window, extra)| WindowConfig {
+                    window,
+                    num_blocks: WindowConfig::blocks_min(window, block_size, seqs, tokens) as u32
+                        + extra,
+                }),
             },
         )
 }
@@ -102,12 +109,14 @@ struct Live {
 }
 
 /// The simulated engine: a shadow KV cache mapping each slot to the exact token prefix whose
-/// last position was computed into it.
+/// last position was computed into it, one for the global layers and one for the windowed
+/// layers' pool (when there is one).
 fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseError> {
     let mut s = Scheduler::new(cfg.clone()).expect("valid config");
     let bs = cfg.block_size;
     let capacity = cfg.capacity_tokens();
     let mut kv: HashMap<u32, Vec<TokenId>> = HashMap::new();
+    let mut window_kv: HashMap<u32, Vec<TokenId>> = HashMap::new();
     let mut live: HashMap<SeqId, Live> = HashMap::new();
     let mut next_id = 0u64;
     let (mut admitted, mut finished, mut aborted) = (0u32, 0u32, 0u32);
@@ -150,6 +159,7 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
 
         let batch = s.schedule();
         check_batch(&s, &cfg, &batch, &kv)?;
+        check_window_batch(&s, &cfg, &batch, &window_kv)?;
         prop_assert!(batch.failed.is_empty(), "failed: {:?}", batch.failed);
         for id in &batch.preempted {
             let seq = s.sequence(*id).expect("preempted sequences stay queued");
@@ -162,6 +172,9 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
             let tokens = &live[&q.seq_id].tokens;
             for pos in q.positions.clone() {
                 kv.insert(batch.slot(q, pos), tokens[..=pos as usize].to_vec());
+                if let Some(slot) = batch.window_slot(q, pos) {
+                    window_kv.insert(slot, tokens[..=pos as usize].to_vec());
+                }
             }
         }
         let mut outputs = Vec::new();
@@ -209,6 +222,7 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
                 "blocks leaked"
             );
             prop_assert_eq!(stats.blocks_used, 0);
+            prop_assert_eq!(stats.window_blocks_used, 0, "window blocks leaked");
             return Ok(stats);
         }
     }
@@ -274,6 +288,55 @@ fn check_batch(
     Ok(())
 }
 
+/// The windowed layers' half of [`check_batch`]: each sequence's window table is as long as its
+/// block table, every key a windowed query can see was computed from exactly its own tokens,
+/// and it writes only window blocks it holds alone and nobody can look up.
+fn check_window_batch(
+    s: &Scheduler,
+    cfg: &SchedulerConfig,
+    batch: &ScheduledBatch,
+    window_kv: &HashMap<u32, Vec<TokenId>>,
+) -> Result<(), TestCaseError> {
+    let (Some(w), Some(pool)) = (cfg.window, s.window_block_manager()) else {
+        prop_assert!(batch
+            .seqs
+            .iter()
+            .all(|q| batch.window_block_table(q).is_none()));
+        return Ok(());
+    };
+    let bs = cfg.block_size;
+    prop_assert!(s.stats().window_blocks_used <= w.num_blocks);
+    for q in &batch.seqs {
+        let seq = s.sequence(q.seq_id).expect("scheduled sequences exist");
+        let table = batch
+            .window_block_table(q)
+            .expect("a window pool gives window tables");
+        prop_assert_eq!(table, seq.window_table());
+        prop_assert_eq!(table.len(), batch.block_table(q).len());
+        let first_visible = (q.positions.start + 1).saturating_sub(w.window);
+        for pos in first_visible..q.positions.start {
+            let stored = batch
+                .window_slot(q, pos)
+                .and_then(|slot| window_kv.get(&slot));
+            prop_assert_eq!(
+                stored.map(|v| &v[..]),
+                Some(seq.tokens_in(0..pos + 1)),
+                "window pos {}",
+                pos
+            );
+        }
+        for pos in q.positions.clone() {
+            let block = table[(pos / bs) as usize];
+            prop_assert_eq!(pool.ref_count(block), 1, "writes a shared window block");
+            prop_assert!(
+                pool.cached_tokens(block).is_none(),
+                "writes a cached window block"
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -294,6 +357,7 @@ fn tiny_cache_with_one_shared_prompt_finishes_everything() {
         num_blocks: 8,
         policy: Policy::Fcfs,
         enable_prefix_caching: true,
+        window: None,
     };
     let reqs = (0..12)
         .map(|i| Req {
