@@ -165,12 +165,8 @@ impl SchedulerConfig {
             if w.window == 0 {
                 return invalid("window.window", "must be at least 1".into());
             }
-            let min = WindowConfig::blocks_min(
-                w.window,
-                self.block_size,
-                self.max_num_seqs,
-                self.max_num_batched_tokens,
-            );
+            let min =
+                WindowConfig::blocks_min(w.window, self.block_size, self.max_num_batched_tokens);
             if u64::from(w.num_blocks) < min {
                 return invalid(
                     "window.num_blocks",

@@ -432,7 +432,10 @@ impl Scheduler {
             }
             let need = end.div_ceil(bs) - seq.block_table.len() as u32;
             let mut self_preempted = false;
-            while self.bm.num_free() < need {
+            // Each new block of the main pool comes with one of the window pool.
+            while self.bm.num_free() < need
+                || self.window.as_ref().is_some_and(|w| w.num_free() < need)
+            {
                 // Terminates: `id` itself is running, so there is always a victim, and with
                 // `id` alone running every other block is free.
                 let vpos = self.victim_index();
@@ -891,6 +894,15 @@ impl Scheduler {
         let hits_free = hits.iter().filter(|&&b| self.bm.ref_count(b) == 0).count() as u32;
         if need + hits_free > self.bm.num_free() {
             return Admit::NoRoom;
+        }
+        if let Some(pool) = &self.window {
+            let window_hits_free = window_hits
+                .iter()
+                .filter(|&&b| b != RELEASED && pool.bm.ref_count(b) == 0)
+                .count() as u32;
+            if need + window_hits_free > pool.num_free() {
+                return Admit::NoRoom;
+            }
         }
 
         for &b in &hits {
@@ -1522,9 +1534,9 @@ mod tests {
         assert_eq!(st.prefix_cache_hit_rate(), Some(0.0));
     }
 
-    /// A pool for a window of `window` tokens, as small as allowed.
+    /// A pool for a window of `window` tokens that never preempts.
     fn windowed(mut cfg: SchedulerConfig, window: u32) -> SchedulerConfig {
-        let num_blocks = WindowConfig::blocks_min(
+        let num_blocks = WindowConfig::blocks_never_short(
             window,
             cfg.block_size,
             cfg.max_num_seqs,
@@ -1622,6 +1634,32 @@ mod tests {
     }
 
     #[test]
+    fn a_small_window_pool_preempts_like_the_main_pool() {
+        // Window 8, block size 4, budget 8: the smallest pool (6 blocks) runs one sequence at
+        // its worst; three decoding sequences need up to 3 each, so one must wait its turn.
+        let mut cfg = config(4, 256, 4, 8);
+        cfg.window = Some(WindowConfig {
+            window: 8,
+            num_blocks: WindowConfig::blocks_min(8, 4, 8) as u32,
+        });
+        let mut s = scheduler(cfg);
+        for id in 1..=3 {
+            s.add(SeqId(id), prompt(16, 10 * id as u32), 40, 0)
+                .expect("fits");
+        }
+        for _ in 0..60 {
+            step(&mut s, 2);
+            let st = s.stats();
+            assert!(st.window_blocks_used <= 6);
+            assert!(st.blocks_used < st.blocks_total, "the main pool has room");
+        }
+        assert!(s.stats().preemptions_total > 0, "{:?}", s.stats());
+        // Whoever was preempted resumes once the others finish.
+        run_to_end(&mut s);
+        assert_eq!(s.stats().window_blocks_used, 0);
+    }
+
+    #[test]
     fn invalid_configs_are_refused() {
         let ok = SchedulerConfig::default();
         assert!(ok.validate().is_ok());
@@ -1661,7 +1699,7 @@ mod tests {
                 // One block short of what the worst case can hold.
                 window: Some(WindowConfig {
                     window: 64,
-                    num_blocks: WindowConfig::blocks_min(64, 16, 256, 2048) as u32 - 1,
+                    num_blocks: WindowConfig::blocks_min(64, 16, 2048) as u32 - 1,
                 }),
                 ..ok.clone()
             },

@@ -14,12 +14,13 @@
 //!                                  ^ 70 + 1 - 40 = 31: keys from 31 on are still visible
 //! ```
 //!
-//! **Never runs out.** A running sequence that computed `c` tokens and computes `n` more this
-//! step holds at most `ceil((n + window - 1) / block_size) + 1` window blocks (those from
-//! `floor((c + 1 - window) / block_size)` up to `ceil((c + n) / block_size)`). Over at most
-//! `max_num_seqs` running sequences whose `n` add up to at most `max_num_batched_tokens`, that
-//! is at most [`WindowConfig::blocks_min`]; a pool at least that large always has a free block,
-//! so only the main pool decides admission and preemption.
+//! **Sizing.** A running sequence that computed `c` tokens and computes `n` more this step
+//! holds at most `ceil((n + window - 1) / block_size) + 1` window blocks (those from
+//! `floor((c + 1 - window) / block_size)` up to `ceil((c + n) / block_size)`). Admission and
+//! preemption count the free blocks of both pools, so a pool of at least
+//! [`WindowConfig::blocks_min`] (one sequence with a whole step's budget) always makes
+//! progress, and one of [`WindowConfig::blocks_never_short`] (every running sequence at its
+//! worst at once, llama.cpp's SWA cache size) never preempts anything.
 //!
 //! **Prefix caching.** A prefix hit of `k` blocks needs the windowed layers' KV of the hit's
 //! last window, blocks `releasable(k * block_size) .. k`. Window blocks are registered under
@@ -51,8 +52,13 @@ pub struct WindowConfig {
 }
 
 impl WindowConfig {
-    /// Fewest blocks for which the pool can never run out (see the module docs).
-    pub fn blocks_min(
+    /// Fewest blocks that let one sequence alone run with a whole step's budget.
+    pub fn blocks_min(window: u32, block_size: u32, max_num_batched_tokens: u32) -> u64 {
+        Self::blocks_never_short(window, block_size, 1, max_num_batched_tokens)
+    }
+
+    /// Blocks with which the pool is never the reason for a preemption (see the module docs).
+    pub fn blocks_never_short(
         window: u32,
         block_size: u32,
         max_num_seqs: u32,
@@ -85,11 +91,14 @@ impl WindowPool {
         }
     }
 
-    /// A fresh block.
+    /// A fresh block; the caller counted the free ones.
     pub(crate) fn allocate(&mut self) -> BlockId {
-        self.bm
-            .allocate()
-            .expect("the window pool holds blocks_min blocks, more than can ever be held")
+        self.bm.allocate().expect("free window blocks were counted")
+    }
+
+    /// Blocks that can be allocated now.
+    pub(crate) fn num_free(&self) -> u32 {
+        self.bm.num_free()
     }
 
     /// Leading blocks of a sequence with `computed` tokens that can be released.
@@ -167,7 +176,7 @@ mod tests {
     fn blocks_min_covers_the_worst_case_of_one_sequence() {
         // One sequence, a whole budget of new tokens at the worst offset.
         let (bs, window, budget) = (16u32, 40u32, 64u32);
-        let min = WindowConfig::blocks_min(window, bs, 1, budget);
+        let min = WindowConfig::blocks_min(window, bs, budget);
         for start in 0..100u32 {
             let held = (start + budget).div_ceil(bs) - releasable(start, window, bs);
             assert!(u64::from(held) <= min, "start {start}: {held} > {min}");

@@ -82,11 +82,11 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                     Policy::Fcfs
                 },
                 enable_prefix_caching: caching,
-                // The smallest pool allowed, or a little more (more room for cached windows).
+                // From the smallest pool allowed (it preempts often) up.
                 window: window.map(|(window, extra)| WindowConfig {
                     window,
-                    num_blocks: WindowConfig::blocks_min(window, block_size, seqs, tokens) as u32
-                        + extra,
+                    num_blocks: WindowConfig::blocks_min(window, block_size, tokens) as u32
+                        + extra * 3,
                 }),
             },
         )
