@@ -61,6 +61,11 @@ pub struct Args {
     /// Turn off prefix caching.
     #[arg(long)]
     no_prefix_caching: bool,
+    /// Keep the whole context in every layer, windowed ones included, instead of giving
+    /// sliding-window layers (Gemma 3, Mistral) a KV pool that holds only their window
+    /// (vLLM's flag of the same name).
+    #[arg(long)]
+    disable_hybrid_kv_cache_manager: bool,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = BODY_LIMIT_BYTES_DEFAULT)]
     body_limit_bytes: usize,
@@ -117,6 +122,7 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
         queue_waiting_max: args.max_waiting,
         model_len_max: args.max_model_len,
         enable_prefix_caching: !args.no_prefix_caching,
+        hybrid_kv_cache: !args.disable_hybrid_kv_cache_manager,
         step_stall_max: Duration::from_secs(args.health_stall_timeout_s.max(1)),
         #[cfg(feature = "fault-injection")]
         fault: match std::env::var("CANDELA_FAULT_INJECT") {

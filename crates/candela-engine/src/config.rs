@@ -75,6 +75,11 @@ pub struct EngineConfig {
     pub model_len_max: Option<usize>,
     /// Reuse KV blocks of identical prompt prefixes across requests.
     pub enable_prefix_caching: bool,
+    /// Give the sliding-window layers of a model that has them (Gemma 3, Mistral) a KV pool of
+    /// their own whose blocks are released once out of the window (vLLM's hybrid KV cache
+    /// manager; `false` is its `--disable-hybrid-kv-cache-manager`: every layer keeps the
+    /// whole context).
+    pub hybrid_kv_cache: bool,
     /// Seed of the engine's RNG, which draws seeds for requests that carry none.
     pub seed: u64,
     /// A Jinja chat template that replaces the model's own (vLLM's `--chat-template`).
@@ -112,6 +117,7 @@ impl Default for EngineConfig {
             queue_waiting_max: 256,
             model_len_max: None,
             enable_prefix_caching: true,
+            hybrid_kv_cache: true,
             seed: 0,
             chat_template: None,
             quantize: None,

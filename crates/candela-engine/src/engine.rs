@@ -39,6 +39,7 @@ use crate::api::{
 use crate::config::{EngineConfig, EngineDevice};
 use crate::error::EngineError;
 use crate::handle::{AdmittedRequest, EngineCommand, ModelInfo, SharedState};
+use crate::kv_layout::{kv_layout, KvBudget};
 use crate::sampler::{argmax, ChoiceSampler, SamplerScratch};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::structured::{Advance, ChoiceConstraint, TokenMask};
@@ -212,6 +213,8 @@ struct EngineCore {
     /// Where the last `run_model` spent its time (for the step trace).
     step_times: StepTimes,
     block_tables_host: Vec<u32>,
+    /// The window pool's tables, at the same offsets as `block_tables_host` (hybrid cache).
+    window_tables_host: Vec<u32>,
     /// Host buffers of the step's inputs, reused from step to step.
     batch_builder: BatchBuilder,
     step_outputs: Vec<StepOutput>,
@@ -250,19 +253,20 @@ impl EngineCore {
             }
             _ => config.kv_cache_memory_bytes,
         };
-        let num_blocks = PagedKvCache::num_blocks_for_bytes(
-            kv_cache_memory_bytes,
-            model_config.num_layers,
-            block_size,
-            model_config.num_kv_heads,
-            model_config.head_dim,
-            kv_dtype,
-        );
-        if num_blocks == 0 {
-            return Err(EngineError::Config(format!(
-                "kv_cache_memory_bytes ({kv_cache_memory_bytes}) is too small for one KV block"
-            )));
-        }
+        let layout = kv_layout(
+            &model_config,
+            &KvBudget {
+                bytes: kv_cache_memory_bytes,
+                block_size,
+                dtype: kv_dtype,
+                seqs_max: config.seqs_running_max,
+                batch_tokens_max: config.batch_tokens_max,
+                model_len_max,
+                hybrid: config.hybrid_kv_cache,
+            },
+        )
+        .map_err(EngineError::Config)?;
+        let num_blocks = layout.num_blocks;
         let to_u32 = |name: &str, value: usize| {
             u32::try_from(value)
                 .map_err(|_| EngineError::Config(format!("{name} ({value}) is too large")))
@@ -274,11 +278,11 @@ impl EngineCore {
             num_blocks: to_u32("KV blocks", num_blocks)?,
             policy: Policy::Priority,
             enable_prefix_caching: config.enable_prefix_caching,
+            window: layout.window,
         })
         .map_err(|e| EngineError::Config(e.to_string()))?;
-        let kv = PagedKvCache::new(
-            model_config.num_layers,
-            num_blocks,
+        let kv = PagedKvCache::with_layer_blocks(
+            &layout.layer_blocks,
             block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
@@ -292,6 +296,7 @@ impl EngineCore {
             num_blocks,
             block_size,
             kv_cache_tokens = num_blocks * block_size,
+            window = ?layout.window,
             model_len_max,
             kv_dtype = ?kv_dtype,
             "engine loaded"
@@ -338,6 +343,7 @@ impl EngineCore {
             logits_host: Vec::new(),
             step_times: StepTimes::default(),
             block_tables_host: Vec::new(),
+            window_tables_host: Vec::new(),
             batch_builder: BatchBuilder::default(),
             step_outputs: Vec::new(),
             #[cfg(feature = "fault-injection")]
@@ -357,6 +363,7 @@ impl EngineCore {
             token_ids: &token_ids,
             tokens_cached: 0,
             block_table: &[0],
+            window_block_table: None,
             sample: true,
         };
         let inputs = BatchInputs::from_seqs(&[chunk], self.block_size, &self.device)
@@ -390,6 +397,8 @@ impl EngineCore {
     /// The step loop; returns when shut down (or every handle is gone) and nothing is left,
     /// or when a step fails: then every request ends with the error and the engine is dead.
     fn run(&mut self, commands: &Receiver<EngineCommand>) {
+        // The pools' sizes are known before any step.
+        self.export_stats();
         loop {
             self.publish_progress();
             if !self.scheduler.has_unfinished() {
@@ -740,15 +749,22 @@ impl EngineCore {
     /// host: `device_tokens` for rows the device reduced, `logits_host` for the others.
     fn run_model(&mut self, batch: &ScheduledBatch) -> Result<(), String> {
         let start = Instant::now();
-        // Block tables as u32, one after another; chunks borrow slices of this buffer.
+        // Block tables as u32, one after another; chunks borrow slices of these buffers. A
+        // released window block keeps its id (`u32::MAX`), which no kernel reads.
         self.block_tables_host.clear();
+        self.window_tables_host.clear();
         let mut table_ranges = Vec::with_capacity(batch.seqs.len());
         for seq in &batch.seqs {
             let start = self.block_tables_host.len();
             self.block_tables_host
                 .extend(batch.block_table(seq).iter().map(|block| block.0));
+            if let Some(table) = batch.window_block_table(seq) {
+                self.window_tables_host
+                    .extend(table.iter().map(|block| block.0));
+            }
             table_ranges.push(start..self.block_tables_host.len());
         }
+        let windowed = !self.window_tables_host.is_empty();
         let chunks: Vec<SeqChunk<'_>> = batch
             .seqs
             .iter()
@@ -757,6 +773,7 @@ impl EngineCore {
                 token_ids: batch.input_ids(seq),
                 tokens_cached: seq.positions.start as usize,
                 block_table: &self.block_tables_host[range.clone()],
+                window_block_table: windowed.then(|| &self.window_tables_host[range.clone()]),
                 sample: seq.sample,
             })
             .collect();
@@ -939,6 +956,12 @@ impl EngineCore {
                 .kv_cache_usage_perc
                 .set(f64::from(stats.blocks_used) / f64::from(stats.blocks_total));
         }
+        metrics
+            .kv_window_blocks_used
+            .set(i64::from(stats.window_blocks_used));
+        metrics
+            .kv_window_blocks_total
+            .set(i64::from(stats.window_blocks_total));
         let last = self.stats_exported;
         metrics.prefix_cache_queries_total.inc_by(
             stats
@@ -1342,6 +1365,7 @@ fn gpu_kv_cache_bytes(
             token_ids: &token_ids,
             tokens_cached: 0,
             block_table: &[0],
+            window_block_table: None,
             sample: true,
         };
         let inputs = BatchInputs::from_seqs(&[chunk], block_size, device).map_err(|e| probe(&e))?;

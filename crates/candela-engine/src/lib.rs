@@ -13,6 +13,7 @@ mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 mod handle;
+mod kv_layout;
 pub mod metrics;
 pub mod sampler;
 pub mod stop;

@@ -53,6 +53,10 @@ pub struct EngineMetrics {
     pub prefix_cache_hits_total: IntCounter,
     /// Sequences preempted (their KV blocks freed, to be recomputed).
     pub num_preemptions_total: IntCounter,
+    /// Blocks of the sliding-window layers' own pool in use (0 without a hybrid KV cache).
+    pub kv_window_blocks_used: IntGauge,
+    /// Blocks of the sliding-window layers' own pool (0 without a hybrid KV cache).
+    pub kv_window_blocks_total: IntGauge,
 }
 
 /// A metrics construction error (a bug: the names and buckets are constants).
@@ -132,6 +136,14 @@ impl EngineMetrics {
             )?,
             request_success_total,
             kv_cache_usage_perc,
+            kv_window_blocks_used: gauge(
+                "kv_window_blocks_used",
+                "KV blocks of the sliding-window layers' own pool in use.",
+            )?,
+            kv_window_blocks_total: gauge(
+                "kv_window_blocks_total",
+                "KV blocks of the sliding-window layers' own pool.",
+            )?,
             prefix_cache_queries_total: counter(
                 "prefix_cache_queries_total",
                 "Prefix cache queries, in terms of number of queried tokens.",

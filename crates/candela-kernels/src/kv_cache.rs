@@ -1,5 +1,7 @@
 //! The paged KV cache: per layer, one key and one value tensor of shape
-//! `[num_blocks, block_size, num_kv_heads, head_dim]`, allocated once at startup.
+//! `[num_blocks, block_size, num_kv_heads, head_dim]`, allocated once at startup. With a hybrid
+//! cache (`candela_scheduler::window`) the sliding-window layers have fewer blocks than the
+//! global ones: their own pool, indexed by their own block tables.
 //!
 //! **Invariant:** the tensors are never reallocated or resized; [`crate::attention::write_kv`]
 //! writes into them in place, and block ids handed out by the scheduler's block manager index
@@ -9,11 +11,12 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::error::KernelError;
 
-/// Key and value caches of every layer of one model, sharing one shape.
+/// Key and value caches of every layer of one model, sharing one block shape.
 #[derive(Debug, Clone)]
 pub struct PagedKvCache {
     layers: Vec<(Tensor, Tensor)>,
-    num_blocks: usize,
+    /// Blocks of each layer.
+    layer_blocks: Vec<usize>,
     block_size: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -32,9 +35,30 @@ impl PagedKvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::with_layer_blocks(
+            &vec![num_blocks; num_layers],
+            block_size,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            device,
+        )
+    }
+
+    /// Allocates (zeroed) caches with `layer_blocks[i]` blocks for layer `i`, as
+    /// [`Self::new`] does for one count.
+    pub fn with_layer_blocks(
+        layer_blocks: &[usize],
+        block_size: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let op = "PagedKvCache::new";
+        let num_blocks = layer_blocks.iter().copied().min().unwrap_or(0);
         for (param, value) in [
-            ("num_layers", num_layers),
+            ("num_layers", layer_blocks.len()),
             ("num_blocks", num_blocks),
             ("block_size", block_size),
             ("num_kv_heads", num_kv_heads),
@@ -59,9 +83,10 @@ impl PagedKvCache {
             }
             .into());
         }
-        let shape = (num_blocks, block_size, num_kv_heads, head_dim);
-        let layers = (0..num_layers)
-            .map(|_| {
+        let layers = layer_blocks
+            .iter()
+            .map(|&num_blocks| {
+                let shape = (num_blocks, block_size, num_kv_heads, head_dim);
                 Ok((
                     Tensor::zeros(shape, dtype, device)?,
                     Tensor::zeros(shape, dtype, device)?,
@@ -70,7 +95,7 @@ impl PagedKvCache {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
-            num_blocks,
+            layer_blocks: layer_blocks.to_vec(),
             block_size,
             num_kv_heads,
             head_dim,
@@ -117,9 +142,17 @@ impl PagedKvCache {
         self.layers.len()
     }
 
-    /// Blocks per layer (the first dimension of every cache tensor).
+    /// Blocks of the largest layer (of every layer without a hybrid cache).
     pub fn num_blocks(&self) -> usize {
-        self.num_blocks
+        self.layer_blocks.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Blocks of layer `i` (the first dimension of its cache tensors).
+    ///
+    /// # Panics
+    /// If `i >= self.num_layers()`, as [`Self::layer`].
+    pub fn layer_num_blocks(&self, i: usize) -> usize {
+        self.layer_blocks[i]
     }
 
     /// Tokens per block.
@@ -157,6 +190,19 @@ mod tests {
             assert_eq!(k.dims(), [10, 16, 3, 64]);
             assert_eq!(v.dims(), [10, 16, 3, 64]);
         }
+    }
+
+    #[test]
+    fn a_hybrid_cache_gives_each_layer_its_own_block_count() {
+        let cache = PagedKvCache::with_layer_blocks(&[4, 9, 4], 16, 1, 8, DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!(cache.num_blocks(), 9);
+        assert_eq!(cache.layer(1).0.dims(), [9, 16, 1, 8]);
+        assert_eq!(cache.layer(2).1.dims(), [4, 16, 1, 8]);
+        assert_eq!(cache.layer_num_blocks(0), 4);
+        assert!(
+            PagedKvCache::with_layer_blocks(&[4, 0], 16, 1, 8, DType::F32, &Device::Cpu).is_err()
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!
 //! A sequence whose chunk does not reach the end of its prompt is not sampled,
 //! so `sample_rows` can be shorter than the number of sequences.
+//!
+//! With a hybrid KV cache (`candela_scheduler::window`) every sequence also brings the block
+//! table of its sliding-window layers, and the step carries a second [`AttentionMetadata`]
+//! (`attn_window`: its own slots and tables, the same lengths) that those layers use.
 
 use candela_kernels::attention::AttentionMetadata;
 use candle_core::{Device, Tensor};
@@ -33,6 +37,10 @@ pub struct SeqChunk<'a> {
     pub tokens_cached: usize,
     /// KV blocks of the sequence, in order; must cover `tokens_cached + token_ids.len()` tokens.
     pub block_table: &'a [u32],
+    /// With a hybrid KV cache, the sliding-window layers' blocks, as long as `block_table`;
+    /// entries before the window are never read. Either every sequence of a step has one or
+    /// none has.
+    pub window_block_table: Option<&'a [u32]>,
     /// Whether the logits of the last token are wanted (false for a non-final prefill chunk).
     pub sample: bool,
 }
@@ -46,6 +54,8 @@ pub struct BatchInputs {
     pub positions: Tensor,
     /// Where each token's K/V goes and what each query attends to.
     pub attn: AttentionMetadata,
+    /// The same for the sliding-window layers of a hybrid KV cache (their own pool).
+    pub attn_window: Option<AttentionMetadata>,
     /// `[S]` u32: rows of `token_ids` whose logits are returned, in output order: increasing
     /// (the last token of each sampling sequence), so `S == T` means every row in order.
     pub sample_rows: Tensor,
@@ -54,8 +64,8 @@ pub struct BatchInputs {
 /// Host buffers for building [`BatchInputs`], kept across steps so a step only allocates the
 /// tensors themselves (candle tensors own their storage, so those are new each step).
 ///
-/// The seven index arrays travel to the device as one buffer, and the step's tensors are views
-/// of it: on a GPU that is one host-to-device copy per step instead of seven.
+/// The index arrays travel to the device as one buffer, and the step's tensors are views of it:
+/// on a GPU that is one host-to-device copy per step instead of seven (or nine).
 #[derive(Debug, Default)]
 pub struct BatchBuilder {
     token_ids: Vec<u32>,
@@ -65,6 +75,8 @@ pub struct BatchBuilder {
     context_lens: Vec<u32>,
     tables: Vec<u32>,
     sample_rows: Vec<u32>,
+    window_slots: Vec<u32>,
+    window_tables: Vec<u32>,
     /// All of the above, end to end, as uploaded.
     packed: Vec<u32>,
 }
@@ -84,6 +96,7 @@ impl BatchBuilder {
             return Err(Error::InvalidBatch("block size 0".into()));
         }
         let max_blocks = seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0);
+        let windowed = seqs[0].window_block_table.is_some();
         let Self {
             token_ids,
             positions,
@@ -92,6 +105,8 @@ impl BatchBuilder {
             context_lens,
             tables,
             sample_rows,
+            window_slots,
+            window_tables,
             packed,
         } = self;
         for v in [
@@ -102,6 +117,8 @@ impl BatchBuilder {
             context_lens,
             tables,
             sample_rows,
+            window_slots,
+            window_tables,
             packed,
         ] {
             v.clear();
@@ -122,12 +139,26 @@ impl BatchBuilder {
                     s.block_table.len()
                 )));
             }
+            let window_table = match (windowed, s.window_block_table) {
+                (false, None) => None,
+                (true, Some(t)) if t.len() == s.block_table.len() => Some(t),
+                _ => {
+                    return Err(Error::InvalidBatch(format!(
+                        "sequence {i}: window block tables must be given for every sequence \
+                         or none, as long as the block table"
+                    )))
+                }
+            };
             for (j, &t) in s.token_ids.iter().enumerate() {
                 let pos = s.tokens_cached + j;
                 let block = s.block_table[pos / block_size] as usize;
                 token_ids.push(t);
                 positions.push(to_u32(pos)?);
                 slots.push(to_u32(block * block_size + pos % block_size)?);
+                if let Some(wt) = window_table {
+                    let block = wt[pos / block_size] as usize;
+                    window_slots.push(to_u32(block * block_size + pos % block_size)?);
+                }
             }
             if s.sample {
                 sample_rows.push(to_u32(token_ids.len() - 1)?);
@@ -138,6 +169,10 @@ impl BatchBuilder {
             // Rows are padded to the widest table; the kernels read only the blocks a
             // sequence's context needs.
             tables.extend(std::iter::repeat_n(0u32, max_blocks - s.block_table.len()));
+            if let Some(wt) = window_table {
+                window_tables.extend_from_slice(wt);
+                window_tables.extend(std::iter::repeat_n(0u32, max_blocks - wt.len()));
+            }
             max_q = max_q.max(n);
             max_ctx = max_ctx.max(end);
         }
@@ -149,8 +184,10 @@ impl BatchBuilder {
             context_lens,
             cu,
             sample_rows,
+            window_slots,
+            window_tables,
         ];
-        let mut starts = [0usize; 7];
+        let mut starts = [0usize; 9];
         for (start, part) in starts.iter_mut().zip(parts) {
             *start = packed.len();
             packed.extend_from_slice(part);
@@ -167,10 +204,23 @@ impl BatchBuilder {
             max_seqlen_q: max_q,
             max_context_len: max_ctx,
         };
+        let attn_window = if windowed {
+            Some(AttentionMetadata {
+                slot_mapping: view(7)?,
+                block_tables: view(8)?.reshape((seqs.len(), max_blocks))?,
+                context_lens: attn.context_lens.clone(),
+                cu_seqlens_q: attn.cu_seqlens_q.clone(),
+                max_seqlen_q: max_q,
+                max_context_len: max_ctx,
+            })
+        } else {
+            None
+        };
         Ok(BatchInputs {
             token_ids: view(0)?,
             positions: view(1)?,
             attn,
+            attn_window,
             sample_rows: view(6)?,
         })
     }
@@ -209,12 +259,14 @@ mod tests {
                 token_ids: &[1, 2, 3, 4, 5],
                 tokens_cached: 0,
                 block_table: &[3, 8],
+                window_block_table: None,
                 sample: true,
             },
             SeqChunk {
                 token_ids: &[6],
                 tokens_cached: 9,
                 block_table: &[0, 1, 2],
+                window_block_table: None,
                 sample: true,
             },
         ];
@@ -222,6 +274,7 @@ mod tests {
             token_ids: &[7],
             tokens_cached: 2,
             block_table: &[5],
+            window_block_table: None,
             sample: false,
         }];
         let mut builder = BatchBuilder::default();
@@ -256,18 +309,21 @@ mod tests {
                 token_ids: &[10, 11, 12],
                 tokens_cached: 0,
                 block_table: &[7],
+                window_block_table: None,
                 sample: true,
             },
             SeqChunk {
                 token_ids: &[20],
                 tokens_cached: 5,
                 block_table: &[2, 9],
+                window_block_table: None,
                 sample: true,
             },
             SeqChunk {
                 token_ids: &[30, 31],
                 tokens_cached: 4,
                 block_table: &[4, 1],
+                window_block_table: None,
                 sample: true,
             },
         ];
@@ -290,11 +346,60 @@ mod tests {
     }
 
     #[test]
+    fn window_tables_give_the_windowed_layers_their_own_slots() -> Result<()> {
+        let released = u32::MAX;
+        let seqs = [
+            SeqChunk {
+                token_ids: &[10, 11],
+                tokens_cached: 9,
+                block_table: &[7, 3, 5],
+                window_block_table: Some(&[released, 2, 6]),
+                sample: true,
+            },
+            SeqChunk {
+                token_ids: &[20],
+                tokens_cached: 0,
+                block_table: &[1],
+                window_block_table: Some(&[4]),
+                sample: true,
+            },
+        ];
+        let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
+        assert_eq!(b.attn.slot_mapping.to_vec1::<u32>()?, [21, 22, 4]);
+        let w = b.attn_window.as_ref().expect("window tables given");
+        assert_eq!(w.slot_mapping.to_vec1::<u32>()?, [25, 26, 16]);
+        assert_eq!(
+            w.block_tables.to_vec2::<u32>()?,
+            [[released, 2, 6], [4, 0, 0]]
+        );
+        assert_eq!(
+            w.context_lens.to_vec1::<u32>()?,
+            b.attn.context_lens.to_vec1::<u32>()?
+        );
+        // All or none, and as long as the block table.
+        let mixed = [
+            seqs[0],
+            SeqChunk {
+                window_block_table: None,
+                ..seqs[1]
+            },
+        ];
+        assert!(BatchInputs::from_seqs(&mixed, 4, &Device::Cpu).is_err());
+        let short = [SeqChunk {
+            window_block_table: Some(&[2, 6]),
+            ..seqs[0]
+        }];
+        assert!(BatchInputs::from_seqs(&short, 4, &Device::Cpu).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn rejects_short_block_table_and_empty_chunks() {
         let short = [SeqChunk {
             token_ids: &[1, 2, 3],
             tokens_cached: 2,
             block_table: &[0],
+            window_block_table: None,
             sample: true,
         }];
         assert!(matches!(
@@ -305,6 +410,7 @@ mod tests {
             token_ids: &[],
             tokens_cached: 0,
             block_table: &[0],
+            window_block_table: None,
             sample: true,
         }];
         assert!(matches!(

@@ -522,13 +522,19 @@ impl Decoder {
                 qkv.narrow(1, h, kvh)?,
                 qkv.narrow(1, h + kvh, kvh)?,
             );
+            // A windowed layer of a hybrid cache keeps its KV in the window pool, through its
+            // own slots and block tables.
+            let meta = match (&input.attn_window, a.window) {
+                (Some(window_meta), Some(_)) => window_meta,
+                _ => &input.attn,
+            };
             let (key_cache, value_cache) = kv.layer(i);
-            write_kv(&k, &v, key_cache, value_cache, &input.attn.slot_mapping)?;
+            write_kv(&k, &v, key_cache, value_cache, &meta.slot_mapping)?;
             let o = paged_attention_windowed(
                 &q,
                 key_cache,
                 value_cache,
-                &input.attn,
+                meta,
                 self.attn_scale,
                 a.window,
             )?;

@@ -185,6 +185,7 @@ fn ours(model: &dyn Model, seqs: &[Seq]) -> Vec<Vec<Vec<f32>>> {
                 token_ids: &streams[i][start..start + len],
                 tokens_cached: start,
                 block_table: &tables[i],
+                window_block_table: None,
                 sample,
             });
             if sample {

@@ -112,12 +112,14 @@ fn forward(model: &dyn Model) -> Vec<Vec<f32>> {
             token_ids: &a,
             tokens_cached: 0,
             block_table: &[2],
+            window_block_table: None,
             sample: true,
         },
         SeqChunk {
             token_ids: &b,
             tokens_cached: 0,
             block_table: &[5],
+            window_block_table: None,
             sample: true,
         },
     ];

@@ -82,6 +82,7 @@ fn run_and_compare(plans: &[Plan], block_size: usize) {
                 token_ids: &plans[i].tokens[start..end],
                 tokens_cached: start,
                 block_table: &tables[i],
+                window_block_table: None,
                 sample: true,
             })
             .collect();

@@ -107,6 +107,7 @@ fn forced_logprobs(model: &dyn Model, prompt: &[u32], output: &[u32]) -> Vec<Vec
         token_ids: &tokens,
         tokens_cached: 0,
         block_table: &table,
+        window_block_table: None,
         sample: true,
     };
     let mut input = BatchInputs::from_seqs(&[chunk], BLOCK_SIZE, model.device()).expect("batch");

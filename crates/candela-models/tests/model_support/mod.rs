@@ -102,6 +102,7 @@ pub fn greedy(
                 token_ids: toks,
                 tokens_cached: seqs[*i].cached,
                 block_table: &seqs[*i].table,
+                window_block_table: None,
                 sample: *sample,
             })
             .collect();

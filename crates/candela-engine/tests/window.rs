@@ -1,0 +1,178 @@
+//! The hybrid KV cache on a real model with sliding-window layers (Gemma 3 270M Q4_K_M, window
+//! 512, every 6th layer global; fetched by `scripts/fetch-model gemma3-270m`): a sequence
+//! several windows long keeps only its last window in the windowed layers' pool, and greedy
+//! output equals the one-pool cache's with chunked prefill, prefix-cache hits and preemption.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candela_engine::api::{GenerateEvent, GenerateRequest, SamplingParams, TokenId};
+use candela_engine::{EngineConfig, EngineHandle};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// One block of one layer of Gemma 3 270M: K and V, 16 tokens, 1 KV head of 256, f16.
+const LAYER_BLOCK_BYTES: u64 = 2 * 16 * 256 * 2;
+/// The model's window and its windowed layers (15 of 18).
+const WINDOW: usize = 512;
+const WINDOWED_LAYERS: u64 = 15;
+const CHUNK: usize = 256;
+
+fn start(hybrid: bool, kv_cache_memory_bytes: u64) -> EngineHandle {
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
+    let engine = EngineHandle::start(EngineConfig {
+        model: model.to_string_lossy().into_owned(),
+        hybrid_kv_cache: hybrid,
+        kv_cache_memory_bytes,
+        // Prompts longer than a window are prefilled in chunks of 256.
+        batch_tokens_max: CHUNK,
+        seqs_running_max: 4,
+        ..EngineConfig::default()
+    })
+    .expect("Gemma 3 270M loads (scripts/fetch-model gemma3-270m)");
+    engine
+        .wait_ready(Duration::from_secs(120))
+        .expect("the engine warms up");
+    engine
+}
+
+fn metric(engine: &EngineHandle, name: &str) -> f64 {
+    let text = engine.metrics_text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// A completion prompt of about `words` words, different for each `seed`.
+fn prompt(engine: &EngineHandle, seed: usize, words: usize) -> Vec<TokenId> {
+    const NOUNS: [&str; 8] = [
+        "river", "mountain", "city", "library", "garden", "harbor", "forest", "market",
+    ];
+    const VERBS: [&str; 6] = ["visited", "painted", "crossed", "mapped", "praised", "left"];
+    let mut text = String::from("Travel notes.");
+    for i in 0..words / 6 {
+        let n = NOUNS[(i * 7 + seed * 3) % NOUNS.len()];
+        let v = VERBS[(i * 5 + seed) % VERBS.len()];
+        text.push_str(&format!(" On day {i} we {v} the {n} again."));
+    }
+    engine.tokenize(&text, true).expect("tokenizes")
+}
+
+fn request(prompt: &[TokenId], max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt_token_ids: prompt.to_vec(),
+        sampling: SamplingParams {
+            temperature: 0.0,
+            max_tokens: NonZeroU32::new(max_tokens),
+            ..SamplingParams::default()
+        },
+        n: NonZeroU32::MIN,
+        priority: 0,
+        arrival: Instant::now(),
+    }
+}
+
+/// The tokens of one choice; `during` runs once, after the first delta.
+fn tokens(mut events: UnboundedReceiver<GenerateEvent>, mut during: impl FnMut()) -> Vec<TokenId> {
+    let mut out = Vec::new();
+    loop {
+        match events
+            .blocking_recv()
+            .expect("the engine finishes the choice")
+        {
+            GenerateEvent::Delta { token_ids, .. } => {
+                if out.is_empty() {
+                    during();
+                }
+                out.extend(token_ids);
+            }
+            GenerateEvent::Finished { .. } => return out,
+        }
+    }
+}
+
+fn generate(engine: &EngineHandle, prompt: &[TokenId], max_tokens: u32) -> Vec<TokenId> {
+    tokens(
+        engine
+            .submit(request(prompt, max_tokens))
+            .expect("accepted")
+            .1,
+        || {},
+    )
+}
+
+fn wait_until_idle(engine: &EngineHandle) {
+    for _ in 0..1000 {
+        if metric(engine, "candela:kv_cache_usage_perc") == 0.0
+            && metric(engine, "candela:kv_window_blocks_used") == 0.0
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("blocks still in use:\n{}", engine.metrics_text());
+}
+
+#[test]
+fn a_long_gemma_sequence_keeps_only_its_window_and_the_same_output() {
+    let one_pool = start(false, 64 << 20);
+    let hybrid = start(true, 64 << 20);
+    assert_eq!(metric(&one_pool, "candela:kv_window_blocks_total"), 0.0);
+    assert!(metric(&hybrid, "candela:kv_window_blocks_total") > 0.0);
+
+    // About three and a half windows of prompt.
+    let long = prompt(&hybrid, 0, 1300);
+    assert!(long.len() > 3 * WINDOW, "{} tokens", long.len());
+    let expected = generate(&one_pool, &long, 24);
+    let mut window_used = 0.0;
+    let got = tokens(
+        hybrid.submit(request(&long, 24)).expect("accepted").1,
+        || {
+            window_used = metric(&hybrid, "candela:kv_window_blocks_used");
+        },
+    );
+    assert_eq!(got, expected, "hybrid cache changed the greedy output");
+    // While decoding, the windowed layers hold their last window (32 blocks, one more when
+    // it straddles a block), not the prompt's ~100 blocks the global layers hold.
+    let prompt_blocks = long.len().div_ceil(16) as f64;
+    assert!(window_used > 0.0);
+    assert!(
+        window_used <= (WINDOW / 16 + 2) as f64,
+        "{window_used} window blocks held for a {prompt_blocks}-block prompt"
+    );
+
+    // The same prompt again: a prefix-cache hit, whose last window comes from the window pool.
+    let hits_before = metric(&hybrid, "candela:prefix_cache_hits_total");
+    assert_eq!(generate(&hybrid, &long, 24), expected);
+    assert!(metric(&hybrid, "candela:prefix_cache_hits_total") > hits_before);
+    wait_until_idle(&hybrid);
+    for engine in [one_pool, hybrid] {
+        engine.shutdown(Instant::now() + Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn a_small_window_pool_preempts_and_keeps_every_output() {
+    // Three prompts of about 700 tokens at once. The window pool gets half of the budget:
+    // 60 blocks, while each sequence needs up to (256 + 511) / 16 + 2 = 50 in a prefill chunk,
+    // so the window pool, not the global one (~300 blocks), forces preemptions.
+    let budget = 2 * 60 * WINDOWED_LAYERS * LAYER_BLOCK_BYTES;
+    let one_pool = start(false, 64 << 20);
+    let hybrid = start(true, budget);
+    assert_eq!(metric(&hybrid, "candela:kv_window_blocks_total"), 60.0);
+    let prompts: Vec<Vec<TokenId>> = (1..=3).map(|seed| prompt(&hybrid, seed, 500)).collect();
+    let expected: Vec<Vec<TokenId>> = prompts.iter().map(|p| generate(&one_pool, p, 16)).collect();
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| hybrid.submit(request(p, 16)).expect("accepted").1)
+        .collect();
+    for (i, (events, expected)) in receivers.into_iter().zip(&expected).enumerate() {
+        assert_eq!(&tokens(events, || {}), expected, "prompt {i}");
+    }
+    assert!(metric(&hybrid, "candela:num_preemptions_total") > 0.0);
+    wait_until_idle(&hybrid);
+    for engine in [one_pool, hybrid] {
+        engine.shutdown(Instant::now() + Duration::from_secs(5));
+    }
+}
