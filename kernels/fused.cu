@@ -50,9 +50,12 @@ __device__ void rope_qkv_impl(const T* __restrict__ qkv, int64_t stride_t,
   }
 }
 
+constexpr int ACT_SILU = 0;       // silu(g) = g / (1 + exp(-g))
+constexpr int ACT_GELU_TANH = 1;  // the tanh approximation of GELU (Gemma's GeGLU)
+
 // Grid-stride loop over the n = T * W output elements. The row/column split is a 32-bit
 // division when n fits in 32 bits (always, in practice), a 64-bit one otherwise.
-template <typename T>
+template <typename T, int ACT>
 __device__ void silu_mul_impl(const T* __restrict__ gate_up, int64_t stride_t,
                               T* __restrict__ out, int64_t n, int64_t width) {
   const int64_t step = (int64_t)gridDim.x * blockDim.x;
@@ -69,9 +72,15 @@ __device__ void silu_mul_impl(const T* __restrict__ gate_up, int64_t stride_t,
     }
     const T* row = gate_up + t * stride_t;
     const float g = to_f32(row[j]), u = to_f32(row[width + j]);
-    // silu(g) * u = g / (1 + exp(-g)) * u, as candle's Silu then Mul.
-    const float silu = __fdiv_rn(g, __fadd_rn(1.f, expf(-g)));
-    out[i] = from_f32<T>(__fmul_rn(silu, u));
+    // silu(g) * u = g / (1 + exp(-g)) * u, as candle's Silu then Mul. The tanh GELU is
+    // g / (1 + exp(-2 sqrt(2/pi) (g + 0.044715 g^3))), the CPU's form (src/fused.rs).
+    float arg = -g;
+    if (ACT == ACT_GELU_TANH) {
+      const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g);
+      arg = __fmul_rn(-2.f * 0.7978846f, __fadd_rn(g, cube));
+    }
+    const float act = __fdiv_rn(g, __fadd_rn(1.f, expf(arg)));
+    out[i] = from_f32<T>(__fmul_rn(act, u));
   }
 }
 
@@ -92,12 +101,15 @@ ROPE_QKV(rope_qkv_half_f32, float, STYLE_HALF)
 ROPE_QKV(rope_qkv_half_f16, __half, STYLE_HALF)
 ROPE_QKV(rope_qkv_half_bf16, __nv_bfloat16, STYLE_HALF)
 
-#define SILU_MUL(NAME, T)                                                                 \
+#define SILU_MUL(NAME, T, ACT)                                                            \
   extern "C" __global__ void NAME(const T* gate_up, int64_t stride_t, T* out, int64_t n,  \
                                   int64_t width) {                                        \
-    silu_mul_impl<T>(gate_up, stride_t, out, n, width);                                   \
+    silu_mul_impl<T, ACT>(gate_up, stride_t, out, n, width);                              \
   }
 
-SILU_MUL(silu_mul_f32, float)
-SILU_MUL(silu_mul_f16, __half)
-SILU_MUL(silu_mul_bf16, __nv_bfloat16)
+SILU_MUL(silu_mul_f32, float, ACT_SILU)
+SILU_MUL(silu_mul_f16, __half, ACT_SILU)
+SILU_MUL(silu_mul_bf16, __nv_bfloat16, ACT_SILU)
+SILU_MUL(gelu_tanh_mul_f32, float, ACT_GELU_TANH)
+SILU_MUL(gelu_tanh_mul_f16, __half, ACT_GELU_TANH)
+SILU_MUL(gelu_tanh_mul_bf16, __nv_bfloat16, ACT_GELU_TANH)

@@ -61,11 +61,15 @@ def reference_records():
         return [json.loads(line) for line in f if line.strip()]
 
 
-# Known divergences, measured 2026-12-04: at output position 2 we take llama.cpp's second
-# candidate where its top-2 gap is 0.455 (s15, an 8-token prompt) and 0.568 nats (l03, 1,180
-# tokens). Not yet explained (llama.cpp rounds activations per 256 for k-quant dot products, we
-# per 32). Strict: a fix makes these pass and the marks must go.
-KNOWN_DIVERGENT = {"s15", "l03"}
+# Known divergences, measured 2026-12-04 on AMD EPYC (avx2 kernels). s15 (8-token prompt), at
+# output position 2: llama.cpp ranks 56758 (-1.03) over 8075 (-1.49), we 8075 (-1.08) over 56758
+# (-1.27). s23, at position 10: llama.cpp 496 (-2.39) over 1003 (-2.73), we 1003 (-2.60) over 496
+# (-2.63). Our log-probs differ from llama.cpp's by 0.2-0.4 nats at these flat positions, so
+# which records flip is sensitive to 1e-7-level changes: computing the tanh GELU as
+# g / (1 + exp(-2u)) instead of with tanhf turned l03 (1,180 tokens) from divergent to equal
+# and s23 the other way. Not yet explained (llama.cpp rounds activations per 256 for k-quant
+# dot products, we per 32). Strict: a fix makes these pass and the marks must go.
+KNOWN_DIVERGENT = {"s15", "s23"}
 
 
 def marked(record):

@@ -13,6 +13,6 @@ pub mod sampling;
 
 pub use attention::{paged_attention, paged_attention_windowed, write_kv, AttentionMetadata};
 pub use error::KernelError;
-pub use fused::{rope_qkv, silu_mul, RopeStyle};
+pub use fused::{gelu_tanh_mul, rope_qkv, silu_mul, RopeStyle};
 pub use kv_cache::PagedKvCache;
 pub use norm::add_rms_norm;

@@ -17,12 +17,19 @@
 //!   relative (2.46 eps seen in f16); we allow `3 eps`, plus a floor of a few f16 subnormals
 //!   for results below f16's normal range.
 //!
+//! - gelu_tanh_mul: computed as `g / (1 + exp(-2 u))` (equal to `0.5 g (1 + tanh(u))`), while
+//!   candle's GELU forms `1 + tanh(u)`, which cancels where `g` is very negative (tanh near
+//!   -1): its absolute error there is about `0.5 |g| eps32 |up|`, so f32 allows 1e-5 relative
+//!   plus 1e-6 absolute (|g|, |up| <= ~10). In f16/bf16 candle's GELU rounds every step to the
+//!   dtype (percent errors where `1 + tanh` cancels), so the reference is candle's f32 GELU of
+//!   the same inputs, and ours is within its one rounding (`eps` relative) of it.
+//!
 //! v heads are a copy in either case: equal bit for bit.
 
 #[path = "support/mod.rs"]
 mod support;
 
-use candela_kernels::{rope_qkv, silu_mul, RopeStyle};
+use candela_kernels::{gelu_tanh_mul, rope_qkv, silu_mul, RopeStyle};
 use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -318,6 +325,17 @@ struct SiluCase {
 /// Checks `silu_mul` against `silu(gate) * up` within the module doc's bound; returns the
 /// largest relative difference seen.
 fn check_silu_case(rng: &mut StdRng, c: SiluCase, scale: f32) -> f32 {
+    check_glu_case(rng, c, scale, Glu::Silu)
+}
+
+/// The gated activations under test, and candle's composition each replaces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Glu {
+    Silu,
+    GeluTanh,
+}
+
+fn check_glu_case(rng: &mut StdRng, c: SiluCase, scale: f32, act: Glu) -> f32 {
     let (t, w) = (c.num_tokens, c.width);
     let gate_up = if c.strided {
         let before = rng.random_range(1..9);
@@ -327,7 +345,11 @@ fn check_silu_case(rng: &mut StdRng, c: SiluCase, scale: f32) -> f32 {
     } else {
         randn(rng, &[t, 2 * w], scale, c.dtype)
     };
-    let ours = silu_mul(&gate_up, w).unwrap();
+    let ours = match act {
+        Glu::Silu => silu_mul(&gate_up, w),
+        Glu::GeluTanh => gelu_tanh_mul(&gate_up, w),
+    }
+    .unwrap();
     assert_eq!(ours.dims(), [t, w], "{c:?}");
     assert_eq!(ours.dtype(), c.dtype, "{c:?}");
     assert!(ours.is_contiguous(), "{c:?}");
@@ -336,12 +358,28 @@ fn check_silu_case(rng: &mut StdRng, c: SiluCase, scale: f32) -> f32 {
     }
     let gate = gate_up.narrow(D::Minus1, 0, w).unwrap();
     let up = gate_up.narrow(D::Minus1, w, w).unwrap();
-    let want = (candle_nn::ops::silu(&gate).unwrap() * up).unwrap();
-    let (rel, floor) = match c.dtype {
-        DType::F32 => (1e-6, 1e-30),
+    let want = match act {
+        Glu::Silu => (candle_nn::ops::silu(&gate).unwrap() * up).unwrap(),
+        // candle's f16 GELU rounds every step of `1 + tanh(u)` to f16 (percent errors where it
+        // cancels): the reference is its f32 GELU of the same inputs, which ours must equal up
+        // to the one rounding to the dtype.
+        Glu::GeluTanh => {
+            let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            (f32(&gate).gelu().unwrap() * f32(&up)).unwrap()
+        }
+    };
+    let (rel, floor): (f32, f32) = match c.dtype {
+        DType::F32 if act == Glu::Silu => (1e-6, 1e-30),
+        DType::F32 => (1e-5, 1e-6),
+        _ if act == Glu::GeluTanh => (eps(c.dtype), 2e-7),
         // Results below the f16 normal range (6.1e-5) lose relative precision.
         DType::F16 => (3.0 * eps(c.dtype), 2e-7),
         _ => (3.0 * eps(c.dtype), 1e-30),
+    };
+    let floor = if act == Glu::GeluTanh {
+        floor.max(1e-6)
+    } else {
+        floor
     };
     assert_close(&to_f32_vec(&ours), &to_f32_vec(&want), rel, floor, |e| {
         format!("{c:?}: element {e}, ours vs candle")
@@ -369,6 +407,20 @@ fn silu_mul_matches_candle_nn_on_random_shapes() {
         "worst relative diff: f32 {}, f16 {}, bf16 {}",
         worst[0], worst[1], worst[2]
     );
+}
+
+#[test]
+fn gelu_tanh_mul_matches_candle_nn_on_random_shapes() {
+    let mut rng = StdRng::seed_from_u64(0x6e10_0000);
+    for case in 0..60 {
+        let c = SiluCase {
+            dtype: [DType::F32, DType::F16, DType::BF16][case % 3],
+            num_tokens: [0, 1, 2, 7, 17][rng.random_range(0..5)],
+            width: [1, 3, 64, 1023, 2048][rng.random_range(0..5)],
+            strided: rng.random_bool(0.5),
+        };
+        check_glu_case(&mut rng, c, 2.0, Glu::GeluTanh);
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@
 use std::num::NonZeroUsize;
 
 use candela_kernels::attention::{paged_attention_windowed, takes_activations, write_kv};
-use candela_kernels::fused::{rope_qkv, silu_mul, RopeStyle as FusedRope};
+use candela_kernels::fused::{gelu_tanh_mul, rope_qkv, silu_mul, RopeStyle as FusedRope};
 use candela_kernels::kv_cache::PagedKvCache;
 use candela_kernels::norm::add_rms_norm;
 use candle_core::{DType, Device, Tensor};
@@ -549,9 +549,7 @@ impl Decoder {
             let inter = c.intermediate_size;
             let act = match c.switches.activation {
                 Activation::Silu => silu_mul(&gate_up, inter)?,
-                Activation::GeluTanh => {
-                    (gate_up.narrow(1, 0, inter)?.gelu()? * gate_up.narrow(1, inter, inter)?)?
-                }
+                Activation::GeluTanh => gelu_tanh_mul(&gate_up, inter)?,
             };
             let mut mlp_out = m.down.forward(&act)?;
             if let Some(post) = &layer.post_ffn_norm {

@@ -11,7 +11,7 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 use half::{bf16, f16};
 
 use super::{arg_i32, arg_i64, contiguous_view, dim_u32, kernel, KernelDType, FUSED_PTX};
-use crate::fused::{check_row_bounds, RopeQkvOp, RopeStyle, SiluMulDims};
+use crate::fused::{check_row_bounds, Glu, RopeQkvOp, RopeStyle, SiluMulDims};
 
 const ROPE_QKV: &str = "rope_qkv";
 const SILU_MUL: &str = "silu_mul";
@@ -143,22 +143,24 @@ fn rope_qkv_t<T: KernelDType>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
-/// `silu(gate) * up`: `[T, 2 W] -> [T, W]`.
+/// `act(gate) * up`: `[T, 2 W] -> [T, W]`.
 pub(crate) fn silu_mul(
     dims: SiluMulDims,
+    act: Glu,
     gate_up: &CudaStorage,
     layout: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     match gate_up.dtype() {
-        DType::F32 => silu_mul_t::<f32>(dims, gate_up, layout),
-        DType::F16 => silu_mul_t::<f16>(dims, gate_up, layout),
-        DType::BF16 => silu_mul_t::<bf16>(dims, gate_up, layout),
+        DType::F32 => silu_mul_t::<f32>(dims, act, gate_up, layout),
+        DType::F16 => silu_mul_t::<f16>(dims, act, gate_up, layout),
+        DType::BF16 => silu_mul_t::<bf16>(dims, act, gate_up, layout),
         other => candle_core::bail!("{SILU_MUL}: gate_up must be F32, F16 or BF16, got {other:?}"),
     }
 }
 
 fn silu_mul_t<T: KernelDType>(
     dims: SiluMulDims,
+    act: Glu,
     gate_up: &CudaStorage,
     layout: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
@@ -191,7 +193,11 @@ fn silu_mul_t<T: KernelDType>(
     let stride = arg_i64(SILU_MUL, "gate_up row stride", stride)?;
     // SAFETY: the grid-stride loop writes every one of the n output elements.
     let mut out = unsafe { dev.alloc::<T>(n)? };
-    let func = kernel(&dev, FUSED_PTX, &format!("silu_mul_{}", T::SUFFIX))?;
+    let name = match act {
+        Glu::Silu => "silu_mul",
+        Glu::GeluTanh => "gelu_tanh_mul",
+    };
+    let func = kernel(&dev, FUSED_PTX, &format!("{name}_{}", T::SUFFIX))?;
     let ctas = n.div_ceil(SILU_CTA_THREADS as usize).min(SILU_CTAS_MAX);
     let cfg = LaunchConfig {
         grid_dim: (dim_u32(SILU_MUL, "ctas", ctas)?, 1, 1),
