@@ -1,4 +1,4 @@
-//! CUDA `rope_qkv` and `silu_mul` against the CPU reference, on random shapes.
+//! CUDA `rope_qkv`, `silu_mul` and `gelu_tanh_mul` against the CPU reference, on random shapes.
 //!
 //! Each case draws a dtype, a token count (0, 1 and odd ones included), head counts with a GQA
 //! ratio, a head dimension, and a contiguous or strided (narrowed) input, and runs the op on
@@ -19,7 +19,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use candela_kernels::{rope_qkv, silu_mul, RopeStyle};
+use candela_kernels::{gelu_tanh_mul, rope_qkv, silu_mul, RopeStyle};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -135,8 +135,19 @@ fn cuda_rope_qkv_reads_strided_rows_in_place() {
 
 #[test]
 fn cuda_silu_mul_matches_cpu() {
+    check_glu_mul(silu_mul, 0x5111_0001);
+}
+
+/// The tanh GELU goes through the same `expf` as silu (the CPU's form, src/fused.rs): the same
+/// tolerances hold.
+#[test]
+fn cuda_gelu_tanh_mul_matches_cpu() {
+    check_glu_mul(gelu_tanh_mul, 0x6e10_0001);
+}
+
+fn check_glu_mul(op: fn(&Tensor, usize) -> candle_core::Result<Tensor>, seed: u64) {
     let Some(gpu) = cuda_device() else { return };
-    let mut rng = StdRng::seed_from_u64(0x5111_0001);
+    let mut rng = StdRng::seed_from_u64(seed);
     for i in 0..60 {
         let dtype = [DType::F32, DType::F16, DType::BF16][rng.random_range(0..3)];
         let t = [0, 1, 2, 3, 7, 33, 257, 1000][rng.random_range(0..8)];
@@ -155,7 +166,7 @@ fn cuda_silu_mul_matches_cpu() {
                 .unwrap()
                 .narrow(1, before, 2 * width)
                 .unwrap();
-            silu_mul(&gate_up, width).unwrap()
+            op(&gate_up, width).unwrap()
         };
         let (cpu, gpu_out) = (run(&Device::Cpu), run(&gpu));
         assert_eq!(gpu_out.dims(), [t, width], "case {i}");
