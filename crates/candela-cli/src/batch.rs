@@ -526,7 +526,7 @@ async fn run_requests(
     let router = candela_server::app(AppState::new(
         backend,
         ServerConfig {
-            served_model_name: engine.model_name().to_owned(),
+            served_model_names: vec![engine.model_name().to_owned()],
             api_key: None,
             body_limit_bytes: usize::MAX,
         },

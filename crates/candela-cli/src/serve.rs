@@ -27,9 +27,10 @@ pub struct Args {
     /// Port to listen on.
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// The model name clients pass as `model` (default: the file stem or model id).
-    #[arg(long)]
-    served_model_name: Option<String>,
+    /// The model names clients may pass as `model` (default: the file stem or model id);
+    /// several names are aliases, all listed by /v1/models, and responses report the first.
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
     /// Require `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize.
     #[arg(long, env = "CANDELA_API_KEY")]
     api_key: Option<String>,
@@ -174,10 +175,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let served_model_name = args
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| default_served_name(&args.model));
+    let mut served_model_names = args.served_model_name.clone();
+    if served_model_names.is_empty() {
+        served_model_names.push(default_served_name(&args.model));
+    }
+    let served_model_name = served_model_names[0].clone();
     let config = engine_config(&args, &served_model_name)?;
     let drain_timeout = Duration::from_secs(args.drain_timeout_s);
     let ready_timeout = Duration::from_secs(args.ready_timeout_s);
@@ -192,7 +194,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let state = AppState::new(
         Arc::clone(&backend) as Arc<dyn Backend>,
         ServerConfig {
-            served_model_name,
+            served_model_names,
             api_key: args.api_key.clone(),
             body_limit_bytes: args.body_limit_bytes,
         },

@@ -314,6 +314,20 @@ impl EngineCore {
                 |s| s.to_string_lossy().into_owned(),
             )
         });
+        shared.metrics.set_info(
+            &crate::metrics::CacheConfigLabels {
+                block_size,
+                num_gpu_blocks: num_blocks,
+                cache_dtype: match kv_dtype {
+                    DType::F16 => "float16",
+                    DType::BF16 => "bfloat16",
+                    _ => "float32",
+                }
+                .to_owned(),
+                enable_prefix_caching: config.enable_prefix_caching,
+            },
+            &name,
+        );
         let greedy_on_device = config.greedy_on_device.unwrap_or(true);
         Ok(Self {
             model,

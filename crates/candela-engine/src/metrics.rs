@@ -1,12 +1,20 @@
-//! The engine's Prometheus metrics, with vLLM's names under a `candela:` prefix so existing
-//! dashboards and autoscalers work with a rename. One [`Registry`] per engine (never the
+//! The engine's Prometheus metrics, with vLLM's names. One [`Registry`] per engine (never the
 //! process-global default), so several engines (tests, replicas in one process) do not collide.
+//!
+//! Every metric is rendered twice: under `candela:` (our dashboards) and under `vllm:`, the
+//! exact names routers and autoscalers read (the Gateway API Inference Extension's model-server
+//! protocol, vLLM's production-stack router, KEDA/HPA queries written for vLLM), plus the older
+//! aliases production-stack still reads (`vllm:gpu_cache_usage_perc`,
+//! `vllm:gpu_prefix_cache_{hits,queries}_total`). Both prefixes always, rather than a flag: a
+//! replica must plug into those systems with no configuration, and the cost is a few dozen
+//! more lines per scrape. `candela:build_info` (version, model, revision) is ours only.
 //!
 //! The engine thread updates the metrics; any thread may render them with [`EngineMetrics::render`].
 
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::api::FinishReason;
@@ -57,7 +65,37 @@ pub struct EngineMetrics {
     pub kv_window_blocks_used: IntGauge,
     /// Blocks of the sliding-window layers' own pool (0 without a hybrid KV cache).
     pub kv_window_blocks_total: IntGauge,
+    /// 1, labelled with the KV cache's configuration (vLLM's `cache_config_info`).
+    pub cache_config_info: IntGaugeVec,
+    /// 1, labelled with the build and the model (ours: tells a canary's series apart).
+    pub build_info: IntGaugeVec,
 }
+
+/// The KV cache's configuration, as `cache_config_info` labels it.
+#[derive(Debug, Clone)]
+pub struct CacheConfigLabels {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks of the (main) cache.
+    pub num_gpu_blocks: usize,
+    /// Element type, vLLM's spelling (`auto`, `float16`, ...).
+    pub cache_dtype: String,
+    /// Whether prefix caching is on.
+    pub enable_prefix_caching: bool,
+}
+
+/// vLLM's older names that production-stack's router still reads: (ours, alias).
+const VLLM_ALIASES: &[(&str, &str)] = &[
+    ("candela:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    (
+        "candela:prefix_cache_hits_total",
+        "vllm:gpu_prefix_cache_hits_total",
+    ),
+    (
+        "candela:prefix_cache_queries_total",
+        "vllm:gpu_prefix_cache_queries_total",
+    ),
+];
 
 /// A metrics construction error (a bug: the names and buckets are constants).
 pub type MetricsError = prometheus::Error;
@@ -97,7 +135,30 @@ impl EngineMetrics {
             "KV-cache usage. 1 means 100 percent usage.",
         )?;
         registry.register(Box::new(kv_cache_usage_perc.clone()))?;
+        let cache_config_info = IntGaugeVec::new(
+            Opts::new(
+                "candela:cache_config_info",
+                "Information of the KV cache's configuration (value 1).",
+            ),
+            &[
+                "block_size",
+                "num_gpu_blocks",
+                "cache_dtype",
+                "enable_prefix_caching",
+            ],
+        )?;
+        registry.register(Box::new(cache_config_info.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "candela:build_info",
+                "The build serving (value 1): version, git revision, served model.",
+            ),
+            &["version", "revision", "model"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
         Ok(Self {
+            cache_config_info,
+            build_info,
             num_requests_running: gauge(
                 "num_requests_running",
                 "Number of requests in model execution batches.",
@@ -167,17 +228,58 @@ impl EngineMetrics {
             .inc();
     }
 
-    /// All metrics in the Prometheus text exposition format.
+    /// Labels `cache_config_info` and `build_info` (once, when the engine has loaded).
+    pub fn set_info(&self, cache: &CacheConfigLabels, model: &str) {
+        self.cache_config_info
+            .with_label_values(&[
+                cache.block_size.to_string().as_str(),
+                cache.num_gpu_blocks.to_string().as_str(),
+                cache.cache_dtype.as_str(),
+                if cache.enable_prefix_caching {
+                    "True"
+                } else {
+                    "False"
+                },
+            ])
+            .set(1);
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("CANDELA_REVISION"), model])
+            .set(1);
+    }
+
+    /// All metrics in the Prometheus text exposition format, under both prefixes (see the
+    /// module docs).
     pub fn render(&self) -> String {
+        let ours = self.registry.gather();
+        let mut families = ours.clone();
+        for family in &ours {
+            let name = family.name();
+            if name == "candela:build_info" {
+                continue;
+            }
+            if let Some(rest) = name.strip_prefix("candela:") {
+                families.push(renamed(family, &format!("vllm:{rest}")));
+            }
+            if let Some((_, alias)) = VLLM_ALIASES.iter().find(|(n, _)| *n == name) {
+                families.push(renamed(family, alias));
+            }
+        }
         let mut text = String::new();
         // Encoding into a String fails only on a malformed metric family, which our constant
         // names and labels cannot produce; an empty page is the honest fallback.
-        if let Err(error) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut text) {
+        if let Err(error) = TextEncoder::new().encode_utf8(&families, &mut text) {
             tracing::error!(%error, "encoding metrics");
             text.clear();
         }
         text
     }
+}
+
+/// `family` under another name.
+fn renamed(family: &MetricFamily, name: &str) -> MetricFamily {
+    let mut copy = family.clone();
+    copy.set_name(name.to_owned());
+    copy
 }
 
 /// The `finished_reason` label vLLM uses for each reason.
@@ -226,7 +328,44 @@ mod tests {
             "# TYPE candela:prompt_tokens_total counter",
         ] {
             assert!(text.contains(name), "missing {name:?} in\n{text}");
+            // The same series under vLLM's prefix.
+            let vllm = name.replace("candela:", "vllm:");
+            assert!(text.contains(&vllm), "missing {vllm:?} in\n{text}");
         }
+        for alias in [
+            "vllm:gpu_cache_usage_perc 0.25",
+            "vllm:gpu_prefix_cache_hits_total 0",
+            "vllm:gpu_prefix_cache_queries_total 0",
+        ] {
+            assert!(text.contains(alias), "missing {alias:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn info_gauges_carry_the_cache_config_and_the_build() {
+        let metrics = EngineMetrics::new().expect("constant metric definitions");
+        metrics.set_info(
+            &CacheConfigLabels {
+                block_size: 16,
+                num_gpu_blocks: 2731,
+                cache_dtype: "float16".into(),
+                enable_prefix_caching: true,
+            },
+            "gemma",
+        );
+        let text = metrics.render();
+        let config = "cache_config_info{block_size=\"16\",cache_dtype=\"float16\",\
+                      enable_prefix_caching=\"True\",num_gpu_blocks=\"2731\"} 1";
+        for prefix in ["candela:", "vllm:"] {
+            assert!(text.contains(&format!("{prefix}{config}")), "{text}");
+        }
+        let build = format!(
+            "candela:build_info{{model=\"gemma\",revision=\"{}\",version=\"{}\"}} 1",
+            env!("CANDELA_REVISION"),
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        assert!(!text.contains("vllm:build_info"), "{text}");
     }
 
     #[test]

@@ -34,12 +34,21 @@ pub const BODY_LIMIT_BYTES_DEFAULT: usize = 4 * 1024 * 1024;
 /// Settings of the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// The name clients pass as `model` (and see in `/v1/models`).
-    pub served_model_name: String,
+    /// The names clients may pass as `model` (all listed by `/v1/models`; vLLM's
+    /// `--served-model-name` with several values). The first is the one responses report.
+    /// Never empty.
+    pub served_model_names: Vec<String>,
     /// When set, `/v1/*`, `/tokenize` and `/detokenize` need `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Requests with larger bodies get 413.
     pub body_limit_bytes: usize,
+}
+
+impl ServerConfig {
+    /// The name responses report: the first served name.
+    pub fn model_name(&self) -> &str {
+        self.served_model_names.first().map_or("", String::as_str)
+    }
 }
 
 /// What every handler shares.
@@ -212,13 +221,18 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn models(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(ModelList {
         object: "list",
-        data: vec![ModelCard {
-            id: state.config.served_model_name.clone(),
-            object: "model",
-            created: state.started_unix_s,
-            owned_by: "candela",
-            max_model_len: state.backend.model_len_max(),
-        }],
+        data: state
+            .config
+            .served_model_names
+            .iter()
+            .map(|name| ModelCard {
+                id: name.clone(),
+                object: "model",
+                created: state.started_unix_s,
+                owned_by: "candela",
+                max_model_len: state.backend.model_len_max(),
+            })
+            .collect(),
     })
 }
 
@@ -247,7 +261,7 @@ fn new_job(
         flavor,
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
         created: unix_now_s(),
-        model: state.config.served_model_name.clone(),
+        model: state.config.model_name().to_owned(),
         prompts,
         echo,
         plan,
@@ -270,7 +284,10 @@ async fn chat_completions(
     Json(req): Json<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    params::check_model(req.common.model.as_deref(), &state.config.served_model_name)?;
+    params::check_model(
+        req.common.model.as_deref(),
+        &state.config.served_model_names,
+    )?;
     state.check_ready()?;
     let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
@@ -302,7 +319,10 @@ async fn completions(
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    params::check_model(req.common.model.as_deref(), &state.config.served_model_name)?;
+    params::check_model(
+        req.common.model.as_deref(),
+        &state.config.served_model_names,
+    )?;
     state.check_ready()?;
     let logprobs = params::completion_logprobs(req.logprobs)?;
     let plan = params::plan(
@@ -386,7 +406,7 @@ async fn tokenize(
     State(state): State<AppState>,
     Json(req): Json<TokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    params::check_model(req.model.as_deref(), &state.config.served_model_name)?;
+    params::check_model(req.model.as_deref(), &state.config.served_model_names)?;
     let strs = req.return_token_strs.unwrap_or(false);
     let (tokens, token_strs) = match (req.prompt, req.messages) {
         (Some(prompt), None) => {
@@ -437,7 +457,7 @@ async fn detokenize(
     State(state): State<AppState>,
     Json(req): Json<DetokenizeRequest>,
 ) -> Result<Response, ApiError> {
-    params::check_model(req.model.as_deref(), &state.config.served_model_name)?;
+    params::check_model(req.model.as_deref(), &state.config.served_model_names)?;
     let ids = params::token_ids(&req.tokens, state.backend.vocab_size(), "tokens")?;
     let prompt = blocking(&state, move |b| Ok(b.detokenize(&ids)?)).await?;
     Ok(axum::Json(DetokenizeResponse { prompt }).into_response())

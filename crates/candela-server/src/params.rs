@@ -37,9 +37,11 @@ pub struct Plan {
 }
 
 /// Checks that `requested` (when given) names the served model.
-pub fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
+pub fn check_model(requested: Option<&str>, served: &[String]) -> Result<(), ApiError> {
     match requested {
-        Some(name) if name != served => Err(ApiError::ModelNotFound(name.to_owned())),
+        Some(name) if !served.iter().any(|s| s == name) => {
+            Err(ApiError::ModelNotFound(name.to_owned()))
+        }
         _ => Ok(()),
     }
 }

@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use candela_engine::api::EngineHealth;
+use candela_server::{AppState, Backend};
 use common::{expected_text, state, token_of, Fake, MODEL, MODEL_LEN_MAX, VOCAB_SIZE};
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -632,6 +633,44 @@ async fn unknown_model_is_404() {
     send(&f, get("/v1/completions"))
         .await
         .error(StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn every_served_name_is_listed_and_accepted_and_responses_report_the_first() {
+    let f = fake();
+    let mut config = common::config(None);
+    config.served_model_names = vec![MODEL.to_owned(), "alias-b".to_owned()];
+    let app = || {
+        candela_server::app(AppState::new(
+            Arc::clone(&f) as Arc<dyn Backend>,
+            config.clone(),
+        ))
+    };
+    let v = call(app(), get("/v1/models")).await.json();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [MODEL, "alias-b"]);
+    let r = call(
+        app(),
+        post(
+            "/v1/completions",
+            json!({"model": "alias-b", "prompt": "a", "max_tokens": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["model"], MODEL);
+    call(
+        app(),
+        post(
+            "/v1/completions",
+            json!({"model": "alias-c", "prompt": "a"}),
+        ),
+    )
+    .await
+    .error(StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

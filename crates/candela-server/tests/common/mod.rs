@@ -273,7 +273,7 @@ impl Backend for Fake {
 
 pub fn config(api_key: Option<&str>) -> ServerConfig {
     ServerConfig {
-        served_model_name: MODEL.to_owned(),
+        served_model_names: vec![MODEL.to_owned()],
         api_key: api_key.map(str::to_owned),
         body_limit_bytes: 4096,
     }
