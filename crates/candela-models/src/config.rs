@@ -3,9 +3,9 @@
 //! The engine sizes the paged KV cache from it (`num_layers`, `num_kv_heads`,
 //! `head_dim`), bounds requests by `max_position`, and stops on `eos_token_ids`.
 //! The families we serve (see [`crate::families`]) share one decoder and differ only in small,
-//! named switches kept here: q/k/v bias, per-head q/k norm, sandwich norms, the MLP's
-//! activation, embedding scaling, rope layout and scaling, sliding-window layers and final
-//! logit soft-capping.
+//! named switches kept here: q/k/v bias, fused q/k/v and gate/up matrices, per-head q/k norm,
+//! sandwich norms, the MLP's activation, embedding scaling, rope layout, scaling and partial
+//! rotation, sliding-window layers and final logit soft-capping.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -25,6 +25,9 @@ pub enum Architecture {
     /// Gemma 3 text (q/k norm, sandwich norms, GeGLU, scaled embeddings, 5 of 6 layers
     /// windowed).
     Gemma3,
+    /// Phi-3 / Phi-3.5 / Phi-4-mini (fused q/k/v and gate/up matrices, partial rotary,
+    /// LongRoPE).
+    Phi3,
 }
 
 /// The activation of the MLP's gate (`act(gate) * up`).
@@ -100,12 +103,42 @@ pub enum RopeScaling {
     /// Per-frequency divisors stored in a GGUF `rope_freqs.weight` tensor (llama.cpp's form of
     /// llama3 scaling). One entry per rotated pair.
     FreqFactors(Vec<f32>),
+    /// LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini; `rope_type: "longrope"`): per-frequency
+    /// divisors, one set for contexts up to the pre-training length and one beyond it, and
+    /// cos/sin multiplied by an attention factor.
+    ///
+    /// Which set applies is decided once, from `max_position` (as llama.cpp decides from its
+    /// context size): the long factors when it exceeds `original_max_position`. transformers
+    /// and vLLM switch per step on the longest position seen, which rotates the keys already
+    /// cached with the other set; a paged cache needs one rotation per position.
+    LongRope {
+        /// Divisors for contexts within `original_max_position`, one per rotated pair.
+        short_factors: Vec<f32>,
+        /// Divisors for longer contexts, one per rotated pair.
+        long_factors: Vec<f32>,
+        /// Context length of pre-training.
+        original_max_position: usize,
+        /// Multiplies cos and sin; `None` is transformers' default,
+        /// `sqrt(1 + ln(s) / ln(original_max_position))` with `s = max_position /
+        /// original_max_position` (1 when `s <= 1`).
+        attention_factor: Option<f32>,
+    },
 }
 
 /// The switches a family sets over the shared decoder (`crate::families`). `Default` is
 /// llama's: none of them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FamilySwitches {
+    /// q, k and v stored as one `[q + 2 kv, hidden]` matrix (Phi-3's `qkv_proj`, GGUF
+    /// `attn_qkv`), run as one matmul.
+    pub fused_qkv: bool,
+    /// gate and up stored as one `[2 intermediate, hidden]` matrix, gate rows first (Phi-3's
+    /// `gate_up_proj`; in GGUF the `ffn_up` tensor holds both).
+    pub fused_gate_up: bool,
+    /// Rope rotates only the first `n` dimensions of each head and passes the rest through
+    /// (`partial_rotary_factor` times `head_dim` in config.json, GGUF `rope.dimension_count`);
+    /// `None` rotates all of them.
+    pub rotary_dim: Option<usize>,
     /// Per-head RMSNorm of q and k before rope (Qwen 3, Gemma 3).
     pub qk_norm: bool,
     /// RMSNorms on the attention output and the MLP output before each residual add
@@ -219,19 +252,64 @@ impl ModelConfig {
                 ));
             }
         }
-        if let Some(RopeScaling::FreqFactors(f)) = &self.rope_scaling {
-            if f.len() != self.head_dim / 2 {
+        let rotary = self.rotary_dim();
+        if rotary == 0 || rotary > self.head_dim || !rotary.is_multiple_of(2) {
+            return Err(invalid(
+                "partial_rotary_factor",
+                format!(
+                    "rotates {rotary} of {} dimensions a head (GGUF `rope.dimension_count`): \
+                     must be even, positive and at most the head size",
+                    self.head_dim
+                ),
+            ));
+        }
+        let pairs = rotary / 2;
+        let check_factors = |key: &str, f: &[f32]| -> Result<()> {
+            if f.len() != pairs {
                 return Err(invalid(
-                    "rope_freqs",
-                    format!(
-                        "{} factors for {} rotated pairs",
-                        f.len(),
-                        self.head_dim / 2
-                    ),
+                    key,
+                    format!("{} factors for {pairs} rotated pairs", f.len()),
                 ));
             }
+            if !f.iter().all(|x| x.is_finite() && *x > 0.0) {
+                return Err(invalid(key, "factors must be positive numbers"));
+            }
+            Ok(())
+        };
+        match &self.rope_scaling {
+            Some(RopeScaling::FreqFactors(f)) => check_factors("rope_freqs", f)?,
+            Some(RopeScaling::LongRope {
+                short_factors,
+                long_factors,
+                original_max_position,
+                attention_factor,
+            }) => {
+                check_factors("rope_scaling.short_factor", short_factors)?;
+                check_factors("rope_scaling.long_factor", long_factors)?;
+                if *original_max_position == 0 {
+                    return Err(invalid(
+                        "original_max_position_embeddings",
+                        "must be positive",
+                    ));
+                }
+                if let Some(a) = attention_factor {
+                    if !(a.is_finite() && *a > 0.0) {
+                        return Err(invalid(
+                            "rope_scaling.attention_factor",
+                            "must be a positive number",
+                        ));
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(())
+    }
+
+    /// Dimensions of each head that rope rotates (the first ones; see
+    /// [`FamilySwitches::rotary_dim`]).
+    pub fn rotary_dim(&self) -> usize {
+        self.switches.rotary_dim.unwrap_or(self.head_dim)
     }
 
     /// The window of layer `i`, if it is a windowed layer.
@@ -259,7 +337,9 @@ impl ModelConfig {
     /// global layers only, as in transformers' Gemma 3, whose local rotary embedding is
     /// unscaled).
     fn rope_inv_freqs_for(&self, theta: f32, scaled: bool) -> Vec<f64> {
-        let d = self.head_dim;
+        // With partial rotation the exponents run over the rotated dimensions only
+        // (transformers' `dim = head_dim * partial_rotary_factor`, llama.cpp's `n_rot`).
+        let d = self.rotary_dim();
         let base = theta as f64;
         let scaling = self.rope_scaling.as_ref().filter(|_| scaled);
         let inv: Vec<f64> = (0..d / 2)
@@ -267,6 +347,23 @@ impl ModelConfig {
             .collect();
         match scaling {
             None => inv,
+            Some(RopeScaling::LongRope {
+                short_factors,
+                long_factors,
+                original_max_position,
+                ..
+            }) => {
+                // transformers' `_compute_longrope_parameters`: `1 / (factor * base^(2i/d))`.
+                let factors = if self.max_position > *original_max_position {
+                    long_factors
+                } else {
+                    short_factors
+                };
+                inv.into_iter()
+                    .zip(factors)
+                    .map(|(f, s)| f / *s as f64)
+                    .collect()
+            }
             Some(RopeScaling::Linear { factor }) => {
                 inv.into_iter().map(|f| f / *factor as f64).collect()
             }
@@ -307,8 +404,37 @@ impl ModelConfig {
         }
     }
 
+    /// What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise).
+    pub fn rope_attention_factor(&self) -> f64 {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope {
+                original_max_position,
+                attention_factor,
+                ..
+            }) => attention_factor.map_or_else(
+                || {
+                    // transformers' default (and llama.cpp's converter's `attn_factor`).
+                    let original = *original_max_position as f64;
+                    let scale = self.max_position as f64 / original;
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        (1.0 + scale.ln() / original.ln()).sqrt()
+                    }
+                },
+                f64::from,
+            ),
+            _ => 1.0,
+        }
+    }
+
     /// cos and sin tables `[max_position, head_dim / 2]` (f32), built once at load and
     /// indexed by position at each step.
+    ///
+    /// Pair `i` of a head is rotated by column `i`. With partial rotation only the first
+    /// `rotary_dim / 2` columns rotate; the others hold cos 1 and sin 0, which the rope kernel
+    /// turns into an exact copy (`x * 1 - y * 0`). The decoder lays each head out so that the
+    /// pairs it rotates fall on those columns (see `crate::decoder`).
     pub fn rope_tables(&self, device: &Device) -> Result<(Tensor, Tensor)> {
         self.rope_tables_for(self.rope_theta, true, device)
     }
@@ -322,16 +448,24 @@ impl ModelConfig {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let inv = self.rope_inv_freqs_for(theta, scaled);
-        let half = inv.len();
+        let half = self.head_dim / 2;
+        let passed = half - inv.len();
+        let factor = if scaled {
+            self.rope_attention_factor()
+        } else {
+            1.0
+        };
         let n = self.max_position;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {
             for f in &inv {
                 let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push((angle.cos() * factor) as f32);
+                sin.push((angle.sin() * factor) as f32);
             }
+            cos.extend(std::iter::repeat_n(1.0, passed));
+            sin.extend(std::iter::repeat_n(0.0, passed));
         }
         let cos = Tensor::from_vec(cos, (n, half), device)?;
         let sin = Tensor::from_vec(sin, (n, half), device)?;
@@ -416,5 +550,95 @@ mod tests {
         assert_eq!(plain[0], scaled[0]);
         let last = plain.len() - 1;
         assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
+    }
+
+    /// LongRoPE against the formulas written out by hand (transformers'
+    /// `_compute_longrope_parameters`), with partial rotation: 48 of 64 dimensions.
+    #[test]
+    fn longrope_divides_by_the_context_s_factors_and_scales_cos_and_sin() -> Result<()> {
+        let mut c = smol();
+        c.switches.rotary_dim = Some(48);
+        let short: Vec<f32> = (0..24).map(|i| 1.0 + i as f32 / 8.0).collect();
+        let long: Vec<f32> = (0..24).map(|i| 2.0 + i as f32).collect();
+        c.rope_scaling = Some(RopeScaling::LongRope {
+            short_factors: short.clone(),
+            long_factors: long.clone(),
+            original_max_position: 16,
+            attention_factor: None,
+        });
+        c.validate()?;
+        let theta = c.rope_theta as f64;
+        let expected = |factors: &[f32]| -> Vec<f64> {
+            (0..24)
+                .map(|i| 1.0 / (factors[i] as f64 * theta.powf((2 * i) as f64 / 48.0)))
+                .collect()
+        };
+        let close = |a: &[f64], b: &[f64]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= 1e-15 * y.abs())
+        };
+        // A context within the pre-training length: short factors, no scaling of cos/sin.
+        assert_eq!(c.max_position, 16);
+        assert!(close(&c.rope_inv_freqs(), &expected(&short)));
+        assert_eq!(c.rope_attention_factor(), 1.0);
+        // Four times longer: long factors, cos/sin times sqrt(1 + ln 4 / ln 16) = sqrt(1.5).
+        c.max_position = 64;
+        let inv = c.rope_inv_freqs();
+        assert!(close(&inv, &expected(&long)));
+        let m = 1.5f64.sqrt();
+        assert!((c.rope_attention_factor() - m).abs() < 1e-12);
+        let (cos, sin) = c.rope_tables(&Device::Cpu)?;
+        assert_eq!(cos.dims(), &[64, 32]);
+        let (cos, sin) = (cos.to_vec2::<f32>()?, sin.to_vec2::<f32>()?);
+        for p in [0, 1, 17, 63] {
+            for i in 0..24 {
+                let angle = p as f64 * inv[i];
+                assert!((cos[p][i] as f64 - angle.cos() * m).abs() < 1e-6);
+                assert!((sin[p][i] as f64 - angle.sin() * m).abs() < 1e-6);
+            }
+            // The passed pairs: angle 0, not scaled, so the kernel copies them exactly.
+            assert!(cos[p][24..].iter().all(|&x| x == 1.0));
+            assert!(sin[p][24..].iter().all(|&x| x == 0.0));
+        }
+        // A stated attention factor wins.
+        if let Some(RopeScaling::LongRope {
+            attention_factor, ..
+        }) = &mut c.rope_scaling
+        {
+            *attention_factor = Some(2.0);
+        }
+        assert_eq!(c.rope_attention_factor(), 2.0);
+        Ok(())
+    }
+
+    #[test]
+    fn validate_names_bad_rope_factors_and_rotary_dims() {
+        let mut c = smol();
+        c.rope_scaling = Some(RopeScaling::LongRope {
+            short_factors: vec![1.0; 32],
+            long_factors: vec![1.0; 31],
+            original_max_position: 8,
+            attention_factor: None,
+        });
+        let key = |c: &ModelConfig| match c.validate() {
+            Err(Error::InvalidMetadata { key, .. }) => key,
+            other => panic!("expected invalid metadata, got {other:?}"),
+        };
+        assert_eq!(key(&c), "rope_scaling.long_factor");
+        // Factors count rotated pairs, not the head's.
+        c.switches.rotary_dim = Some(62);
+        c.rope_scaling = Some(RopeScaling::LongRope {
+            short_factors: vec![1.0; 31],
+            long_factors: vec![1.0; 31],
+            original_max_position: 8,
+            attention_factor: None,
+        });
+        assert!(c.validate().is_ok());
+        c.switches.rotary_dim = Some(63);
+        assert_eq!(key(&c), "partial_rotary_factor");
+        c.switches.rotary_dim = Some(66);
+        assert_eq!(key(&c), "partial_rotary_factor");
     }
 }

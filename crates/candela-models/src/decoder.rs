@@ -7,11 +7,18 @@
 //! looks at sequence boundaries (through [`AttentionMetadata`]). The LM head runs only on
 //! the rows that are sampled, since it is a fifth of a small model's multiply-adds.
 //!
-//! Family switches, all read from [`ModelConfig`]: q/k/v bias (Qwen2), per-head q/k norm
-//! (Qwen3, Gemma 3), sandwich norms, GeGLU and scaled embeddings (Gemma 3), rope layout (GGUF
-//! llama weights are permuted for interleaved pairs, Hugging Face ones are not), rope scaling
-//! (Llama 3), sliding-window layers with their own rope base (Gemma 3, Mistral) and final
+//! Family switches, all read from [`ModelConfig`]: q/k/v bias (Qwen2), q/k/v and gate/up
+//! stored fused (Phi-3), per-head q/k norm (Qwen3, Gemma 3), sandwich norms, GeGLU and scaled
+//! embeddings (Gemma 3), rope layout (GGUF llama weights are permuted for interleaved pairs,
+//! Hugging Face ones are not), partial rotation (Phi-3.5, Phi-4-mini), rope scaling (Llama 3,
+//! LongRoPE), sliding-window layers with their own rope base (Gemma 3, Mistral) and final
 //! logit soft-capping.
+//!
+//! Partial rotation with half-split pairs reorders each q and k head's rows at load
+//! ([`rotary_head_order`]) so that the fused rope kernel, which pairs `(i, i + d/2)` over the
+//! whole head, rotates exactly the pairs the model rotates and copies the others (their
+//! table columns hold angle 0). q and k get the same order, so every dot product, and thus
+//! attention, is unchanged; the order never leaves the KV cache.
 //!
 //! [`AttentionMetadata`]: candela_kernels::attention::AttentionMetadata
 
@@ -51,6 +58,10 @@ pub(crate) enum Role {
     PreFfnNorm,
     /// Norm of the MLP output (Gemma 3).
     PostFfnNorm,
+    /// q, k and v in one matrix (Phi-3).
+    Qkv,
+    /// gate and up in one matrix, gate rows first (Phi-3; GGUF's `ffn_up` then holds both).
+    GateUp,
 }
 
 impl Role {
@@ -85,6 +96,8 @@ impl TensorNames {
             Role::PostAttnNorm => ("post_attention_norm", "post_attention_layernorm"),
             Role::PreFfnNorm => ("ffn_norm", "pre_feedforward_layernorm"),
             Role::PostFfnNorm => ("post_ffw_norm", "post_feedforward_layernorm"),
+            Role::Qkv => ("attn_qkv", "self_attn.qkv_proj"),
+            Role::GateUp => ("ffn_up", "mlp.gate_up_proj"),
         };
         match self {
             Self::Gguf => format!("blk.{i}.{g}"),
@@ -144,6 +157,44 @@ impl Projections {
             }
         }
     }
+}
+
+/// The order in which one head's rows are loaded for partial rotation with half-split pairs,
+/// as indices into the stored head; `None` when rope rotates the whole head (no reordering).
+///
+/// The model rotates pairs `(j, j + r/2)` of the first `r` dimensions and passes the other
+/// `d - r` through; the kernel rotates pairs `(i, i + d/2)`, with angle 0 (an exact copy) for
+/// `i >= r/2`. So the rotated halves go to the starts of the kernel's halves and the passed
+/// dimensions fill the rest:
+///
+/// ```text
+/// stored  (d = 8, r = 4):  r0 r1 r2 r3 | p0 p1 p2 p3     model pairs (r0, r2) (r1, r3)
+/// loaded:                  r0 r1 p0 p1 | r2 r3 p2 p3     kernel pairs (i, i + 4):
+///                          (r0, r2) (r1, r3) rotated, (p0, p2) (p1, p3) at angle 0
+/// ```
+fn rotary_head_order(head_dim: usize, rotary_dim: usize) -> Option<Vec<usize>> {
+    if rotary_dim >= head_dim {
+        return None;
+    }
+    let (half, rot_half) = (head_dim / 2, rotary_dim / 2);
+    Some(
+        (0..head_dim)
+            .map(|i| {
+                if i < rot_half {
+                    i
+                } else if i < half {
+                    // The first half of the passed dimensions.
+                    rotary_dim + (i - rot_half)
+                } else if i < half + rot_half {
+                    // The second half of the rotated dimensions.
+                    rot_half + (i - half)
+                } else {
+                    // The rest of the passed dimensions stay where they are.
+                    i
+                }
+            })
+            .collect(),
+    )
 }
 
 struct Attention {
@@ -243,10 +294,18 @@ impl Decoder {
         };
         // Every matrix's storage and matmul, in load order, for the load report.
         let mut weight_paths = Vec::new();
-        let mut linear = |src: &mut S, name: String, shape: [usize; 2]| -> Result<Linear> {
+        // A matrix, its rows reordered when `rows` is given (see `rotary_head_order`).
+        let mut linear = |src: &mut S,
+                          name: String,
+                          shape: [usize; 2],
+                          rows: Option<&[usize]>|
+         -> Result<Linear> {
             let name = format!("{name}.weight");
             check(src, &name, &shape)?;
-            let l = src.linear(&name, device, dtype, quantize)?;
+            let l = match rows {
+                Some(rows) => src.linear_rows(&name, rows, device, dtype, quantize)?,
+                None => src.linear(&name, device, dtype, quantize)?,
+            };
             weight_paths.push((name, l.describe()));
             Ok(l)
         };
@@ -278,28 +337,88 @@ impl Decoder {
         };
         let final_norm = norm(src, names.final_norm().to_string(), hidden)?;
 
+        // The row order of q, k and v when partial rotation reorders each head, as indices
+        // into the stored rows: q's heads, then k's, then v's (never reordered).
+        let head_order = match c.rope_style {
+            RopeStyle::Half => rotary_head_order(c.head_dim, c.rotary_dim()),
+            // Interleaved pairs `(2i, 2i + 1)` already put the rotated pairs first.
+            RopeStyle::Interleaved => None,
+        };
+        let heads_rows = |heads: usize, offset: usize| -> Option<Vec<usize>> {
+            let order = head_order.as_ref()?;
+            Some(
+                (0..heads)
+                    .flat_map(|head| order.iter().map(move |&j| offset + head * c.head_dim + j))
+                    .collect(),
+            )
+        };
+        let (q_rows, k_rows) = (heads_rows(c.num_heads, 0), heads_rows(c.num_kv_heads, 0));
+        let qkv_rows: Option<Vec<usize>> = match (
+            heads_rows(c.num_heads, 0),
+            heads_rows(c.num_kv_heads, q_out),
+        ) {
+            (Some(q), Some(k)) => Some(
+                q.into_iter()
+                    .chain(k)
+                    .chain(q_out + kv_out..q_out + 2 * kv_out)
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let reorder = |t: Tensor, rows: Option<&[usize]>| -> Result<Tensor> {
+            match rows {
+                Some(rows) => {
+                    let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                    Ok(t.index_select(&Tensor::new(rows, device)?, 0)?)
+                }
+                None => Ok(t),
+            }
+        };
+        let qkv_width = q_out + 2 * kv_out;
+
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let n = |role| names.layer(i, role);
             let bias = if c.attention_bias {
-                Some(Tensor::cat(
-                    &[
-                        vector(src, format!("{}.bias", n(Role::Q)), q_out)?,
-                        vector(src, format!("{}.bias", n(Role::K)), kv_out)?,
-                        vector(src, format!("{}.bias", n(Role::V)), kv_out)?,
-                    ],
-                    0,
-                )?)
+                let b = if c.switches.fused_qkv {
+                    vector(src, format!("{}.bias", n(Role::Qkv)), qkv_width)?
+                } else {
+                    Tensor::cat(
+                        &[
+                            vector(src, format!("{}.bias", n(Role::Q)), q_out)?,
+                            vector(src, format!("{}.bias", n(Role::K)), kv_out)?,
+                            vector(src, format!("{}.bias", n(Role::V)), kv_out)?,
+                        ],
+                        0,
+                    )?
+                };
+                Some(reorder(b, qkv_rows.as_deref())?)
             } else {
                 None
             };
             let qk_norm = if c.switches.qk_norm {
-                Some((
-                    norm(src, format!("{}.weight", n(Role::QNorm)), c.head_dim)?,
-                    norm(src, format!("{}.weight", n(Role::KNorm)), c.head_dim)?,
-                ))
+                // The norm weights follow the reordered head.
+                let head_norm = |src: &mut S, role| -> Result<Tensor> {
+                    let w = norm(src, format!("{}.weight", n(role)), c.head_dim)?;
+                    reorder(w, head_order.as_deref())
+                };
+                Some((head_norm(src, Role::QNorm)?, head_norm(src, Role::KNorm)?))
             } else {
                 None
+            };
+            let qkv = if c.switches.fused_qkv {
+                Projections::Stacked(linear(
+                    src,
+                    n(Role::Qkv),
+                    [qkv_width, hidden],
+                    qkv_rows.as_deref(),
+                )?)
+            } else {
+                Projections::new(vec![
+                    linear(src, n(Role::Q), [q_out, hidden], q_rows.as_deref())?,
+                    linear(src, n(Role::K), [kv_out, hidden], k_rows.as_deref())?,
+                    linear(src, n(Role::V), [kv_out, hidden], None)?,
+                ])?
             };
             let (post_attn_norm, ffn_role, post_ffn_norm) = if c.switches.sandwich_norms {
                 (
@@ -322,12 +441,8 @@ impl Decoder {
             layers.push(Layer {
                 attn_norm: norm(src, format!("{}.weight", n(Role::AttnNorm)), hidden)?,
                 attn: Attention {
-                    qkv: Projections::new(vec![
-                        linear(src, n(Role::Q), [q_out, hidden])?,
-                        linear(src, n(Role::K), [kv_out, hidden])?,
-                        linear(src, n(Role::V), [kv_out, hidden])?,
-                    ])?,
-                    o: linear(src, n(Role::O), [hidden, q_out])?,
+                    qkv,
+                    o: linear(src, n(Role::O), [hidden, q_out], None)?,
                     bias,
                     qk_norm,
                     window,
@@ -339,11 +454,20 @@ impl Decoder {
                 post_attn_norm,
                 ffn_norm: norm(src, format!("{}.weight", n(ffn_role)), hidden)?,
                 mlp: Mlp {
-                    gate_up: Projections::new(vec![
-                        linear(src, n(Role::Gate), [inter, hidden])?,
-                        linear(src, n(Role::Up), [inter, hidden])?,
-                    ])?,
-                    down: linear(src, n(Role::Down), [hidden, inter])?,
+                    gate_up: if c.switches.fused_gate_up {
+                        Projections::Stacked(linear(
+                            src,
+                            n(Role::GateUp),
+                            [2 * inter, hidden],
+                            None,
+                        )?)
+                    } else {
+                        Projections::new(vec![
+                            linear(src, n(Role::Gate), [inter, hidden], None)?,
+                            linear(src, n(Role::Up), [inter, hidden], None)?,
+                        ])?
+                    },
+                    down: linear(src, n(Role::Down), [hidden, inter], None)?,
                 },
                 post_ffn_norm,
             });
@@ -581,5 +705,59 @@ impl Decoder {
             }
             None => Ok(logits),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotary_head_order_matches_the_diagram() {
+        assert_eq!(rotary_head_order(8, 8), None);
+        assert_eq!(rotary_head_order(8, 4), Some(vec![0, 1, 4, 5, 2, 3, 6, 7]));
+        let order = rotary_head_order(16, 12).expect("partial");
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..16).collect::<Vec<_>>(), "a permutation");
+    }
+
+    /// The kernel's whole-head half-split rope on the reordered head equals transformers'
+    /// partial rope (`rotate_half` on the first `r` dimensions, the rest passed) on the stored
+    /// head, reordered.
+    #[test]
+    fn reordered_heads_get_transformers_partial_rope() -> Result<()> {
+        let (d, r) = (16usize, 12usize);
+        let order = rotary_head_order(d, r).expect("partial");
+        let x: Vec<f32> = (0..d).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let angles: Vec<f64> = (0..r / 2).map(|i| 0.7 + i as f64 * 0.9).collect();
+        // transformers, on the stored head.
+        let mut want = x.clone();
+        for (j, a) in angles.iter().enumerate() {
+            let (x0, x1) = (x[j] as f64, x[j + r / 2] as f64);
+            want[j] = (x0 * a.cos() - x1 * a.sin()) as f32;
+            want[j + r / 2] = (x1 * a.cos() + x0 * a.sin()) as f32;
+        }
+        // The kernel, on the reordered head (q and k alike; v copied).
+        let dev = Device::Cpu;
+        let reordered: Vec<f32> = order.iter().map(|&j| x[j]).collect();
+        let row: Vec<f32> = reordered.iter().cycle().take(3 * d).copied().collect();
+        let qkv = Tensor::from_vec(row, (1, 3 * d), &dev)?;
+        let mut cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+        let mut sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+        cos.resize(d / 2, 1.0);
+        sin.resize(d / 2, 0.0);
+        let cos = Tensor::from_vec(cos, (1, d / 2), &dev)?;
+        let sin = Tensor::from_vec(sin, (1, d / 2), &dev)?;
+        let out = rope_qkv(&qkv, &cos, &sin, 1, 1, d, FusedRope::Half)?.to_vec3::<f32>()?;
+        let want_reordered: Vec<f32> = order.iter().map(|&j| want[j]).collect();
+        // q and k.
+        for head in &out[0][..2] {
+            for (a, b) in head.iter().zip(&want_reordered) {
+                assert!((a - b).abs() < 1e-5, "{head:?} vs {want_reordered:?}");
+            }
+        }
+        assert_eq!(out[0][2], reordered, "v is copied");
+        Ok(())
     }
 }

@@ -30,6 +30,12 @@ pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> Result<()> {
             config.architecture
         )));
     }
+    if let Some(rotary_dim) = config.switches.rotary_dim {
+        return Err(Error::UnsupportedFeature(format!(
+            "export of partial rotation ({rotary_dim} of {} dimensions a head)",
+            config.head_dim
+        )));
+    }
     let io = |source| Error::Io {
         path: out_dir.to_path_buf(),
         source,
@@ -107,6 +113,11 @@ pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> Result<()> {
                 "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": original_max_position,
             });
+        }
+        Some(RopeScaling::LongRope { .. }) => {
+            return Err(Error::UnsupportedFeature(
+                "export of LongRoPE factors (rope_factors_long/short.weight)".into(),
+            ));
         }
         Some(RopeScaling::FreqFactors(_)) => {
             return Err(Error::UnsupportedFeature(

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -164,13 +165,10 @@ impl GgufFile {
         let head_dim = self
             .uint_opt(&format!("{a}.attention.key_length"))?
             .unwrap_or(hidden_size / num_heads);
-        if let Some(rope_dim) = self.uint_opt(&format!("{a}.rope.dimension_count"))? {
-            if rope_dim != head_dim {
-                return Err(Error::UnsupportedFeature(format!(
-                    "partial rotary embedding ({rope_dim} of {head_dim} dimensions)"
-                )));
-            }
-        }
+        // Fewer rotated dimensions than the head has: partial rotation (Phi-3.5, Phi-4-mini).
+        let rotary_dim = self
+            .uint_opt(&format!("{a}.rope.dimension_count"))?
+            .filter(|&rope_dim| rope_dim != head_dim);
         let vocab_size = match self.uint_opt(&format!("{a}.vocab_size"))? {
             Some(v) => v,
             None => self.tensor_dims("token_embd.weight")?[0],
@@ -215,7 +213,10 @@ impl GgufFile {
             rope_scaling,
             rms_norm_eps,
             attention_bias: false,
-            switches: FamilySwitches::default(),
+            switches: FamilySwitches {
+                rotary_dim,
+                ..FamilySwitches::default()
+            },
             bos_token_id,
             eos_token_ids,
         };
@@ -227,12 +228,25 @@ impl GgufFile {
     fn rope_scaling(&self, a: &str) -> Result<Option<RopeScaling>> {
         // llama.cpp stores Llama 3.1's scaling as precomputed per-frequency divisors.
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let t = self.read_qtensor("rope_freqs.weight", &Device::Cpu)?;
-            let factors = t
-                .dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let factors = self.vector_f32("rope_freqs.weight")?;
             return Ok(Some(RopeScaling::FreqFactors(factors)));
+        }
+        // llama.cpp's Phi-3 converter stores LongRoPE's two sets of divisors as tensors, with
+        // the pre-training length and the attention factor in the metadata.
+        let (long, short) = ("rope_factors_long.weight", "rope_factors_short.weight");
+        let infos = &self.content.tensor_infos;
+        if infos.contains_key(long) || infos.contains_key(short) {
+            let original_key = format!("{a}.rope.scaling.original_context_length");
+            return Ok(Some(RopeScaling::LongRope {
+                short_factors: self.vector_f32(short)?,
+                long_factors: self.vector_f32(long)?,
+                original_max_position: self
+                    .uint_opt(&original_key)?
+                    .ok_or(Error::MissingMetadata { key: original_key })?,
+                attention_factor: self
+                    .float_opt(&format!("{a}.rope.scaling.attn_factor"))?
+                    .map(|f| f as f32),
+            }));
         }
         let key = format!("{a}.rope.scaling.type");
         let kind = match self.content.metadata.get(&key) {
@@ -252,6 +266,14 @@ impl GgufFile {
                 "rope scaling type `{other}`"
             ))),
         }
+    }
+
+    /// A small tensor's values as f32 (rope factors).
+    fn vector_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.read_qtensor(name, &Device::Cpu)?;
+        Ok(t.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     /// Shape of a tensor (`[rows, cols]` for a matrix: out features first).
@@ -299,6 +321,66 @@ fn value_as_u64(v: &Value) -> Option<u64> {
     }
 }
 
+/// A weight read on the CPU, as the linear layer that runs it best on `device`.
+fn linear_of(
+    q: QTensor,
+    device: &Device,
+    dtype: DType,
+    quantize: Option<Quantize>,
+) -> Result<Linear> {
+    // `--quantize` is for float tensors; GGML-quantized ones keep their own (lossless) form.
+    if quantize.is_some() && matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    {
+        let w = q.dequantize(&Device::Cpu)?.to_device(device)?;
+        return Linear::from_float(w, dtype, quantize);
+    }
+    if device.is_cuda() {
+        return Linear::for_cuda(q, device);
+    }
+    if device.is_cpu() {
+        return Linear::from_qtensor(q);
+    }
+    let (n, k) = q.shape().dims2()?;
+    Linear::from_qtensor(qtensor_from_ggml(
+        q.dtype(),
+        &q.data()?,
+        vec![n, k],
+        device,
+    )?)
+}
+
+/// Rows `rows` of a 2-D GGML tensor, in that order. GGML blocks run along a row, so a row is a
+/// whole number of blocks and rows are moved as bytes, without dequantizing.
+fn select_rows(q: &QTensor, rows: &[usize], name: &str) -> Result<QTensor> {
+    let (n, k) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    if !k.is_multiple_of(dtype.block_size()) {
+        return Err(Error::UnsupportedTensorType {
+            name: name.to_string(),
+            dtype: format!("{dtype:?} with rows of {k}, not whole blocks"),
+        });
+    }
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut bytes = Vec::with_capacity(rows.len() * row_bytes);
+    for &r in rows {
+        if r >= n {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: vec![r + 1, k],
+                got: vec![n, k],
+            });
+        }
+        bytes.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    Ok(qtensor_from_ggml(
+        dtype,
+        &bytes,
+        vec![rows.len(), k],
+        &Device::Cpu,
+    )?)
+}
+
 impl WeightSource for GgufFile {
     fn contains(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
@@ -315,18 +397,28 @@ impl WeightSource for GgufFile {
         dtype: DType,
         quantize: Option<Quantize>,
     ) -> Result<Linear> {
-        // `--quantize` is for float tensors; GGML-quantized ones keep their own (lossless) form.
-        if quantize.is_some() {
-            let q = self.read_qtensor(name, &Device::Cpu)?;
-            if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                let w = q.dequantize(&Device::Cpu)?.to_device(device)?;
-                return Linear::from_float(w, dtype, quantize);
-            }
-        }
-        if device.is_cuda() {
-            return Linear::for_cuda(self.read_qtensor(name, &Device::Cpu)?, device);
+        // Only a plain CPU load reads the tensor where it runs; the rest go through the CPU.
+        if quantize.is_some() || device.is_cuda() {
+            return linear_of(
+                self.read_qtensor(name, &Device::Cpu)?,
+                device,
+                dtype,
+                quantize,
+            );
         }
         Linear::from_qtensor(self.read_qtensor(name, device)?)
+    }
+
+    fn linear_rows(
+        &mut self,
+        name: &str,
+        rows: &[usize],
+        device: &Device,
+        dtype: DType,
+        quantize: Option<Quantize>,
+    ) -> Result<Linear> {
+        let q = select_rows(&self.read_qtensor(name, &Device::Cpu)?, rows, name)?;
+        linear_of(q, device, dtype, quantize)
     }
 
     fn dense(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
@@ -349,5 +441,35 @@ impl WeightSource for GgufFile {
             return Ok((table, head));
         }
         Ok((table, Linear::from_qtensor(q)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows move as whole blocks: selecting rows of a quantized tensor equals selecting the
+    /// rows of its dequantized form, bit for bit.
+    #[test]
+    fn select_rows_moves_quantized_rows_whole() -> Result<()> {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..4 * 64)
+            .map(|i| ((i * 29 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let w = Tensor::from_vec(values, (4, 64), &dev)?;
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::F16] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let picked = select_rows(&q, &[2, 0, 3], "w")?;
+            assert_eq!(picked.shape().dims(), &[3, 64]);
+            let got = picked.dequantize(&dev)?.to_vec2::<f32>()?;
+            let all = q.dequantize(&dev)?.to_vec2::<f32>()?;
+            assert_eq!(got, vec![all[2].clone(), all[0].clone(), all[3].clone()]);
+        }
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        assert!(matches!(
+            select_rows(&q, &[4], "w"),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        Ok(())
     }
 }

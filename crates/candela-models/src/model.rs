@@ -187,6 +187,17 @@ pub(crate) trait WeightSource {
         dtype: DType,
         quantize: Option<Quantize>,
     ) -> Result<Linear>;
+    /// [`Self::linear`] of a matrix's rows in another order: row `i` of the result is stored
+    /// row `rows[i]`. Each index is below the stored row count (the decoder builds them from
+    /// the shape it has checked).
+    fn linear_rows(
+        &mut self,
+        name: &str,
+        rows: &[usize],
+        device: &Device,
+        dtype: DType,
+        quantize: Option<Quantize>,
+    ) -> Result<Linear>;
     /// A tensor made dense in `dtype` (norm weights, biases).
     fn dense(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor>;
     /// The embedding table (dense, for row lookups) and the same matrix as an LM head.

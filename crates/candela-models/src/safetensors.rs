@@ -41,6 +41,9 @@ struct HfConfig {
     eos_token_id: Option<OneOrMany>,
     #[serde(default)]
     rope_scaling: Option<HfRopeScaling>,
+    /// Phi-3 keeps LongRoPE's pre-training length here rather than in `rope_scaling`.
+    #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +74,12 @@ struct HfRopeScaling {
     high_freq_factor: Option<f32>,
     #[serde(default)]
     original_max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    short_factor: Option<Vec<f32>>,
+    #[serde(default)]
+    long_factor: Option<Vec<f32>>,
+    #[serde(default)]
+    attention_factor: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +158,20 @@ impl SafetensorsModel {
     }
 }
 
+/// `rows` as a u32 index tensor, each checked against the `stored` row count.
+fn row_indices(rows: &[usize], stored: usize, name: &str, device: &Device) -> Result<Tensor> {
+    let indices = rows
+        .iter()
+        .map(|&r| u32::try_from(r).ok().filter(|_| r < stored))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| Error::ShapeMismatch {
+            name: name.to_string(),
+            expected: vec![rows.iter().max().map_or(0, |m| m + 1)],
+            got: vec![stored],
+        })?;
+    Ok(Tensor::new(indices, device)?)
+}
+
 /// `*.safetensors` in `dir`, sorted so sharded checkpoints load in a stable order.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let io = |source| Error::Io {
@@ -190,7 +213,7 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
     }
     let rope_scaling = match hf.rope_scaling {
         None => None,
-        Some(rs) => rope_scaling(rs)?,
+        Some(rs) => rope_scaling(rs, hf.original_max_position_embeddings)?,
     };
     let mut eos_token_ids = hf.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default();
     let gen_path = path.with_file_name("generation_config.json");
@@ -238,7 +261,12 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
     Ok(config)
 }
 
-fn rope_scaling(rs: HfRopeScaling) -> Result<Option<RopeScaling>> {
+/// `rope_scaling` of config.json; `original_max_position` is the top-level
+/// `original_max_position_embeddings` (where Phi-3 keeps it).
+fn rope_scaling(
+    rs: HfRopeScaling,
+    original_max_position: Option<usize>,
+) -> Result<Option<RopeScaling>> {
     let kind = rs.rope_type.as_deref().unwrap_or("default");
     let factor = || {
         rs.factor
@@ -273,6 +301,26 @@ fn rope_scaling(rs: HfRopeScaling) -> Result<Option<RopeScaling>> {
                 })?,
             }))
         }
+        // "su" is the name of LongRoPE in the first Phi-3 128k configs; transformers reads it
+        // as "longrope".
+        "longrope" | "su" => {
+            let need = |x: Option<Vec<f32>>, key: &str| {
+                x.ok_or_else(|| Error::MissingMetadata {
+                    key: format!("rope_scaling.{key}"),
+                })
+            };
+            Ok(Some(RopeScaling::LongRope {
+                short_factors: need(rs.short_factor, "short_factor")?,
+                long_factors: need(rs.long_factor, "long_factor")?,
+                // transformers reads the top-level field first, as Phi-3 writes it.
+                original_max_position: original_max_position
+                    .or(rs.original_max_position_embeddings)
+                    .ok_or_else(|| Error::MissingMetadata {
+                        key: "original_max_position_embeddings".into(),
+                    })?,
+                attention_factor: rs.attention_factor,
+            }))
+        }
         other => Err(Error::UnsupportedFeature(format!(
             "rope scaling type `{other}`"
         ))),
@@ -301,6 +349,19 @@ impl WeightSource for SafetensorsModel {
         quantize: Option<Quantize>,
     ) -> Result<Linear> {
         Linear::from_float(self.load(name, device, dtype)?, dtype, quantize)
+    }
+
+    fn linear_rows(
+        &mut self,
+        name: &str,
+        rows: &[usize],
+        device: &Device,
+        dtype: DType,
+        quantize: Option<Quantize>,
+    ) -> Result<Linear> {
+        let w = self.load(name, device, dtype)?;
+        let rows = row_indices(rows, w.dims().first().copied().unwrap_or(0), name, device)?;
+        Linear::from_float(w.index_select(&rows, 0)?, dtype, quantize)
     }
 
     fn dense(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
