@@ -10,6 +10,7 @@
 mod gemma3;
 mod llama;
 mod mistral;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -40,6 +41,7 @@ pub(crate) static FAMILIES: &[&Family] = &[
     &qwen2::QWEN2,
     &qwen3::QWEN3,
     &gemma3::GEMMA3,
+    &phi3::PHI3,
 ];
 
 /// The family of a GGUF `general.architecture`.
@@ -131,7 +133,7 @@ mod tests {
             panic!("mamba is not served")
         };
         let message = e.to_string();
-        for name in ["llama", "qwen2", "qwen3", "gemma3"] {
+        for name in ["llama", "qwen2", "qwen3", "gemma3", "phi3"] {
             assert!(message.contains(name), "{message}");
         }
         assert!(message.contains("`mamba`"), "{message}");
