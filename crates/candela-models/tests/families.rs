@@ -14,7 +14,13 @@
 //! windowed prefill see one key too many (`j + window < i` masks, so window + 1 keys), so the
 //! Gemma 3 comparison keeps prompts within the window and exercises the window in decode,
 //! where candle's rotating cache holds exactly `window` keys; a second test checks that our
-//! windowed prefill past the window equals token-by-token decoding.
+//! windowed prefill past the window equals token-by-token decoding. Its `mistral.rs` has the
+//! same one-key-too-many mask and applies it only within one forward call, so Mistral is
+//! compared against it with `window - 1`, recomputing each sequence from its start at every
+//! step. Its `phi3.rs` gets partial rotation right but not LongRoPE (it multiplies by the
+//! factors, switches sets by position, and has no attention factor), so LongRoPE is compared
+//! on an equivalent model that undoes each difference (see that test), and the LongRoPE
+//! formulas themselves are checked by hand in `config.rs`'s unit tests.
 
 #[path = "model_support/mod.rs"]
 mod support;
@@ -22,7 +28,7 @@ mod support;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candela_models::{load_model, Architecture, BatchInputs, Model, SeqChunk};
+use candela_models::{load_model, Architecture, BatchInputs, Error, Model, SeqChunk};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -42,6 +48,8 @@ const GEMMA_KV_HEADS: usize = 1;
 /// Which optional tensors a family's checkpoint holds.
 struct Layout {
     kv_heads: usize,
+    /// Size of a head (Phi-3's is hidden / heads, as candle's phi3.rs derives it).
+    head_dim: usize,
     qk_norm: bool,
     sandwich: bool,
     /// Norm weights stored as `w` around 0 (Gemma's `1 + w`) rather than around 1.
@@ -81,15 +89,21 @@ fn weights(layout: &Layout, seed: u64) -> HashMap<String, Tensor> {
             for norm in ["q_norm", "k_norm"] {
                 w.insert(
                     format!("{p}.self_attn.{norm}.weight"),
-                    rand(&[HEAD_DIM], 0.1, norm_shift),
+                    rand(&[layout.head_dim], 0.1, norm_shift),
                 );
             }
         }
         for (name, shape) in [
-            ("self_attn.q_proj", [HEADS * HEAD_DIM, HIDDEN]),
-            ("self_attn.k_proj", [layout.kv_heads * HEAD_DIM, HIDDEN]),
-            ("self_attn.v_proj", [layout.kv_heads * HEAD_DIM, HIDDEN]),
-            ("self_attn.o_proj", [HIDDEN, HEADS * HEAD_DIM]),
+            ("self_attn.q_proj", [HEADS * layout.head_dim, HIDDEN]),
+            (
+                "self_attn.k_proj",
+                [layout.kv_heads * layout.head_dim, HIDDEN],
+            ),
+            (
+                "self_attn.v_proj",
+                [layout.kv_heads * layout.head_dim, HIDDEN],
+            ),
+            ("self_attn.o_proj", [HIDDEN, HEADS * layout.head_dim]),
             ("mlp.gate_proj", [INTER, HIDDEN]),
             ("mlp.up_proj", [INTER, HIDDEN]),
             ("mlp.down_proj", [HIDDEN, INTER]),
@@ -284,6 +298,7 @@ fn qwen3_matches_candle_transformers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let layout = Layout {
         kv_heads: 2,
+        head_dim: HEAD_DIM,
         qk_norm: true,
         sandwich: false,
         norm_around_zero: false,
@@ -367,6 +382,7 @@ fn gemma3_config(window: usize) -> serde_json::Value {
 fn gemma3_checkpoint(dir: &Path, window: usize) {
     let layout = Layout {
         kv_heads: GEMMA_KV_HEADS,
+        head_dim: HEAD_DIM,
         qk_norm: true,
         sandwich: true,
         norm_around_zero: true,
@@ -447,4 +463,464 @@ fn gemma3_windowed_prefill_equals_token_by_token_decode() {
     );
     let last = chunked[0].len() - 1;
     assert!(max_abs_diff(&chunked[0][last], &unwindowed[0][last]) > 1e-3);
+}
+
+#[test]
+fn mistral_matches_candle_transformers() {
+    use candle_transformers::models::mistral;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = Layout {
+        kv_heads: 2,
+        head_dim: HEAD_DIM,
+        qk_norm: false,
+        sandwich: false,
+        norm_around_zero: false,
+    };
+    let mut w = weights(&layout, 0x3157);
+    w.insert(
+        "lm_head.weight".into(),
+        w["model.embed_tokens.weight"]
+            .affine(0.5, 0.0)
+            .expect("head"),
+    );
+    // Every prompt (9, 13, 6) is longer than the window, so prefill and decode both drop keys.
+    let window = 5;
+    let config = |window: Option<usize>| {
+        serde_json::json!({
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "intermediate_size": INTER,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": layout.kv_heads,
+            "head_dim": HEAD_DIM,
+            "hidden_act": "silu",
+            "max_position_embeddings": CONTEXT,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1_000_000.0,
+            "sliding_window": window,
+            "tie_word_embeddings": false,
+            "bos_token_id": 1,
+            "eos_token_id": 2
+        })
+    };
+    write_checkpoint(dir.path(), &config(Some(window)), &w);
+    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let c = loaded.config();
+    assert_eq!(c.architecture, Architecture::Mistral);
+    assert!((0..LAYERS).all(|i| c.layer_window(i) == Some(window)));
+    let seqs = test_seqs([9, 13, 6]);
+    let got = ours(loaded.model.as_ref(), &seqs);
+
+    // candle's mistral.rs differs from transformers and llama.cpp in two ways, so it is run
+    // where it agrees with them: its mask hides key j from query i iff `j + window < i`, so
+    // it shows `window + 1` keys (transformers and we show `window`: `i - j < window`), and
+    // only within one forward call (a decode step, or a prefill after cached tokens, sees
+    // every cached key). So it gets `window - 1` and recomputes each sequence from its first
+    // token at every step, with no cache.
+    let cfg: mistral::Config =
+        serde_json::from_value(config(Some(window - 1))).expect("candle's config");
+    let want = reference(
+        &seqs,
+        || {
+            let model =
+                mistral::Model::new(&cfg, var_builder(dir.path())).expect("candle's mistral");
+            (model, Vec::new())
+        },
+        |(model, history): &mut (mistral::Model, Vec<u32>), tokens, _offset| {
+            history.extend_from_slice(tokens);
+            model.clear_kv_cache();
+            model.forward(&ids(history), 0).expect("forward")
+        },
+    );
+    assert_close("mistral", &got, &want);
+
+    // And the window matters: without it the last rows differ.
+    let wide = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(wide.path(), &config(None), &w);
+    let wide = load_model(wide.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    assert_eq!(wide.config().layer_window(0), None);
+    let unwindowed = ours(wide.model.as_ref(), &seqs);
+    let last = got[1].len() - 1;
+    assert!(max_abs_diff(&got[1][last], &unwindowed[1][last]) > 1e-3);
+}
+
+/// Phi-3's test shape: candle's phi3.rs derives the head size as hidden / heads.
+const PHI3_HEAD_DIM: usize = HIDDEN / HEADS;
+const PHI3_KV_HEADS: usize = 2;
+/// 12 of 16 dimensions rotated (Phi-4-mini rotates 0.75 of its heads too).
+const PHI3_PARTIAL_ROTARY: f64 = 0.75;
+const PHI3_ROTARY_DIM: usize = 12;
+/// A window shorter than every prompt, which Phi-3 must not apply (see `families/phi3.rs`).
+const PHI3_SLIDING_WINDOW: usize = 5;
+/// LongRoPE's pre-training length: a quarter of `CONTEXT`, so the long factors apply.
+const PHI3_ORIGINAL_CONTEXT: usize = CONTEXT / 4;
+
+/// A Phi-3 config.json; `rope_scaling` and `original_max_position_embeddings` as given.
+fn phi3_config(rope_scaling: serde_json::Value, original: Option<usize>) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": PHI3_KV_HEADS,
+        "hidden_act": "silu",
+        "max_position_embeddings": CONTEXT,
+        "original_max_position_embeddings": original,
+        "partial_rotary_factor": PHI3_PARTIAL_ROTARY,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10_000.0,
+        "rope_scaling": rope_scaling,
+        "sliding_window": PHI3_SLIDING_WINDOW,
+        "tie_word_embeddings": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2
+    })
+}
+
+/// The LongRoPE factors of the tests, one per rotated pair: (short, long).
+fn phi3_rope_factors() -> (Vec<f32>, Vec<f32>) {
+    let pairs = PHI3_ROTARY_DIM / 2;
+    let short = (0..pairs).map(|i| 1.0 + i as f32 / 4.0).collect();
+    let long = (0..pairs).map(|i| 1.5 + (i * i) as f32).collect();
+    (short, long)
+}
+
+/// Random Phi-3 weights: llama's, with q/k/v and gate/up fused as Phi-3 stores them.
+fn phi3_weights(seed: u64) -> HashMap<String, Tensor> {
+    let layout = Layout {
+        kv_heads: PHI3_KV_HEADS,
+        head_dim: PHI3_HEAD_DIM,
+        qk_norm: false,
+        sandwich: false,
+        norm_around_zero: false,
+    };
+    let mut w = weights(&layout, seed);
+    w.insert(
+        "lm_head.weight".into(),
+        w["model.embed_tokens.weight"]
+            .affine(0.5, 0.0)
+            .expect("head"),
+    );
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        let mut fuse = |parts: &[&str], fused: &str| {
+            let parts: Vec<Tensor> = parts
+                .iter()
+                .map(|name| w.remove(&format!("{p}.{name}.weight")).expect("part"))
+                .collect();
+            let t = Tensor::cat(&parts, 0).expect("fuse");
+            w.insert(format!("{p}.{fused}.weight"), t);
+        };
+        fuse(
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            "self_attn.qkv_proj",
+        );
+        fuse(&["mlp.gate_proj", "mlp.up_proj"], "mlp.gate_up_proj");
+    }
+    w
+}
+
+/// Builds candle-transformers' Phi-3 over the checkpoint in `dir`, for [`reference`].
+fn candle_phi3(
+    dir: &Path,
+    config: serde_json::Value,
+) -> impl FnMut() -> candle_transformers::models::phi3::Model + '_ {
+    use candle_transformers::models::phi3;
+    let cfg: phi3::Config = serde_json::from_value(config).expect("candle's config");
+    move || phi3::Model::new(&cfg, var_builder(dir)).expect("candle's phi3")
+}
+
+#[test]
+fn phi3_matches_candle_transformers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = phi3_config(serde_json::Value::Null, None);
+    write_checkpoint(dir.path(), &config, &phi3_weights(0x9431));
+    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let c = loaded.config();
+    assert_eq!(c.architecture, Architecture::Phi3);
+    assert!(c.switches.fused_qkv && c.switches.fused_gate_up);
+    assert_eq!(c.rotary_dim(), PHI3_ROTARY_DIM);
+    assert_eq!(
+        c.layer_window(0),
+        None,
+        "Phi-3's sliding_window is not applied"
+    );
+    // Prompts longer than the config's sliding window: candle attends to all of them too.
+    let seqs = test_seqs([9, 13, 6]);
+    let got = ours(loaded.model.as_ref(), &seqs);
+    let want = reference(
+        &seqs,
+        candle_phi3(dir.path(), config),
+        |m, tokens, offset| m.forward(&ids(tokens), offset).expect("forward"),
+    );
+    assert_close("phi3", &got, &want);
+}
+
+/// LongRoPE against candle-transformers' phi3.rs, on an equivalent model: candle's LongRoPE
+/// differs from transformers' (and ours) in three ways, each undone by what it is given.
+/// 1. It multiplies the inverse frequencies by the factors where transformers divides: it
+///    gets the reciprocals of our long factors.
+/// 2. It rotates positions below `original_max_position_embeddings` with the short factors
+///    and those above with the long ones: it gets no original length, so it uses the factors
+///    it has (our long ones) everywhere, as we do for a context longer than the original.
+/// 3. It has no attention factor (transformers multiplies cos and sin by
+///    `sqrt(1 + ln(s) / ln(original))`): its checkpoint has the rotated rows of q and k
+///    multiplied by it instead, which is the same since rope is linear.
+#[test]
+fn phi3_longrope_matches_candle_transformers_on_an_equivalent_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (short, long) = phi3_rope_factors();
+    let ours_config = phi3_config(
+        serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": long }),
+        Some(PHI3_ORIGINAL_CONTEXT),
+    );
+    let w = phi3_weights(0x10e6);
+    write_checkpoint(dir.path(), &ours_config, &w);
+    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let c = loaded.config();
+    let scale = CONTEXT as f64 / PHI3_ORIGINAL_CONTEXT as f64;
+    let factor = (1.0 + scale.ln() / (PHI3_ORIGINAL_CONTEXT as f64).ln()).sqrt();
+    assert!((c.rope_attention_factor() - factor).abs() < 1e-12);
+
+    let reciprocal: Vec<f32> = long.iter().map(|f| 1.0 / f).collect();
+    let candle_config = phi3_config(
+        serde_json::json!({ "type": "longrope", "short_factor": reciprocal, "long_factor": long }),
+        None,
+    );
+    let scaled_dir = tempfile::tempdir().expect("tempdir");
+    let mut scaled = w.clone();
+    let q_rows = HEADS * PHI3_HEAD_DIM;
+    let k_rows = PHI3_KV_HEADS * PHI3_HEAD_DIM;
+    let row_scale: Vec<f32> = (0..q_rows + 2 * k_rows)
+        .map(|row| {
+            let rotated = row < q_rows + k_rows && row % PHI3_HEAD_DIM < PHI3_ROTARY_DIM;
+            if rotated {
+                factor as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let row_scale =
+        Tensor::from_vec(row_scale, (q_rows + 2 * k_rows, 1), &Device::Cpu).expect("row scale");
+    for i in 0..LAYERS {
+        let name = format!("model.layers.{i}.self_attn.qkv_proj.weight");
+        let t = scaled[&name].broadcast_mul(&row_scale).expect("scale rows");
+        scaled.insert(name, t);
+    }
+    write_checkpoint(scaled_dir.path(), &candle_config, &scaled);
+
+    let seqs = test_seqs([9, 13, 6]);
+    let got = ours(loaded.model.as_ref(), &seqs);
+    let want = reference(
+        &seqs,
+        candle_phi3(scaled_dir.path(), candle_config),
+        |m, tokens, offset| m.forward(&ids(tokens), offset).expect("forward"),
+    );
+    assert_close("phi3 longrope", &got, &want);
+
+    // The factors matter: the same weights without LongRoPE give other logits.
+    let plain = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(
+        plain.path(),
+        &phi3_config(serde_json::Value::Null, None),
+        &w,
+    );
+    let plain = load_model(plain.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let plain = ours(plain.model.as_ref(), &seqs);
+    assert!(max_abs_diff(&got[0][1], &plain[0][1]) > 1e-3);
+}
+
+/// llama.cpp's GGUF form of the LongRoPE checkpoint: `attn_qkv` (or split q/k/v), `ffn_up`
+/// holding gate and up, the factors as `rope_factors_{long,short}.weight` and the lengths in
+/// the metadata. Both must compute what the safetensors checkpoint computes.
+#[test]
+fn phi3_gguf_matches_its_safetensors_checkpoint() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (short, long) = phi3_rope_factors();
+    let config = phi3_config(
+        serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": long }),
+        Some(PHI3_ORIGINAL_CONTEXT),
+    );
+    let w = phi3_weights(0x99f);
+    write_checkpoint(dir.path(), &config, &w);
+    let st = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let seqs = test_seqs([9, 13, 6]);
+    let want = ours(st.model.as_ref(), &seqs);
+
+    let u = |x: usize| Value::U32(x as u32);
+    let a = "phi3";
+    let metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        (format!("{a}.embedding_length"), u(HIDDEN)),
+        (format!("{a}.feed_forward_length"), u(INTER)),
+        (format!("{a}.block_count"), u(LAYERS)),
+        (format!("{a}.attention.head_count"), u(HEADS)),
+        (format!("{a}.attention.head_count_kv"), u(PHI3_KV_HEADS)),
+        (format!("{a}.context_length"), u(CONTEXT)),
+        (format!("{a}.rope.dimension_count"), u(PHI3_ROTARY_DIM)),
+        (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
+        (
+            format!("{a}.rope.scaling.original_context_length"),
+            u(PHI3_ORIGINAL_CONTEXT),
+        ),
+        (
+            format!("{a}.attention.sliding_window"),
+            u(PHI3_SLIDING_WINDOW),
+        ),
+        // What llama.cpp's converter writes: transformers' default attention factor.
+        (
+            format!("{a}.rope.scaling.attn_factor"),
+            Value::F32(st.config().rope_attention_factor() as f32),
+        ),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+    ];
+    let gguf_name = |hf: &str| -> String {
+        match hf {
+            "model.embed_tokens.weight" => return "token_embd.weight".into(),
+            "model.norm.weight" => return "output_norm.weight".into(),
+            "lm_head.weight" => return "output.weight".into(),
+            _ => {}
+        }
+        let rest = hf.strip_prefix("model.layers.").expect("layer tensor");
+        let (layer, role) = rest.split_once('.').expect("layer index");
+        let role = match role {
+            "input_layernorm.weight" => "attn_norm",
+            "post_attention_layernorm.weight" => "ffn_norm",
+            "self_attn.qkv_proj.weight" => "attn_qkv",
+            "self_attn.o_proj.weight" => "attn_output",
+            "mlp.gate_up_proj.weight" => "ffn_up",
+            "mlp.down_proj.weight" => "ffn_down",
+            other => panic!("unexpected tensor {other}"),
+        };
+        format!("blk.{layer}.{role}.weight")
+    };
+    let f32_tensor = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32).expect("qtensor");
+    for fused_qkv in [true, false] {
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for (name, t) in &w {
+            let g = gguf_name(name);
+            if g.ends_with("attn_qkv.weight") && !fused_qkv {
+                let q = HEADS * PHI3_HEAD_DIM;
+                let kv = PHI3_KV_HEADS * PHI3_HEAD_DIM;
+                for (part, start, len) in [("q", 0, q), ("k", q, kv), ("v", q + kv, kv)] {
+                    // Through a Vec: candle's `QTensor::quantize` reads a narrowed tensor's
+                    // storage from its start.
+                    let rows = t.narrow(0, start, len).and_then(|t| t.to_vec2::<f32>());
+                    let split = rows
+                        .and_then(|rows| Tensor::new(rows, &Device::Cpu))
+                        .expect("split");
+                    let split_name = g.replace("attn_qkv", &format!("attn_{part}"));
+                    tensors.push((split_name, f32_tensor(&split)));
+                }
+            } else {
+                tensors.push((g, f32_tensor(t)));
+            }
+        }
+        for (name, factors) in [
+            ("rope_factors_long.weight", &long),
+            ("rope_factors_short.weight", &short),
+        ] {
+            let t = Tensor::new(factors.as_slice(), &Device::Cpu).expect("factors");
+            tensors.push((name.into(), f32_tensor(&t)));
+        }
+        let path = dir.path().join(format!("phi3-fused-{fused_qkv}.gguf"));
+        let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut file = std::fs::File::create(&path).expect("create gguf");
+        gguf_file::write(&mut file, &md, &ts).expect("write gguf");
+
+        let gg = load_model(path.to_str().expect("utf-8"), &Device::Cpu).expect("gguf loads");
+        let c = gg.config();
+        assert_eq!(c.architecture, Architecture::Phi3);
+        assert_eq!(c.switches.fused_qkv, fused_qkv);
+        assert_eq!(c.rotary_dim(), PHI3_ROTARY_DIM);
+        assert_eq!(c.layer_window(0), None);
+        assert_eq!(c.rope_inv_freqs(), st.config().rope_inv_freqs());
+        let stated = c.rope_attention_factor();
+        assert!((stated - st.config().rope_attention_factor()).abs() < 1e-6);
+        assert!(stated > 1.1, "the long context's factor: {stated}");
+        let got = ours(gg.model.as_ref(), &seqs);
+        assert_close(
+            &format!("phi3 gguf (fused q/k/v: {fused_qkv})"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+fn phi3_config_missing_a_needed_field_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (short, long) = phi3_rope_factors();
+    let longrope =
+        serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": long });
+    let w = phi3_weights(0x51);
+    let load = |config: &serde_json::Value, weights: &HashMap<String, Tensor>| {
+        write_checkpoint(dir.path(), config, weights);
+        match load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu) {
+            Ok(_) => panic!("{config} loads"),
+            Err(e) => e,
+        }
+    };
+    let missing = |e: Error| match e {
+        Error::MissingMetadata { key } => key,
+        other => panic!("expected a missing field, got {other}"),
+    };
+    let invalid = |e: Error| match e {
+        Error::InvalidMetadata { key, .. } => key,
+        other => panic!("expected an invalid field, got {other}"),
+    };
+
+    // LongRoPE without its pre-training length.
+    let e = load(&phi3_config(longrope.clone(), None), &w);
+    assert_eq!(missing(e), "original_max_position_embeddings");
+    // LongRoPE without one of its factor lists.
+    let mut no_long = longrope.clone();
+    no_long["long_factor"] = serde_json::Value::Null;
+    let e = load(&phi3_config(no_long, Some(PHI3_ORIGINAL_CONTEXT)), &w);
+    assert_eq!(missing(e), "rope_scaling.long_factor");
+    // Factors for the whole head rather than the rotated part of it.
+    let mut whole_head = longrope.clone();
+    whole_head["short_factor"] = serde_json::json!(vec![1.0; PHI3_HEAD_DIM / 2]);
+    let e = load(&phi3_config(whole_head, Some(PHI3_ORIGINAL_CONTEXT)), &w);
+    assert_eq!(invalid(e), "rope_scaling.short_factor");
+    // A rotary fraction out of range.
+    let mut config = phi3_config(serde_json::Value::Null, None);
+    config["partial_rotary_factor"] = serde_json::json!(1.5);
+    assert_eq!(invalid(load(&config, &w)), "partial_rotary_factor");
+    // A scaling type we do not implement is named.
+    let mut yarn = longrope.clone();
+    yarn["type"] = serde_json::json!("yarn");
+    let e = load(&phi3_config(yarn, Some(PHI3_ORIGINAL_CONTEXT)), &w);
+    assert!(
+        matches!(&e, Error::UnsupportedFeature(what) if what.contains("`yarn`")),
+        "{e}"
+    );
+    // A checkpoint with llama's split gate and up instead of Phi-3's fused matrix.
+    let mut split = w.clone();
+    let gate_up = split
+        .remove("model.layers.0.mlp.gate_up_proj.weight")
+        .expect("gate_up");
+    split.insert(
+        "model.layers.0.mlp.gate_proj.weight".into(),
+        gate_up.narrow(0, 0, INTER).expect("gate"),
+    );
+    let e = load(&phi3_config(serde_json::Value::Null, None), &split);
+    assert!(
+        matches!(&e, Error::MissingTensor { name } if name == "model.layers.0.mlp.gate_up_proj.weight"),
+        "{e}"
+    );
 }
