@@ -45,8 +45,14 @@ use crate::stop::{StopMatcher, StopOutcome};
 use crate::structured::{Advance, ChoiceConstraint, TokenMask};
 use crate::text::TextTools;
 
-/// Tokens of the warm-up sequence: enough to run every kernel of a prefill.
+/// Tokens of the warm-up sequence of a GPU's KV sizing probe: enough to run every kernel of a
+/// prefill.
+#[cfg(feature = "cuda")]
 const WARMUP_TOKENS: usize = 8;
+/// Most tokens of the warm-up prefill chunk (more adds start-up time, not warmth).
+const WARMUP_PREFILL_TOKENS: usize = 256;
+/// Most sequences of the warm-up decode step.
+const WARMUP_DECODE_SEQS: usize = 16;
 
 /// What `spawn` hands back to the handle.
 pub(crate) struct Started {
@@ -365,46 +371,89 @@ impl EngineCore {
         })
     }
 
-    /// One real forward on a short dummy prefill, so the first request does not pay for lazy
-    /// initialisation (thread pools, kernel compilation, allocator growth). It writes block 0
-    /// of the cache, which holds no sequence yet (every block is free before the loop starts),
-    /// and allocates nothing in the scheduler, so nothing is left to free.
+    /// Real forwards at the shapes the loop will run, before the engine says ready, so the first
+    /// requests do not pay for lazy initialisation (thread pools and their stacks, kernel
+    /// compilation on a GPU, scratch buffers, allocator growth, first touches of cache pages):
+    /// a prefill chunk (up to `batch_tokens_max`, at most 256 tokens) and a decode step of up
+    /// to 16 sequences, each followed by both ways of bringing logits to the host. They write
+    /// blocks of the cache that hold no sequence yet (every block is free before the loop
+    /// starts) and allocate nothing in the scheduler, so nothing is left to free. Logs how long
+    /// it took.
     fn warm_up(&mut self) -> Result<(), EngineError> {
         assert_eq!(self.scheduler.block_manager().num_used(), 0);
-        let tokens = WARMUP_TOKENS.min(self.block_size).min(self.info.vocab_size);
-        let token_ids: Vec<u32> = (0..tokens as u32).collect();
-        let chunk = SeqChunk {
-            token_ids: &token_ids,
-            tokens_cached: 0,
-            block_table: &[0],
-            window_block_table: None,
-            sample: true,
-        };
-        let inputs = BatchInputs::from_seqs(&[chunk], self.block_size, &self.device)
-            .map_err(|e| EngineError::Warmup(e.to_string()))?;
-        let logits = self
-            .model
-            .forward(&inputs, &mut self.kv)
-            .map_err(|e| EngineError::Warmup(e.to_string()))?;
-        let dims = logits.dims().to_vec();
-        if dims != [1, self.info.vocab_size] {
-            return Err(EngineError::Warmup(format!(
-                "the model returned logits of shape {dims:?}, expected [1, {}]",
-                self.info.vocab_size
-            )));
+        let started = Instant::now();
+        let stats = self.scheduler.stats();
+        // Blocks every pool has (the window pool may be the smaller).
+        let blocks = match stats.window_blocks_total {
+            0 => stats.blocks_total,
+            window => window.min(stats.blocks_total),
+        } as usize;
+        let bs = self.block_size;
+        let vocab = self.info.vocab_size;
+        let prefill = WARMUP_PREFILL_TOKENS
+            .min(self.scheduler.config().max_num_batched_tokens as usize)
+            .min(blocks * bs)
+            .min(self.info.model_len_max)
+            .max(1);
+        let decode = WARMUP_DECODE_SEQS
+            .min(self.scheduler.config().max_num_seqs as usize)
+            .min(blocks)
+            .max(1);
+        let prefill_ids: Vec<u32> = (0..prefill).map(|i| (i % vocab) as u32).collect();
+        let prefill_table: Vec<u32> = (0..prefill.div_ceil(bs) as u32).collect();
+        let decode_tables: Vec<[u32; 1]> = (0..decode as u32).map(|b| [b]).collect();
+        let decode_ids: Vec<[u32; 1]> = (0..decode).map(|i| [(i % vocab) as u32]).collect();
+        let windowed = stats.window_blocks_total > 0;
+        fn chunk<'a>(ids: &'a [u32], table: &'a [u32], windowed: bool) -> SeqChunk<'a> {
+            SeqChunk {
+                token_ids: ids,
+                tokens_cached: 0,
+                block_table: table,
+                // Same ids in the window pool: both pools are empty.
+                window_block_table: windowed.then_some(table),
+                sample: true,
+            }
         }
-        // Both ways to the host, so the first request compiles no kernel.
-        if self.greedy_on_device {
-            logits_to_host(
-                &logits,
-                &[true],
-                &mut self.device_tokens,
-                &mut self.logits_host,
-            )
-            .map_err(|e| EngineError::Warmup(e.to_string()))?;
+        let steps: [Vec<SeqChunk<'_>>; 2] = [
+            vec![chunk(&prefill_ids, &prefill_table, windowed)],
+            decode_ids
+                .iter()
+                .zip(&decode_tables)
+                .map(|(ids, table)| chunk(ids, table, windowed))
+                .collect(),
+        ];
+        let warm = |e: &dyn std::fmt::Display| EngineError::Warmup(e.to_string());
+        for seqs in &steps {
+            let inputs = BatchInputs::from_seqs(seqs, bs, &self.device).map_err(|e| warm(&e))?;
+            let logits = self
+                .model
+                .forward(&inputs, &mut self.kv)
+                .map_err(|e| warm(&e))?;
+            let dims = logits.dims().to_vec();
+            if dims != [seqs.len(), vocab] {
+                return Err(EngineError::Warmup(format!(
+                    "the model returned logits of shape {dims:?}, expected [{}, {vocab}]",
+                    seqs.len()
+                )));
+            }
+            // Both ways to the host, so the first request compiles no kernel.
+            if self.greedy_on_device {
+                logits_to_host(
+                    &logits,
+                    &vec![true; seqs.len()],
+                    &mut self.device_tokens,
+                    &mut self.logits_host,
+                )
+                .map_err(|e| warm(&e))?;
+            }
+            copy_logits_to_host(&logits, &mut self.logits_host).map_err(|e| warm(&e))?;
         }
-        copy_logits_to_host(&logits, &mut self.logits_host)
-            .map_err(|e| EngineError::Warmup(e.to_string()))?;
+        tracing::info!(
+            prefill_tokens = prefill,
+            decode_seqs = decode,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "engine warmed up"
+        );
         Ok(())
     }
 
