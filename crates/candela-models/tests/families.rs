@@ -20,7 +20,9 @@
 //! step. Its `phi3.rs` gets partial rotation right but not LongRoPE (it multiplies by the
 //! factors, switches sets by position, and has no attention factor), so LongRoPE is compared
 //! on an equivalent model that undoes each difference (see that test), and the LongRoPE
-//! formulas themselves are checked by hand in `config.rs`'s unit tests.
+//! formulas themselves are checked by hand in `config.rs`'s unit tests. Its `qwen2.rs` masks
+//! prefill with `sliding_window` even when `use_sliding_window` is off, so Qwen2 is given a
+//! window as long as the context.
 
 #[path = "model_support/mod.rs"]
 mod support;
@@ -44,6 +46,9 @@ const CONTEXT: usize = 128;
 const BLOCK: usize = 4;
 const TOLERANCE: f32 = 1e-4;
 const GEMMA_KV_HEADS: usize = 1;
+/// Head size of the families whose config.json states none (Qwen2, Llama): candle's models
+/// derive it as hidden / heads, as transformers and our loader do.
+const DERIVED_HEAD_DIM: usize = HIDDEN / HEADS;
 
 /// Which optional tensors a family's checkpoint holds.
 struct Layout {
@@ -347,6 +352,74 @@ fn qwen3_matches_candle_transformers() {
         |m, tokens, offset| m.forward(&ids(tokens), offset).expect("forward"),
     );
     assert_close("qwen3", &got, &want);
+}
+
+#[test]
+fn qwen2_matches_candle_transformers() {
+    use candle_transformers::models::qwen2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = Layout {
+        kv_heads: 2,
+        head_dim: DERIVED_HEAD_DIM,
+        qk_norm: false,
+        sandwich: false,
+        norm_around_zero: false,
+    };
+    let mut w = weights(&layout, 0x9e2);
+    // Biases of the order of the projections' outputs, so that dropping one shows.
+    let mut rng = StdRng::seed_from_u64(0x9e2b);
+    for i in 0..LAYERS {
+        for (proj, heads) in [
+            ("q_proj", HEADS),
+            ("k_proj", layout.kv_heads),
+            ("v_proj", layout.kv_heads),
+        ] {
+            let len = heads * layout.head_dim;
+            let bias = Tensor::from_vec(seeded_normal(&mut rng, len), len, &Device::Cpu)
+                .and_then(|t| t.affine(0.5, 0.0))
+                .expect("bias");
+            w.insert(format!("model.layers.{i}.self_attn.{proj}.bias"), bias);
+        }
+    }
+    // No `lm_head.weight`: the head is tied to the embedding, as in Qwen2.5 0.5B to 3B.
+    let config = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": layout.kv_heads,
+        "max_position_embeddings": CONTEXT,
+        // candle's qwen2.rs masks every prefill with `sliding_window` whether or not
+        // `use_sliding_window` is set (transformers ignores it then, as we do): the whole
+        // context makes its mask the causal one.
+        "sliding_window": CONTEXT,
+        "max_window_layers": LAYERS,
+        "use_sliding_window": false,
+        "tie_word_embeddings": true,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2
+    });
+    write_checkpoint(dir.path(), &config, &w);
+    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let c = loaded.config();
+    assert_eq!(c.architecture, Architecture::Qwen2);
+    assert!(c.attention_bias && c.head_dim == DERIVED_HEAD_DIM);
+    assert_eq!(c.layer_window(0), None);
+    let seqs = test_seqs([9, 13, 6]);
+    let got = ours(loaded.model.as_ref(), &seqs);
+    let cfg: qwen2::Config = serde_json::from_value(config).expect("candle's config");
+    let want = reference(
+        &seqs,
+        || qwen2::ModelForCausalLM::new(&cfg, var_builder(dir.path())).expect("candle's qwen2"),
+        |m, tokens, offset| m.forward(&ids(tokens), offset).expect("forward"),
+    );
+    assert_close("qwen2", &got, &want);
 }
 
 fn gemma3_config(window: usize) -> serde_json::Value {
