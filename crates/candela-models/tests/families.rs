@@ -620,6 +620,118 @@ fn mistral_matches_candle_transformers() {
     assert!(max_abs_diff(&got[1][last], &unwindowed[1][last]) > 1e-3);
 }
 
+/// Llama 3.1's rope scaling with its own factors (8, 1, 4) and base (500000), the pre-training
+/// length scaled down with the head: the 8 wavelengths of a 16-dimension head are
+/// 2π·500000^(i/8) ≈ 6.3, 32, 167, 862, ...; an original length of 64 puts the thresholds at
+/// 64 / 4 = 16 and 64 / 1 = 64, so the first pair is kept, the second is blended and the
+/// other six are divided by the factor: every branch of the formula is taken.
+const LLAMA3_FACTOR: f64 = 8.0;
+const LLAMA3_ORIGINAL_CONTEXT: usize = CONTEXT / 2;
+
+/// A Llama 3.1-shaped config.json with `rope_scaling` as given.
+fn llama_config(rope_scaling: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": CONTEXT,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500_000.0,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": false,
+        "bos_token_id": 1,
+        "eos_token_id": [2, 3]
+    })
+}
+
+#[test]
+fn llama3_rope_scaling_matches_candle_transformers() {
+    use candle_transformers::models::llama;
+    let layout = Layout {
+        kv_heads: 2,
+        head_dim: DERIVED_HEAD_DIM,
+        qk_norm: false,
+        sandwich: false,
+        norm_around_zero: false,
+    };
+    let mut w = weights(&layout, 0x113);
+    w.insert(
+        "lm_head.weight".into(),
+        w["model.embed_tokens.weight"]
+            .affine(0.5, 0.0)
+            .expect("head"),
+    );
+    let config = llama_config(serde_json::json!({
+        "rope_type": "llama3",
+        "factor": LLAMA3_FACTOR,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": LLAMA3_ORIGINAL_CONTEXT
+    }));
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(dir.path(), &config, &w);
+    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    assert_eq!(loaded.config().architecture, Architecture::Llama);
+    let plain_dir = tempfile::tempdir().expect("tempdir");
+    write_checkpoint(plain_dir.path(), &llama_config(serde_json::Value::Null), &w);
+    let plain = load_model(plain_dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+
+    // The three branches, on the frequencies themselves.
+    let scaled = loaded.config().rope_inv_freqs();
+    let unscaled = plain.config().rope_inv_freqs();
+    assert_eq!(scaled.len(), DERIVED_HEAD_DIM / 2);
+    assert_eq!(scaled[0], unscaled[0], "short wavelength kept");
+    assert!(
+        unscaled[1] / LLAMA3_FACTOR < scaled[1] && scaled[1] < unscaled[1],
+        "blended"
+    );
+    for (s, u) in scaled.iter().zip(&unscaled).skip(2) {
+        assert_eq!(*s, u / LLAMA3_FACTOR, "long wavelength divided");
+    }
+
+    let seqs = test_seqs([9, 13, 6]);
+    let got = ours(loaded.model.as_ref(), &seqs);
+    // candle's llama.rs returns the last position's logits only, which is what `reference`
+    // samples: the prompt's last row after a prefill, then each decode step's row.
+    let cfg = serde_json::from_value::<llama::LlamaConfig>(config)
+        .expect("candle's config")
+        .into_config(false);
+    let want = reference(
+        &seqs,
+        || {
+            let model = llama::Llama::load(var_builder(dir.path()), &cfg).expect("candle's llama");
+            let cache =
+                llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).expect("candle's cache");
+            (model, cache)
+        },
+        |(model, cache): &mut (llama::Llama, llama::Cache), tokens, offset| {
+            model.forward(&ids(tokens), offset, cache).expect("forward")
+        },
+    );
+    // The module's tolerance holds: candle scales the frequencies in f32 where we do in f64,
+    // a relative error of about 1e-7 that moves angles by about 1e-6 at these positions.
+    assert_close("llama3 rope scaling", &got, &want);
+
+    // And the scaling matters: without it each sequence's last row moves by tenths at least,
+    // three orders above the tolerance (by 4 to 5 with these weights: the blended pair alone
+    // turns by about 2 radians at position 20).
+    let unscaled_rows = ours(plain.model.as_ref(), &seqs);
+    for (s, (a, b)) in got.iter().zip(&unscaled_rows).enumerate() {
+        let last = a.len() - 1;
+        let d = max_abs_diff(&a[last], &b[last]);
+        assert!(
+            d > 0.1,
+            "sequence {s}: rope scaling changes the last row by only {d}"
+        );
+    }
+}
+
 /// Phi-3's test shape: candle's phi3.rs derives the head size as hidden / heads.
 const PHI3_HEAD_DIM: usize = HIDDEN / HEADS;
 const PHI3_KV_HEADS: usize = 2;
