@@ -104,6 +104,28 @@ def test_metrics_content(server, client, model_name):
     assert delta("candela:time_to_first_token_seconds_count") == 1
 
 
+def test_metrics_under_vllms_names_for_routers(server, client, model_name):
+    """Routers and autoscalers (Gateway API Inference Extension, production-stack, KEDA) read
+    vllm:* names: each series is there under both prefixes, plus the info gauges."""
+    client.completions.create(model=model_name, prompt="Hi", max_tokens=2)
+    text = wait_idle(server.url)
+    for name in ("num_requests_waiting", "num_requests_running", "kv_cache_usage_perc",
+                 "prefix_cache_hits_total", "prefix_cache_queries_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_count"):
+        assert metric(text, f"vllm:{name}") == metric(text, f"candela:{name}"), name
+    assert metric(text, "vllm:gpu_cache_usage_perc") == metric(text, "vllm:kv_cache_usage_perc")
+    assert metric(text, "vllm:gpu_prefix_cache_hits_total") == metric(text, "vllm:prefix_cache_hits_total")
+    assert metric(text, "vllm:gpu_prefix_cache_queries_total") == metric(text, "vllm:prefix_cache_queries_total")
+    info = re.search(r'^vllm:cache_config_info\{([^}]*)\} 1$', text, re.MULTILINE)
+    assert info, text
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info.group(1)))
+    assert labels["block_size"] == "16" and int(labels["num_gpu_blocks"]) > 0, labels
+    build = re.search(r'^candela:build_info\{([^}]*)\} 1$', text, re.MULTILINE)
+    assert build, text
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', build.group(1)))
+    assert labels["model"] == model_name and labels["version"] and labels["revision"], labels
+
+
 def test_full_queue_is_429_with_retry_after(keyed_server):
     """One running and one waiting slot: of 6 simultaneous long requests, some are refused."""
     headers = {"authorization": f"Bearer {API_KEY}"}
