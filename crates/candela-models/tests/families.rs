@@ -847,6 +847,18 @@ fn phi3_matches_candle_transformers() {
     assert_close("phi3", &got, &want);
 }
 
+/// Writes the LongRoPE Phi-3 checkpoint (seeded weights `seed`) to `dir`; returns its weights.
+fn phi3_longrope_checkpoint(dir: &Path, seed: u64) -> HashMap<String, Tensor> {
+    let (short, long) = phi3_rope_factors();
+    let config = phi3_config(
+        serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": long }),
+        Some(PHI3_ORIGINAL_CONTEXT),
+    );
+    let w = phi3_weights(seed);
+    write_checkpoint(dir, &config, &w);
+    w
+}
+
 /// LongRoPE against candle-transformers' phi3.rs, on an equivalent model: candle's LongRoPE
 /// differs from transformers' (and ours) in three ways, each undone by what it is given.
 /// 1. It multiplies the inverse frequencies by the factors where transformers divides: it
@@ -860,13 +872,8 @@ fn phi3_matches_candle_transformers() {
 #[test]
 fn phi3_longrope_matches_candle_transformers_on_an_equivalent_model() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (short, long) = phi3_rope_factors();
-    let ours_config = phi3_config(
-        serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": long }),
-        Some(PHI3_ORIGINAL_CONTEXT),
-    );
-    let w = phi3_weights(0x10e6);
-    write_checkpoint(dir.path(), &ours_config, &w);
+    let w = phi3_longrope_checkpoint(dir.path(), 0x10e6);
+    let (_, long) = phi3_rope_factors();
     let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
     let c = loaded.config();
     let scale = CONTEXT as f64 / PHI3_ORIGINAL_CONTEXT as f64;
@@ -931,13 +938,8 @@ fn phi3_gguf_matches_its_safetensors_checkpoint() {
     use candle_core::quantized::{GgmlDType, QTensor};
 
     let dir = tempfile::tempdir().expect("tempdir");
+    let w = phi3_longrope_checkpoint(dir.path(), 0x99f);
     let (short, long) = phi3_rope_factors();
-    let config = phi3_config(
-        serde_json::json!({ "type": "longrope", "short_factor": short, "long_factor": long }),
-        Some(PHI3_ORIGINAL_CONTEXT),
-    );
-    let w = phi3_weights(0x99f);
-    write_checkpoint(dir.path(), &config, &w);
     let st = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
     let seqs = test_seqs([9, 13, 6]);
     let want = ours(st.model.as_ref(), &seqs);

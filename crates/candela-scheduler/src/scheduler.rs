@@ -1073,6 +1073,11 @@ mod tests {
 
     /// Schedules one step and answers every sampled sequence with `token`, unfinished.
     fn step(s: &mut Scheduler, token: TokenId) -> ScheduledBatch {
+        answered_step(s, token, false)
+    }
+
+    /// Schedules one step and answers every sampled sequence with `token`.
+    fn answered_step(s: &mut Scheduler, token: TokenId, finished: bool) -> ScheduledBatch {
         let batch = s.schedule();
         let outputs: Vec<StepOutput> = batch
             .seqs
@@ -1081,7 +1086,7 @@ mod tests {
             .map(|q| StepOutput {
                 seq_id: q.seq_id,
                 new_token: Some(token),
-                finished: false,
+                finished,
             })
             .collect();
         s.update_after_step(&outputs).expect("valid outputs");
@@ -1091,18 +1096,7 @@ mod tests {
     /// Runs every sequence until it is sampled once, then finishes it.
     fn run_to_end(s: &mut Scheduler) {
         while s.has_unfinished() {
-            let batch = s.schedule();
-            let outputs: Vec<StepOutput> = batch
-                .seqs
-                .iter()
-                .filter(|q| q.sample)
-                .map(|q| StepOutput {
-                    seq_id: q.seq_id,
-                    new_token: Some(1),
-                    finished: true,
-                })
-                .collect();
-            s.update_after_step(&outputs).expect("valid outputs");
+            answered_step(s, 1, true);
         }
     }
 
