@@ -169,6 +169,16 @@ fn gguf_name(hf: &str) -> String {
 }
 
 fn write_gguf(path: &Path, architecture: &str, weights: &[(String, Tensor)]) {
+    write_gguf_without(path, architecture, weights, None);
+}
+
+/// [`write_gguf`] with the metadata key `omit` left out.
+fn write_gguf_without(
+    path: &Path,
+    architecture: &str,
+    weights: &[(String, Tensor)],
+    omit: Option<&str>,
+) {
     let u = |x: usize| Value::U32(x as u32);
     let a = architecture;
     let metadata: Vec<(String, Value)> = vec![
@@ -204,7 +214,11 @@ fn write_gguf(path: &Path, architecture: &str, weights: &[(String, Tensor)]) {
             )
         })
         .collect();
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let md: Vec<(&str, &Value)> = metadata
+        .iter()
+        .filter(|(k, _)| Some(k.as_str()) != omit)
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).expect("create gguf");
     gguf_file::write(&mut file, &md, &ts).expect("write gguf");
@@ -311,6 +325,25 @@ fn unsupported_architecture_is_an_error() {
         matches!(err, Error::UnsupportedArchitecture { ref name, .. } if name == "bert"),
         "{err}"
     );
+}
+
+#[test]
+fn a_gguf_missing_needed_metadata_is_an_error_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weights = tiny_weights();
+    for key in [
+        "llama.block_count",
+        "llama.attention.head_count",
+        "llama.embedding_length",
+    ] {
+        let path = dir.path().join("partial.gguf");
+        write_gguf_without(&path, "llama", &weights, Some(key));
+        let err = load_model(path.to_str().expect("utf-8"), &Device::Cpu).unwrap_err();
+        assert!(
+            matches!(&err, Error::MissingMetadata { key: k } if k == key),
+            "{key}: {err}"
+        );
+    }
 }
 
 #[test]
