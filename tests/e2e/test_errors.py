@@ -77,6 +77,18 @@ def test_openai_client_raises_bad_request(client, model_name):
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
+def test_parameters_we_do_not_implement_are_refused_not_dropped(client, model_name):
+    """`tools` is not implemented yet: the official client gets a 400 naming it, never a reply
+    that silently ignored the tools."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Weather?"}],
+                                       tools=tools, max_tokens=4)
+    assert e.value.body["param"] == "tools"
+    assert e.value.body["code"] == "unsupported_parameter"
+
+
 def test_api_key(keyed_server):
     url = keyed_server.url
     body = {"prompt": "Hello", "max_tokens": 2}

@@ -284,6 +284,7 @@ async fn chat_completions(
     Json(req): Json<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
+    crate::openai::refuse_unknown(&req.unknown)?;
     params::check_model(
         req.common.model.as_deref(),
         &state.config.served_model_names,
@@ -319,6 +320,7 @@ async fn completions(
     Json(req): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
+    crate::openai::refuse_unknown(&req.unknown)?;
     params::check_model(
         req.common.model.as_deref(),
         &state.config.served_model_names,

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 400: the body is not valid JSON or not the expected shape.
     #[error("{0}")]
     MalformedBody(String),
+    /// 400: a parameter this server does not support (never silently dropped).
+    #[error("unsupported parameter `{0}`: this server does not implement it")]
+    UnsupportedParam(String),
     /// 401: missing or wrong API key.
     #[error("invalid or missing API key")]
     Unauthorized,
@@ -68,7 +71,9 @@ impl ApiError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest { .. } | Self::MalformedBody(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest { .. } | Self::MalformedBody(_) | Self::UnsupportedParam(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -83,6 +88,16 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         let (kind, code, param) = match self {
             Self::InvalidRequest { param, .. } => ("invalid_request_error", None, *param),
+            Self::UnsupportedParam(name) => {
+                return ErrorBody {
+                    error: ErrorDetail {
+                        message: self.to_string(),
+                        kind: "invalid_request_error".to_owned(),
+                        param: Some(name.clone()),
+                        code: Some("unsupported_parameter".to_owned()),
+                    },
+                }
+            }
             Self::MalformedBody(_) => ("invalid_request_error", None, None),
             Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key"), None),
             Self::ModelNotFound(_) => (

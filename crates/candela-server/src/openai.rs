@@ -133,6 +133,10 @@ pub struct ChatCompletionRequest {
     /// Everything shared with text completions.
     #[serde(flatten)]
     pub common: CommonParams,
+    /// Fields none of the above takes (after them, so it gets only the leftovers): refused by
+    /// [`refuse_unknown`], never silently dropped.
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The `prompt` of a text completion in any of its four shapes.
@@ -161,6 +165,21 @@ pub struct CompletionRequest {
     /// Everything shared with chat completions.
     #[serde(flatten)]
     pub common: CommonParams,
+    /// Fields none of the above takes: refused by [`refuse_unknown`].
+    #[serde(flatten)]
+    pub unknown: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A 400 naming the first field of a request that this server does not take (OpenAI's
+/// `tools`, `tool_choice`, `functions`, `audio`, ... until they are implemented), in name order
+/// so the answer is the same whatever the body's key order.
+pub fn refuse_unknown(
+    unknown: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), crate::error::ApiError> {
+    match unknown.keys().min() {
+        Some(name) => Err(crate::error::ApiError::UnsupportedParam(name.clone())),
+        None => Ok(()),
+    }
 }
 
 /// `POST /tokenize`: a prompt or a chat (vLLM's shape).

@@ -674,6 +674,29 @@ async fn every_served_name_is_listed_and_accepted_and_responses_report_the_first
 }
 
 #[tokio::test]
+async fn parameters_we_do_not_implement_are_refused_naming_them() {
+    let f = fake();
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    let chat = json!({"messages": [{"role": "user", "content": "a"}], "tools": tools});
+    let e = send(&f, post("/v1/chat/completions", chat))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "tools");
+    assert_eq!(e["code"], "unsupported_parameter");
+    let completion = json!({"prompt": "a", "suffix": "b", "best_of": 2});
+    let e = send(&f, post("/v1/completions", completion))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "best_of");
+    // Every parameter we take still passes.
+    let ok = json!({"prompt": "a", "max_tokens": 1, "top_k": 5, "user": "u", "seed": 1});
+    assert_eq!(
+        send(&f, post("/v1/completions", ok)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn api_key_is_required_when_set() {
     let f = fake();
     let app = || candela_server::app(state(&f, Some("sekret")));
