@@ -38,6 +38,21 @@ DOCS = [
 QUESTIONS = [f"Question {q}: summarise point {q % 7} in one sentence." for q in range(64)]
 
 
+def wait_ok(url, timeout_s, proc, what):
+    """Polls `url` until it answers 200, within `timeout_s`; fails at once if `proc` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready within {timeout_s} s")
+
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -59,17 +74,7 @@ class Replica:
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def wait_ready(self):
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.port} exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"replica {self.port} not ready within {READY_TIMEOUT_S} s")
+        wait_ok(f"{self.url}/ready", READY_TIMEOUT_S, self.proc, f"replica {self.port}")
 
     def stop(self, sig=signal.SIGTERM, wait_s=90):
         if self.proc and self.proc.poll() is None:
@@ -106,15 +111,7 @@ class Router:
              "--request-timeout-secs", str(int(REQUEST_TIMEOUT_S)), "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("vllm-router did not come up")
+        wait_ok(f"{self.url}/health", 60, self.proc, "vllm-router")
 
     def remove_worker(self, worker):
         httpx.post(f"{self.url}/remove_worker", params={"url": worker.url}, timeout=10).raise_for_status()

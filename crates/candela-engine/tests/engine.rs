@@ -18,6 +18,9 @@ use candela_engine::api::{
 use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+mod support;
+use support::{metric, wait_until_idle};
+
 /// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
 /// 64, f16 (the default cache dtype on the CPU).
 const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 2;
@@ -361,28 +364,6 @@ fn n_choices_share_the_prompt_and_follow_their_seeds() {
     let second = generate(engine, request(prompt, sampled(100, 12))).remove(0);
     assert_eq!(outputs[0].token_ids, first.token_ids);
     assert_eq!(outputs[1].token_ids, second.token_ids);
-}
-
-/// Reads one sample of a metric from the Prometheus text.
-fn metric(engine: &EngineHandle, name: &str) -> f64 {
-    let text = engine.metrics_text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-}
-
-/// Waits (bounded) until the engine reports no block in use and nothing running or waiting.
-fn wait_until_idle(engine: &EngineHandle) {
-    for _ in 0..1000 {
-        if metric(engine, "candela:kv_cache_usage_perc") == 0.0
-            && metric(engine, "candela:num_requests_running") == 0.0
-            && metric(engine, "candela:num_requests_waiting") == 0.0
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("blocks still in use:\n{}", engine.metrics_text());
 }
 
 #[test]

@@ -11,6 +11,9 @@ use candela_engine::api::{GenerateEvent, GenerateRequest, SamplingParams, TokenI
 use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
+mod support;
+use support::{metric, wait_until_idle};
+
 /// One block of one layer of Gemma 3 270M: K and V, 16 tokens, 1 KV head of 256, f16.
 const LAYER_BLOCK_BYTES: u64 = 2 * 16 * 256 * 2;
 /// The model's window and its windowed layers (15 of 18).
@@ -35,13 +38,6 @@ fn start(hybrid: bool, kv_cache_memory_bytes: u64) -> EngineHandle {
         .wait_ready(Duration::from_secs(120))
         .expect("the engine warms up");
     engine
-}
-
-fn metric(engine: &EngineHandle, name: &str) -> f64 {
-    let text = engine.metrics_text();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
 /// A completion prompt of about `words` words, different for each `seed`.
@@ -100,18 +96,6 @@ fn generate(engine: &EngineHandle, prompt: &[TokenId], max_tokens: u32) -> Vec<T
             .1,
         || {},
     )
-}
-
-fn wait_until_idle(engine: &EngineHandle) {
-    for _ in 0..1000 {
-        if metric(engine, "candela:kv_cache_usage_perc") == 0.0
-            && metric(engine, "candela:kv_window_blocks_used") == 0.0
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("blocks still in use:\n{}", engine.metrics_text());
 }
 
 #[test]

@@ -30,7 +30,7 @@ mod support;
 use std::collections::HashMap;
 use std::path::Path;
 
-use candela_models::{load_model, Architecture, BatchInputs, Error, Model, SeqChunk};
+use candela_models::{load_model, Architecture, BatchInputs, Error, LoadedModel, Model, SeqChunk};
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -117,6 +117,11 @@ fn weights(layout: &Layout, seed: u64) -> HashMap<String, Tensor> {
         }
     }
     w
+}
+
+/// Loads the checkpoint in `dir` on the CPU.
+fn load_dir(dir: &Path) -> LoadedModel {
+    load_model(dir.to_str().expect("utf-8"), &Device::Cpu).expect("loads")
 }
 
 fn write_checkpoint(dir: &Path, config: &serde_json::Value, weights: &HashMap<String, Tensor>) {
@@ -339,7 +344,7 @@ fn qwen3_matches_candle_transformers() {
         "eos_token_id": 2
     });
     write_checkpoint(dir.path(), &config, &w);
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let c = loaded.config();
     assert_eq!(c.architecture, Architecture::Qwen3);
     assert!(c.switches.qk_norm && !c.attention_bias && c.head_dim == HEAD_DIM);
@@ -406,7 +411,7 @@ fn qwen2_matches_candle_transformers() {
         "eos_token_id": 2
     });
     write_checkpoint(dir.path(), &config, &w);
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let c = loaded.config();
     assert_eq!(c.architecture, Architecture::Qwen2);
     assert!(c.attention_bias && c.head_dim == DERIVED_HEAD_DIM);
@@ -469,7 +474,7 @@ fn gemma3_matches_candle_transformers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let window = 10;
     gemma3_checkpoint(dir.path(), window);
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let c = loaded.config();
     assert_eq!(c.architecture, Architecture::Gemma3);
     assert_eq!(c.layer_window(0), Some(window));
@@ -496,7 +501,7 @@ fn gemma3_windowed_prefill_equals_token_by_token_decode() {
     let dir = tempfile::tempdir().expect("tempdir");
     let window = 5;
     gemma3_checkpoint(dir.path(), window);
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let model = loaded.model.as_ref();
     let prompt: Vec<u32> = (0..23).map(|i| ((i * 11 + 5) % VOCAB) as u32).collect();
     // The last rows of a prefill of 23 tokens (3 chunks of the same sequence: 9, 9, 5)...
@@ -525,7 +530,7 @@ fn gemma3_windowed_prefill_equals_token_by_token_decode() {
     // And the window matters: the same model with a window wider than the prompt differs.
     let wide = tempfile::tempdir().expect("tempdir");
     gemma3_checkpoint(wide.path(), CONTEXT);
-    let wide = load_model(wide.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let wide = load_dir(wide.path());
     let unwindowed = ours(
         wide.model.as_ref(),
         &[Seq {
@@ -580,7 +585,7 @@ fn mistral_matches_candle_transformers() {
         })
     };
     write_checkpoint(dir.path(), &config(Some(window)), &w);
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let c = loaded.config();
     assert_eq!(c.architecture, Architecture::Mistral);
     assert!((0..LAYERS).all(|i| c.layer_window(i) == Some(window)));
@@ -613,7 +618,7 @@ fn mistral_matches_candle_transformers() {
     // And the window matters: without it the last rows differ.
     let wide = tempfile::tempdir().expect("tempdir");
     write_checkpoint(wide.path(), &config(None), &w);
-    let wide = load_model(wide.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let wide = load_dir(wide.path());
     assert_eq!(wide.config().layer_window(0), None);
     let unwindowed = ours(wide.model.as_ref(), &seqs);
     let last = got[1].len() - 1;
@@ -676,11 +681,11 @@ fn llama3_rope_scaling_matches_candle_transformers() {
     }));
     let dir = tempfile::tempdir().expect("tempdir");
     write_checkpoint(dir.path(), &config, &w);
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     assert_eq!(loaded.config().architecture, Architecture::Llama);
     let plain_dir = tempfile::tempdir().expect("tempdir");
     write_checkpoint(plain_dir.path(), &llama_config(serde_json::Value::Null), &w);
-    let plain = load_model(plain_dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let plain = load_dir(plain_dir.path());
 
     // The three branches, on the frequencies themselves.
     let scaled = loaded.config().rope_inv_freqs();
@@ -826,7 +831,7 @@ fn phi3_matches_candle_transformers() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = phi3_config(serde_json::Value::Null, None);
     write_checkpoint(dir.path(), &config, &phi3_weights(0x9431));
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let c = loaded.config();
     assert_eq!(c.architecture, Architecture::Phi3);
     assert!(c.switches.fused_qkv && c.switches.fused_gate_up);
@@ -874,7 +879,7 @@ fn phi3_longrope_matches_candle_transformers_on_an_equivalent_model() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = phi3_longrope_checkpoint(dir.path(), 0x10e6);
     let (_, long) = phi3_rope_factors();
-    let loaded = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let loaded = load_dir(dir.path());
     let c = loaded.config();
     let scale = CONTEXT as f64 / PHI3_ORIGINAL_CONTEXT as f64;
     let factor = (1.0 + scale.ln() / (PHI3_ORIGINAL_CONTEXT as f64).ln()).sqrt();
@@ -924,7 +929,7 @@ fn phi3_longrope_matches_candle_transformers_on_an_equivalent_model() {
         &phi3_config(serde_json::Value::Null, None),
         &w,
     );
-    let plain = load_model(plain.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let plain = load_dir(plain.path());
     let plain = ours(plain.model.as_ref(), &seqs);
     assert!(max_abs_diff(&got[0][1], &plain[0][1]) > 1e-3);
 }
@@ -940,7 +945,7 @@ fn phi3_gguf_matches_its_safetensors_checkpoint() {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = phi3_longrope_checkpoint(dir.path(), 0x99f);
     let (short, long) = phi3_rope_factors();
-    let st = load_model(dir.path().to_str().expect("utf-8"), &Device::Cpu).expect("loads");
+    let st = load_dir(dir.path());
     let seqs = test_seqs([9, 13, 6]);
     let want = ours(st.model.as_ref(), &seqs);
 
@@ -1029,7 +1034,7 @@ fn phi3_gguf_matches_its_safetensors_checkpoint() {
         let mut file = std::fs::File::create(&path).expect("create gguf");
         gguf_file::write(&mut file, &md, &ts).expect("write gguf");
 
-        let gg = load_model(path.to_str().expect("utf-8"), &Device::Cpu).expect("gguf loads");
+        let gg = load_dir(&path);
         let c = gg.config();
         assert_eq!(c.architecture, Architecture::Phi3);
         assert_eq!(c.switches.fused_qkv, fused_qkv);
