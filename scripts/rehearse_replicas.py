@@ -103,7 +103,9 @@ class Replica:
 class Router:
     def __init__(self, binary, port, workers, policy):
         self.proc = subprocess.Popen(
+            # Its own metrics port next to its port: the default (29000) may be taken.
             [binary, "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(port + 1),
              "--worker-urls", *[w.url for w in workers],
              "--health-check-endpoint", "/health", "--health-check-interval-secs", "1",
              "--health-check-timeout-secs", "5", "--health-failure-threshold", "2",

@@ -170,13 +170,39 @@ pub struct CompletionRequest {
     pub unknown: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Fields that routers add to every request they forward, with the one value that asks for
+/// what this server does anyway: vLLM's router (vllm-router) re-serialises each request with
+/// SGLang's defaults. We trim stop strings, skip special tokens in text, return no hidden
+/// states, start a new assistant turn, and have no reasoning parser (with none, SGLang ignores
+/// the three reasoning switches too). Any other value asks for something we do not do.
+const ROUTER_DEFAULTS: &[(&str, bool)] = &[
+    ("no_stop_trim", false),
+    ("skip_special_tokens", true),
+    ("return_hidden_states", false),
+    ("continue_final_message", false),
+    ("separate_reasoning", true),
+    ("stream_reasoning", true),
+    ("include_reasoning", true),
+];
+
 /// A 400 naming the first field of a request that this server does not take (OpenAI's
 /// `tools`, `tool_choice`, `functions`, `audio`, ... until they are implemented), in name order
-/// so the answer is the same whatever the body's key order.
+/// so the answer is the same whatever the body's key order. A field of [`ROUTER_DEFAULTS`] at
+/// its value passes.
 pub fn refuse_unknown(
     unknown: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), crate::error::ApiError> {
-    match unknown.keys().min() {
+    let ours = |name: &str, value: &serde_json::Value| {
+        ROUTER_DEFAULTS
+            .iter()
+            .any(|&(n, v)| n == name && value.as_bool() == Some(v))
+    };
+    let refused = unknown
+        .iter()
+        .filter(|(name, value)| !ours(name, value))
+        .map(|(name, _)| name)
+        .min();
+    match refused {
         Some(name) => Err(crate::error::ApiError::UnsupportedParam(name.clone())),
         None => Ok(()),
     }

@@ -694,6 +694,20 @@ async fn parameters_we_do_not_implement_are_refused_naming_them() {
         send(&f, post("/v1/completions", ok)).await.status,
         StatusCode::OK
     );
+    // What vllm-router adds to each request it forwards asks for what we do: it passes...
+    let routed = json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 1,
+        "no_stop_trim": false, "skip_special_tokens": true, "return_hidden_states": false,
+        "continue_final_message": false, "separate_reasoning": true, "stream_reasoning": true,
+        "include_reasoning": true});
+    let r = send(&f, post("/v1/chat/completions", routed.clone())).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // ...and the same field asking for something else is refused.
+    let mut trimless = routed;
+    trimless["no_stop_trim"] = json!(true);
+    let e = send(&f, post("/v1/chat/completions", trimless))
+        .await
+        .error(StatusCode::BAD_REQUEST);
+    assert_eq!(e["param"], "no_stop_trim");
 }
 
 #[tokio::test]
