@@ -78,14 +78,14 @@ def test_openai_client_raises_bad_request(client, model_name):
 
 
 def test_parameters_we_do_not_implement_are_refused_not_dropped(client, model_name):
-    """`tools` is not implemented yet: the official client gets a 400 naming it, never a reply
-    that silently ignored the tools."""
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    """The legacy `functions` (superseded by `tools`) is not implemented: the official client
+    gets a 400 naming it, never a reply that silently ignored the functions."""
+    functions = [{"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "Weather?"}],
-                                       tools=tools, max_tokens=4)
-    assert e.value.body["param"] == "tools"
+                                       functions=functions, max_tokens=4)
+    assert e.value.body["param"] == "functions"
     assert e.value.body["code"] == "unsupported_parameter"
 
 

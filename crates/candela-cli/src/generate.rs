@@ -281,10 +281,7 @@ fn parse_messages(json_text: &str) -> anyhow::Result<Vec<ChatMessage>> {
                 Some(Value::Null) | None => MessageContent::Text(String::new()),
                 Some(_) => bail!("--messages[{i}].content must be a string or a list of parts"),
             };
-            Ok(ChatMessage {
-                role: role.to_owned(),
-                content,
-            })
+            Ok(ChatMessage::with_content(role, content))
         })
         .collect()
 }
@@ -292,6 +289,7 @@ fn parse_messages(json_text: &str) -> anyhow::Result<Vec<ChatMessage>> {
 fn finish_reason_name(reason: &FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop(_) => "stop",
+        FinishReason::ToolCalls => "tool_calls",
         FinishReason::Length => "length",
         FinishReason::Abort => "abort",
         FinishReason::Error(_) => "error",
@@ -332,10 +330,10 @@ mod tests {
         assert_eq!(messages[0], ChatMessage::new("system", "Be brief."));
         assert_eq!(
             messages[1],
-            ChatMessage {
-                role: "user".into(),
-                content: MessageContent::Parts(vec![ContentPart::Text("Hi".into())])
-            }
+            ChatMessage::with_content(
+                "user",
+                MessageContent::Parts(vec![ContentPart::Text("Hi".into())])
+            )
         );
     }
 

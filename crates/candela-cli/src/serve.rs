@@ -5,13 +5,16 @@
 //! requests finish for up to `--drain-timeout-s`, shuts the engine down and exits 0.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use candela_engine::{EngineConfig, EngineDevice, EngineHandle};
-use candela_server::{AppState, Backend, EngineBackend, ServerConfig, BODY_LIMIT_BYTES_DEFAULT};
+use candela_server::batch::{BatchConfig, BatchService, FILE_BYTES_MAX_DEFAULT};
+use candela_server::{
+    AppState, Backend, EmbeddingPooling, EngineBackend, ServerConfig, BODY_LIMIT_BYTES_DEFAULT,
+};
 
 /// Arguments of `candela serve`.
 #[derive(clap::Args)]
@@ -67,6 +70,15 @@ pub struct Args {
     /// (vLLM's flag of the same name).
     #[arg(long)]
     disable_hybrid_kv_cache_manager: bool,
+    /// Serve `/v1/embeddings` from the same model and batches (prefill-only sequences whose
+    /// final hidden states are pooled and L2-normalised); without it the route answers 501.
+    #[arg(long)]
+    embeddings: bool,
+    /// How an embedding pools its tokens' final hidden states (default: last). `none` (one
+    /// vector per token) starts, but `/v1/embeddings` then refuses every request with a 400, as
+    /// llama.cpp's server does: OpenAI's shape has one vector per input.
+    #[arg(long, value_enum, requires = "embeddings")]
+    pooling: Option<PoolingArg>,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = BODY_LIMIT_BYTES_DEFAULT)]
     body_limit_bytes: usize,
@@ -80,6 +92,41 @@ pub struct Args {
     /// 503 (stalled). Longer than the slowest step: a full prefill chunk takes seconds on a CPU.
     #[arg(long, default_value_t = 60)]
     health_stall_timeout_s: u64,
+    /// A Jinja chat template file that replaces the model's own (vLLM's `--chat-template`);
+    /// its tool-call markers also choose the tool-call format.
+    #[arg(long)]
+    chat_template: Option<std::path::PathBuf>,
+    /// Turns on the Files and Batch APIs (/v1/files, /v1/batches), storing uploads, batches
+    /// and results here; a restarted server on the same directory finishes unfinished
+    /// batches. Off without it: nothing is written to disk unless asked for.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Largest file /v1/files accepts, in bytes.
+    #[arg(long, default_value_t = FILE_BYTES_MAX_DEFAULT)]
+    max_file_bytes: u64,
+    /// Most batch requests in the engine at once, over all batches (default: a quarter of
+    /// --max-num-seqs, at least 1). Batch work also runs at the lowest priority; this bound
+    /// keeps the other running slots free for interactive requests.
+    #[arg(long)]
+    batch_max_in_flight: Option<usize>,
+}
+
+/// `--pooling` values (llama.cpp's names; its `cls` and `rank` are for encoder models).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PoolingArg {
+    Last,
+    Mean,
+    None,
+}
+
+/// What `/v1/embeddings` serves: nothing without `--embeddings`, else `--pooling` (last by
+/// default: a causal model's last token is the only one that has read the whole input).
+fn embeddings_config(args: &Args) -> Option<EmbeddingPooling> {
+    args.embeddings.then_some(match args.pooling {
+        None | Some(PoolingArg::Last) => EmbeddingPooling::Last,
+        Some(PoolingArg::Mean) => EmbeddingPooling::Mean,
+        Some(PoolingArg::None) => EmbeddingPooling::None,
+    })
 }
 
 pub(crate) fn parse_device(device: &str) -> anyhow::Result<EngineDevice> {
@@ -111,6 +158,7 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
     );
     Ok(EngineConfig {
         model: args.model.clone(),
+        chat_template: crate::generate::read_chat_template(args.chat_template.as_deref())?,
         quantize: args.storage.to_quantize()?,
         kv_cache_dtype: args.storage.kv_cache_dtype(),
         served_model_name: Some(served_model_name.to_owned()),
@@ -132,6 +180,32 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
         },
         ..EngineConfig::default()
     })
+}
+
+/// The Batch API's settings, when `--data-dir` is given.
+fn batch_config(args: &Args) -> anyhow::Result<Option<BatchConfig>> {
+    let Some(data_dir) = &args.data_dir else {
+        return Ok(None);
+    };
+    let in_flight_max = args
+        .batch_max_in_flight
+        .unwrap_or((args.max_num_seqs / 4).max(1));
+    anyhow::ensure!(
+        in_flight_max > 0,
+        "--batch-max-in-flight must be at least 1"
+    );
+    if in_flight_max >= args.max_num_seqs {
+        tracing::warn!(
+            in_flight_max,
+            max_num_seqs = args.max_num_seqs,
+            "--batch-max-in-flight leaves no running slot to interactive requests"
+        );
+    }
+    Ok(Some(BatchConfig {
+        data_dir: data_dir.clone(),
+        file_bytes_max: args.max_file_bytes,
+        in_flight_max,
+    }))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -181,6 +255,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let served_model_name = served_model_names[0].clone();
     let config = engine_config(&args, &served_model_name)?;
+    let batch_config = batch_config(&args)?;
     let drain_timeout = Duration::from_secs(args.drain_timeout_s);
     let ready_timeout = Duration::from_secs(args.ready_timeout_s);
 
@@ -191,14 +266,23 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, model = %args.model, served_model_name = %served_model_name, "listening; loading the model");
 
     let backend = Arc::new(EngineBackend::loading());
-    let state = AppState::new(
+    let mut state = AppState::new(
         Arc::clone(&backend) as Arc<dyn Backend>,
         ServerConfig {
             served_model_names,
             api_key: args.api_key.clone(),
             body_limit_bytes: args.body_limit_bytes,
+            embeddings: embeddings_config(&args),
         },
     );
+    if let Some(batch_config) = batch_config {
+        let data_dir = batch_config.data_dir.clone();
+        let batches = BatchService::open(batch_config, &state)
+            .with_context(|| format!("opening the data directory {}", data_dir.display()))?;
+        // Unfinished batches start again now; their requests wait for the model to load.
+        batches.resume();
+        state = state.with_batches(batches);
+    }
     let server = tokio::spawn(candela_server::serve(
         listener,
         state,
@@ -247,6 +331,35 @@ mod tests {
         assert_eq!(parse_device("cpu").ok(), Some(EngineDevice::Cpu));
         assert_eq!(parse_device("cuda:1").ok(), Some(EngineDevice::Cuda(1)));
         assert!(parse_device("tpu").is_err());
+    }
+
+    #[test]
+    fn embeddings_need_the_flag_and_pool_last_by_default() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let parse = |extra: &[&str]| {
+            Cli::try_parse_from(std::iter::once("serve").chain(extra.iter().copied()))
+                .map(|cli| embeddings_config(&cli.args))
+        };
+        assert_eq!(parse(&[]).ok(), Some(None));
+        assert_eq!(
+            parse(&["--embeddings"]).ok(),
+            Some(Some(EmbeddingPooling::Last))
+        );
+        assert_eq!(
+            parse(&["--embeddings", "--pooling", "mean"]).ok(),
+            Some(Some(EmbeddingPooling::Mean))
+        );
+        assert_eq!(
+            parse(&["--embeddings", "--pooling", "none"]).ok(),
+            Some(Some(EmbeddingPooling::None))
+        );
+        assert!(parse(&["--pooling", "mean"]).is_err(), "needs --embeddings");
+        assert!(parse(&["--embeddings", "--pooling", "cls"]).is_err());
     }
 
     #[test]

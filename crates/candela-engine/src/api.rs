@@ -47,6 +47,62 @@ pub struct SamplingParams {
     pub logprobs: Option<u32>,
     /// Keep the output inside this constraint (structured outputs); compiled by `submit`.
     pub constraint: Option<OutputConstraint>,
+    /// Tools the model may call; their calls come back as [`ToolCallDelta`]s, not text.
+    /// Exclusive with `constraint` (the tool choice makes its own).
+    pub tools: Option<ToolCalling>,
+}
+
+/// A function the model may call (OpenAI's `tools[].function`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    /// The name the model writes; unique within a request.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: Option<String>,
+    /// A JSON Schema (as JSON text) its arguments follow; `{}` takes no arguments.
+    pub parameters: String,
+    /// The arguments must follow the schema exactly: a schema the grammar compiler does not
+    /// fully support is refused rather than loosened.
+    pub strict: bool,
+}
+
+/// Whether and which tool the model must call (OpenAI's `tool_choice`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Never call a tool: plain text, the tools not shown to the model.
+    None,
+    /// The model decides: free text until the format's call marker, a constrained call after.
+    Auto,
+    /// At least one call, constrained from the first token.
+    Required,
+    /// Exactly one call of this function.
+    Function(String),
+}
+
+/// The tools of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCalling {
+    /// The functions offered, in the request's order.
+    pub tools: Vec<ToolSpec>,
+    /// What the model must do with them.
+    pub choice: ToolChoice,
+    /// Several calls in one answer (OpenAI's default: true).
+    pub parallel: bool,
+}
+
+/// A piece of one tool call of a choice. The first piece of a call has its `id` and `name`
+/// and empty `arguments`; later pieces carry only more of `arguments` (JSON text, streamed
+/// as the model writes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCallDelta {
+    /// The call's position in the choice's answer, from 0.
+    pub index: u32,
+    /// `call_...`, on the call's first piece.
+    pub id: Option<String>,
+    /// The function's name, on the call's first piece.
+    pub name: Option<String>,
+    /// More of the arguments' JSON text.
+    pub arguments: String,
 }
 
 /// What a constrained output must be (OpenAI's `response_format`, vLLM's `guided_*`).
@@ -82,6 +138,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             constraint: None,
+            tools: None,
         }
     }
 }
@@ -219,6 +276,8 @@ pub struct TokenLogprob {
 pub enum FinishReason {
     /// EOS, a stop token or a stop string.
     Stop(StopCause),
+    /// The answer ended after at least one tool call.
+    ToolCalls,
     /// `max_tokens` or the context length was reached.
     Length,
     /// The request was aborted (client gone, shutdown).
@@ -277,10 +336,12 @@ pub enum GenerateEvent {
         index: u32,
         /// Tokens generated this step for this choice (usually one).
         token_ids: Vec<TokenId>,
-        /// Text released by this delta.
+        /// Text released by this delta (with tools: the answer's content, tool calls left out).
         text: String,
         /// One entry per token in `token_ids` when logprobs were requested.
         logprobs: Vec<TokenLogprob>,
+        /// With tools: pieces of the calls this delta completed more of.
+        tool_calls: Vec<ToolCallDelta>,
     },
     /// Choice `index` is done; no more events for it.
     Finished {
@@ -349,4 +410,56 @@ pub enum EngineHealth {
     },
     /// The engine failed to warm up, or failed while serving, and stopped.
     Dead(String),
+}
+
+/// How an embedding pools the final hidden states (the final norm's output, what the LM head
+/// reads) of its prompt's positions; llama.cpp's `--pooling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The last position's: in a causal model the only one that has seen the whole input.
+    Last,
+    /// The mean over every position. A prompt never starts from the prefix cache, which holds
+    /// KV, not hidden states.
+    Mean,
+}
+
+/// Most inputs in one embedding request (OpenAI's limit).
+pub const EMBED_INPUTS_MAX: usize = 2048;
+
+/// Embeddings of one or more inputs, already tokenized. Each input is a prefill-only sequence,
+/// scheduled in the same batches as generation; it holds its KV blocks only until its last
+/// prompt chunk has run.
+#[derive(Debug, Clone)]
+pub struct EmbedRequest {
+    /// The inputs, each a non-empty prompt within the context length.
+    pub inputs: Vec<Vec<TokenId>>,
+    /// How each input's hidden states become one vector.
+    pub pooling: Pooling,
+    /// Higher runs first when the scheduler is in priority mode.
+    pub priority: i32,
+    /// When the request reached the server (for queue time).
+    pub arrival: Instant,
+}
+
+/// What the engine sends back on an embedding request's channel: one event per input, in the
+/// order they finish.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedEvent {
+    /// Input `index` is embedded.
+    Embedding {
+        /// Input index in `0..inputs.len()`.
+        index: u32,
+        /// The pooled vector, L2-normalised (all zeros if the pooled vector was zero, as
+        /// llama.cpp does); as long as the model's hidden size.
+        embedding: Vec<f32>,
+        /// Tokens of the input; `cached_prompt_tokens` of them came from the prefix cache.
+        usage: Usage,
+    },
+    /// Input `index` was not embedded: aborted, or the engine could not run it.
+    Failed {
+        /// Input index in `0..inputs.len()`.
+        index: u32,
+        /// `Abort` or `Error`.
+        reason: FinishReason,
+    },
 }

@@ -19,6 +19,12 @@ pub enum FaultKind {
         /// How long it hangs.
         ms: u64,
     },
+    /// Every forward pass from this one on takes this much longer (a slow replica, for the
+    /// canary analysis rehearsal: it must flag this replica and not the healthy ones).
+    ForwardDelay {
+        /// The latency added to each pass.
+        ms: u64,
+    },
 }
 
 /// A fault at the `at_forward`-th forward pass after warm-up (1-based).
@@ -33,10 +39,10 @@ pub struct Fault {
 impl FromStr for Fault {
     type Err = String;
 
-    /// `forward-error:N`, `forward-panic:N` or `forward-stall:N:MS`.
+    /// `forward-error:N`, `forward-panic:N`, `forward-stall:N:MS` or `forward-delay:N:MS`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let usage = || {
-            format!("a fault is forward-error:N, forward-panic:N or forward-stall:N:MS (N >= 1), got `{text}`")
+            format!("a fault is forward-error:N, forward-panic:N, forward-stall:N:MS or forward-delay:N:MS (N >= 1), got `{text}`")
         };
         let mut fields = text.split(':');
         let (kind, at, ms) = (fields.next(), fields.next(), fields.next());
@@ -47,6 +53,9 @@ impl FromStr for Fault {
             (Some("forward-error"), None) => FaultKind::ForwardError,
             (Some("forward-panic"), None) => FaultKind::ForwardPanic,
             (Some("forward-stall"), Some(ms)) => FaultKind::ForwardStall {
+                ms: ms.parse().map_err(|_| usage())?,
+            },
+            (Some("forward-delay"), Some(ms)) => FaultKind::ForwardDelay {
                 ms: ms.parse().map_err(|_| usage())?,
             },
             _ => return Err(usage()),
@@ -74,21 +83,27 @@ impl FaultCounter {
     /// Called before each forward pass after warm-up.
     pub(crate) fn before_forward(&mut self) -> Result<(), String> {
         self.forwards = self.forwards.saturating_add(1);
-        match self.fault {
-            Some(fault) if fault.at_forward == self.forwards => match fault.kind {
-                FaultKind::ForwardError => Err(format!(
-                    "injected fault: forward pass {} failed",
-                    self.forwards
-                )),
-                FaultKind::ForwardPanic => {
-                    panic!("injected fault: forward pass {} panicked", self.forwards)
-                }
-                FaultKind::ForwardStall { ms } => {
-                    std::thread::sleep(std::time::Duration::from_millis(ms));
-                    Ok(())
-                }
-            },
-            _ => Ok(()),
+        let Some(fault) = self.fault else {
+            return Ok(());
+        };
+        match fault.kind {
+            FaultKind::ForwardDelay { ms } if self.forwards >= fault.at_forward => {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+            _ if self.forwards != fault.at_forward => Ok(()),
+            FaultKind::ForwardError => Err(format!(
+                "injected fault: forward pass {} failed",
+                self.forwards
+            )),
+            FaultKind::ForwardPanic => {
+                panic!("injected fault: forward pass {} panicked", self.forwards)
+            }
+            FaultKind::ForwardStall { ms } => {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
+            FaultKind::ForwardDelay { .. } => Ok(()),
         }
     }
 }
@@ -121,6 +136,7 @@ mod tests {
             "forward-panic:x",
             "forward-error:1:5",
             "forward-stall:1",
+            "forward-delay:1",
         ] {
             assert!(bad.parse::<Fault>().is_err(), "{bad}");
         }
@@ -135,5 +151,21 @@ mod tests {
         assert!(counter.before_forward().is_ok());
         assert!(counter.before_forward().is_err());
         assert!(counter.before_forward().is_ok());
+    }
+
+    #[test]
+    fn a_delay_slows_every_pass_from_its_own() {
+        let fault: Fault = "forward-delay:2:30".parse().unwrap();
+        assert_eq!(fault.kind, FaultKind::ForwardDelay { ms: 30 });
+        let mut counter = FaultCounter::new(Some(fault));
+        let timed = |counter: &mut FaultCounter| {
+            let start = std::time::Instant::now();
+            assert!(counter.before_forward().is_ok());
+            start.elapsed()
+        };
+        assert!(timed(&mut counter) < std::time::Duration::from_millis(30));
+        for _ in 0..3 {
+            assert!(timed(&mut counter) >= std::time::Duration::from_millis(30));
+        }
     }
 }

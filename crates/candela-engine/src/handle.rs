@@ -14,20 +14,27 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::api::{EngineHealth, GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId};
+use crate::api::{
+    EmbedEvent, EmbedRequest, EngineHealth, GenerateEvent, GenerateRequest, InvalidParam,
+    OutputConstraint, RequestId, SubmitError, TokenId, ToolCalling, ToolChoice, EMBED_INPUTS_MAX,
+};
 use crate::config::EngineConfig;
 use crate::engine;
 use crate::error::EngineError;
 use crate::metrics::EngineMetrics;
 use crate::structured::{ChoiceConstraint, Structured};
 use crate::text::TextTools;
+use crate::tools::grammar::tool_grammar;
+use crate::tools::CompiledTools;
 use crate::ChatMessage;
 
 /// What the engine thread receives.
 pub(crate) enum EngineCommand {
     /// A new request, already validated.
     Add(Box<AdmittedRequest>),
-    /// Abort a request (all its choices); unknown or finished ids are ignored.
+    /// A new embedding request, already validated.
+    Embed(Box<AdmittedEmbed>),
+    /// Abort a request (all its choices or inputs); unknown or finished ids are ignored.
     Abort(RequestId),
     /// Stop accepting, finish what is in flight (aborting what is left at `deadline`), exit.
     Shutdown {
@@ -46,6 +53,16 @@ pub(crate) struct AdmittedRequest {
     pub(crate) events: UnboundedSender<GenerateEvent>,
     /// The compiled `sampling.constraint`, at the start of the output (each choice clones it).
     pub(crate) constraint: Option<ChoiceConstraint>,
+    /// The compiled `sampling.tools`, unless the tool choice is `none`.
+    pub(crate) tools: Option<CompiledTools>,
+}
+
+/// An embedding request that passed `embed`'s checks, with its event channel.
+pub(crate) struct AdmittedEmbed {
+    pub(crate) id: RequestId,
+    pub(crate) request: EmbedRequest,
+    /// Unbounded, but the engine sends exactly one event per input.
+    pub(crate) events: UnboundedSender<EmbedEvent>,
 }
 
 /// Facts about the loaded model, fixed for the engine's life.
@@ -244,6 +261,46 @@ impl EngineHandle {
         &self,
         request: GenerateRequest,
     ) -> Result<(RequestId, UnboundedReceiver<GenerateEvent>), SubmitError> {
+        self.check_accepting()?;
+        self.validate(&request)?;
+        let (constraint, tools) = self.compile_constraint(&request)?;
+        let (events, receiver) = unbounded_channel();
+        let id = self.enqueue(|id| {
+            EngineCommand::Add(Box::new(AdmittedRequest {
+                id,
+                request,
+                events,
+                constraint,
+                tools,
+            }))
+        })?;
+        Ok((id, receiver))
+    }
+
+    /// Validates and enqueues an embedding request (each input a prefill-only sequence in the
+    /// same batches as generation). Never blocks: a full queue is `QueueFull`; the request
+    /// counts as one waiting request, whatever its number of inputs.
+    ///
+    /// The returned channel carries exactly one [`EmbedEvent`] per input. Dropping the
+    /// receiver aborts the request at the next step.
+    pub fn embed(
+        &self,
+        request: EmbedRequest,
+    ) -> Result<(RequestId, UnboundedReceiver<EmbedEvent>), SubmitError> {
+        self.check_accepting()?;
+        self.validate_embed(&request)?;
+        let (events, receiver) = unbounded_channel();
+        let id = self.enqueue(|id| {
+            EngineCommand::Embed(Box::new(AdmittedEmbed {
+                id,
+                request,
+                events,
+            }))
+        })?;
+        Ok((id, receiver))
+    }
+
+    fn check_accepting(&self) -> Result<(), SubmitError> {
         let shared = &self.inner.shared;
         if let Some(fault) = shared.fault.get() {
             return Err(SubmitError::EngineDead(fault.clone()));
@@ -254,8 +311,15 @@ impl EngineHandle {
         if !shared.ready.load(Ordering::Acquire) {
             return Err(SubmitError::NotReady);
         }
-        self.validate(&request)?;
-        let constraint = self.compile_constraint(&request)?;
+        Ok(())
+    }
+
+    /// Takes a waiting slot and sends the command `make` builds for the new request's id.
+    fn enqueue(
+        &self,
+        make: impl FnOnce(RequestId) -> EngineCommand,
+    ) -> Result<RequestId, SubmitError> {
+        let shared = &self.inner.shared;
         let queue_waiting_max = self.inner.config.queue_waiting_max;
         // Reserve a waiting slot first so concurrent submits cannot overshoot the bound.
         let reserved =
@@ -268,15 +332,8 @@ impl EngineHandle {
             return Err(SubmitError::QueueFull { queue_waiting_max });
         }
         let id = RequestId(self.inner.next_request_id.fetch_add(1, Ordering::Relaxed));
-        let (events, receiver) = unbounded_channel();
-        let command = EngineCommand::Add(Box::new(AdmittedRequest {
-            id,
-            request,
-            events,
-            constraint,
-        }));
-        match self.inner.commands.try_send(command) {
-            Ok(()) => Ok((id, receiver)),
+        match self.inner.commands.try_send(make(id)) {
+            Ok(()) => Ok(id),
             Err(error) => {
                 shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
                 match error {
@@ -323,25 +380,94 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// Compiles the request's structured-output constraint, if it has one: about a
-    /// millisecond for a schema of a few properties.
+    /// The one check of an embedding request's inputs; the server makes the same checks first
+    /// to name the parameter in its 400s.
+    fn validate_embed(&self, request: &EmbedRequest) -> Result<(), SubmitError> {
+        let info = &self.inner.info;
+        let fail = |message: String| {
+            Err(SubmitError::InvalidParam(InvalidParam {
+                param: "input",
+                message,
+            }))
+        };
+        let count = request.inputs.len();
+        if count == 0 || count > EMBED_INPUTS_MAX {
+            return fail(format!(
+                "give between 1 and {EMBED_INPUTS_MAX} inputs, got {count}"
+            ));
+        }
+        for (index, input) in request.inputs.iter().enumerate() {
+            if input.is_empty() {
+                return fail(format!("input {index} is empty"));
+            }
+            if input.len() > info.model_len_max {
+                return fail(format!(
+                    "input {index} has {} tokens, more than the model's context length of {} \
+                     tokens",
+                    input.len(),
+                    info.model_len_max
+                ));
+            }
+            if let Some(&bad) = input.iter().find(|&&t| t as usize >= info.vocab_size) {
+                return fail(format!(
+                    "input {index}: token id {bad} is outside the vocabulary (0..{})",
+                    info.vocab_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Compiles the request's structured-output constraint and its tools' constraints, if
+    /// it has them: about a millisecond for a schema of a few properties.
     fn compile_constraint(
         &self,
         request: &GenerateRequest,
-    ) -> Result<Option<ChoiceConstraint>, SubmitError> {
-        let Some(constraint) = &request.sampling.constraint else {
-            return Ok(None);
+    ) -> Result<(Option<ChoiceConstraint>, Option<CompiledTools>), SubmitError> {
+        let structured = || {
+            self.inner.structured().as_ref().map_err(|e| {
+                SubmitError::Invalid(format!(
+                    "structured outputs are unavailable for this model: {e}"
+                ))
+            })
         };
-        let structured = self.inner.structured();
-        let structured = structured.as_ref().map_err(|e| {
-            SubmitError::Invalid(format!(
-                "structured outputs are unavailable for this model: {e}"
-            ))
-        })?;
-        structured
-            .compile(constraint)
-            .map(Some)
-            .map_err(|e| SubmitError::Invalid(format!("invalid output constraint: {e}")))
+        let calling = request
+            .sampling
+            .tools
+            .as_ref()
+            .filter(|t| t.choice != ToolChoice::None);
+        let Some(calling) = calling else {
+            let Some(constraint) = &request.sampling.constraint else {
+                return Ok((None, None));
+            };
+            let compiled = structured()?
+                .compile(constraint)
+                .map_err(|e| SubmitError::Invalid(format!("invalid output constraint: {e}")))?;
+            return Ok((Some(compiled), None));
+        };
+        let invalid = |param: &'static str, message: String| {
+            SubmitError::InvalidParam(InvalidParam { param, message })
+        };
+        if request.sampling.constraint.is_some() {
+            return Err(invalid(
+                "response_format",
+                "structured outputs cannot be combined with tools (the tool choice constrains the output)".into(),
+            ));
+        }
+        let format = self.inner.text.tool_format();
+        let grammar = tool_grammar(format, calling).map_err(|e| invalid("tools", e))?;
+        let structured = structured()?;
+        let compile = |constraint: &OutputConstraint| {
+            structured
+                .compile(constraint)
+                .map_err(|e| invalid("tools", format!("the tools' schemas do not compile: {e}")))
+        };
+        let eager = grammar.eager.as_ref().map(compile).transpose()?;
+        let lazy = match &grammar.lazy {
+            Some((marker, constraint)) => Some((*marker, compile(constraint)?)),
+            None => None,
+        };
+        Ok((eager, Some(CompiledTools { format, lazy })))
     }
 
     /// Aborts a request: its choices finish with `FinishReason::Abort` and their KV blocks are
@@ -392,9 +518,25 @@ impl EngineHandle {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Self::apply_chat_template`] for a request that offers `tools`: the template gets
+    /// them in the model's own format, or the generic format's system message.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&ToolCalling>,
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         self.inner
             .text
-            .apply_chat_template(messages, add_generation_prompt)
+            .apply_chat_template(messages, tools, add_generation_prompt)
+    }
+
+    /// How the loaded model writes tool calls (from its chat template).
+    pub fn tool_format(&self) -> crate::ToolFormat {
+        self.inner.text.tool_format()
     }
 
     /// The served model name.

@@ -19,10 +19,13 @@ pub mod sampler;
 pub mod stop;
 mod structured;
 mod text;
+mod tools;
 
 /// The one chat-message type, from the HTTP request to the chat template: parts stay parts
 /// until the template decides how to render them.
-pub use candela_models::chat_template::{ChatMessage, ContentPart, MessageContent};
+pub use candela_models::chat_template::{
+    ChatMessage, ContentPart, MessageContent, ToolCall, ToolFormat,
+};
 pub use config::{EngineConfig, EngineDevice, KvCacheDtype};
 pub use error::EngineError;
 pub use handle::EngineHandle;

@@ -130,6 +130,12 @@ impl EngineMetrics {
             &["finished_reason"],
         )?;
         registry.register(Box::new(request_success_total.clone()))?;
+        // Every reason's series exists from the start at 0: Prometheus' rate() ignores a
+        // series' first sample, so an error burst right after a (re)start would otherwise not
+        // show in an error-rate query (found by scripts/rehearse-replicas).
+        for reason in ["stop", "tool_calls", "length", "abort", "error"] {
+            request_success_total.with_label_values(&[reason]);
+        }
         let kv_cache_usage_perc = Gauge::new(
             "candela:kv_cache_usage_perc",
             "KV-cache usage. 1 means 100 percent usage.",
@@ -286,6 +292,7 @@ fn renamed(family: &MetricFamily, name: &str) -> MetricFamily {
 fn finished_reason_label(reason: &FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop(_) => "stop",
+        FinishReason::ToolCalls => "tool_calls",
         FinishReason::Length => "length",
         FinishReason::Abort => "abort",
         FinishReason::Error(_) => "error",

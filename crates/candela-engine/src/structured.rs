@@ -144,16 +144,21 @@ impl Structured {
 fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
     if let Some(object) = schema.as_object_mut() {
         if !object.contains_key("x-guidance") {
-            let options = JsonCompileOptions {
-                whitespace_pattern: Some(JSON_WHITESPACE.into()),
-                ..JsonCompileOptions::default()
-            };
-            if let Ok(value) = serde_json::to_value(options) {
-                object.insert("x-guidance".into(), value);
-            }
+            object.insert("x-guidance".into(), json_options(false));
         }
     }
     TopLevelGrammar::from_json_schema(schema)
+}
+
+/// llguidance's JSON options as a schema's `x-guidance`: bounded whitespace; `lenient` skips
+/// keywords the compiler cannot enforce instead of refusing the schema.
+pub(crate) fn json_options(lenient: bool) -> serde_json::Value {
+    let options = JsonCompileOptions {
+        whitespace_pattern: Some(JSON_WHITESPACE.into()),
+        lenient,
+        ..JsonCompileOptions::default()
+    };
+    serde_json::to_value(options).unwrap_or_default()
 }
 
 /// What a sampled token did to a constrained choice.
@@ -218,6 +223,20 @@ impl ChoiceConstraint {
             .map_err(|e| e.to_string())
     }
 
+    /// Advances past text already generated (where a lazy constraint starts in the middle of
+    /// a token), spelled in the vocabulary's tokens; `Err` when it does not fit.
+    pub(crate) fn advance_text(&mut self, text: &str) -> Result<Advance, String> {
+        if !text.is_empty() {
+            let env = self.matcher.tok_env().map_err(|e| e.to_string())?;
+            for token in env.tokenize_bytes(text.as_bytes()) {
+                self.matcher
+                    .consume_token(token)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(self.state())
+    }
+
     /// Advances past the sampled `token`. An end-of-sequence token ends the output and is
     /// not fed to the grammar.
     pub(crate) fn advance(&mut self, token: TokenId, is_eos: bool) -> Result<Advance, String> {
@@ -227,10 +246,15 @@ impl ChoiceConstraint {
         self.matcher
             .consume_token(token)
             .map_err(|e| e.to_string())?;
-        Ok(if self.matcher.is_stopped() {
+        Ok(self.state())
+    }
+
+    /// Whether anything may follow the output so far.
+    fn state(&self) -> Advance {
+        if self.matcher.is_stopped() {
             Advance::Complete
         } else {
             Advance::Continue
-        })
+        }
     }
 }

@@ -7,12 +7,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candela_models::chat_template::{ChatTemplate, TemplateError};
+use candela_models::chat_template::{ChatTemplate, TemplateError, ToolFormat};
 use candela_models::tokenizer::Tokenizer;
 use candela_models::ModelFiles;
 use candle_core::quantized::gguf_file;
 
-use crate::api::TokenId;
+use crate::api::{TokenId, ToolCalling};
 use crate::error::EngineError;
 use crate::ChatMessage;
 
@@ -116,15 +116,25 @@ impl TextTools {
     pub(crate) fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&ToolCalling>,
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
         let template = self
             .chat_template
             .as_ref()
             .ok_or(EngineError::NoChatTemplate)?;
+        let (messages, tools) =
+            crate::tools::prompt::prompt_messages(template.tool_format(), messages, tools);
         template
-            .render(messages, add_generation_prompt)
+            .render_with_tools(&messages, tools.as_ref(), add_generation_prompt)
             .map_err(|e| EngineError::Template(e.to_string()))
+    }
+
+    /// How the model writes tool calls: its template's format, or the generic one.
+    pub(crate) fn tool_format(&self) -> ToolFormat {
+        self.chat_template
+            .as_ref()
+            .map_or(ToolFormat::Generic, ChatTemplate::tool_format)
     }
 
     /// Ids that end generation (EOS, end-of-turn).

@@ -19,9 +19,21 @@
 //! A sequence whose chunk does not reach the end of its prompt is not sampled,
 //! so `sample_rows` can be shorter than the number of sequences.
 //!
+//! Embeddings ([`BatchBuilder::build_pooled`]) want final hidden states instead of logits: each
+//! [`PoolChunk`] names rows of one chunk, and the forward returns one row per pool, the sum of
+//! those rows' final hidden states. In the example above, pooling all of `a` and the last row
+//! of `c` (`[PoolChunk { chunk: 0, rows: 0..3 }, PoolChunk { chunk: 2, rows: 1..2 }]`) gives
+//!
+//! ```text
+//! pool_rows     [0, 1, 2, 5]               (rows of token_ids)
+//! pool_index    [0, 0, 0, 1]               (the pool each row adds to)
+//! ```
+//!
 //! With a hybrid KV cache (`candela_scheduler::window`) every sequence also brings the block
 //! table of its sliding-window layers, and the step carries a second [`AttentionMetadata`]
 //! (`attn_window`: its own slots and tables, the same lengths) that those layers use.
+
+use std::ops::Range;
 
 use candela_kernels::attention::AttentionMetadata;
 use candle_core::{Device, Tensor};
@@ -45,6 +57,16 @@ pub struct SeqChunk<'a> {
     pub sample: bool,
 }
 
+/// Rows of one chunk whose final hidden states the forward returns, summed into one row: all
+/// of a prompt chunk for a mean, the last row of the last chunk for last-token pooling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolChunk {
+    /// Index of the chunk in the step's chunks.
+    pub chunk: usize,
+    /// Rows within the chunk's `token_ids`; not empty.
+    pub rows: Range<usize>,
+}
+
 /// The model's input for one step.
 #[derive(Debug)]
 pub struct BatchInputs {
@@ -59,6 +81,12 @@ pub struct BatchInputs {
     /// `[S]` u32: rows of `token_ids` whose logits are returned, in output order: increasing
     /// (the last token of each sampling sequence), so `S == T` means every row in order.
     pub sample_rows: Tensor,
+    /// `[H]` u32: rows of `token_ids` whose final hidden states are pooled.
+    pub pool_rows: Tensor,
+    /// `[H]` u32: the pool (row of the pooled output, `0..num_pools`) each of `pool_rows` adds to.
+    pub pool_index: Tensor,
+    /// Rows of the pooled output (P); 0 when the step pools nothing.
+    pub num_pools: usize,
 }
 
 /// Host buffers for building [`BatchInputs`], kept across steps so a step only allocates the
@@ -77,6 +105,8 @@ pub struct BatchBuilder {
     sample_rows: Vec<u32>,
     window_slots: Vec<u32>,
     window_tables: Vec<u32>,
+    pool_rows: Vec<u32>,
+    pool_index: Vec<u32>,
     /// All of the above, end to end, as uploaded.
     packed: Vec<u32>,
 }
@@ -86,6 +116,18 @@ impl BatchBuilder {
     pub fn build(
         &mut self,
         seqs: &[SeqChunk<'_>],
+        block_size: usize,
+        device: &Device,
+    ) -> Result<BatchInputs> {
+        self.build_pooled(seqs, &[], block_size, device)
+    }
+
+    /// [`Self::build`] for a step that also pools final hidden states: `pools` in output order,
+    /// each naming rows of one chunk (see the module doc).
+    pub fn build_pooled(
+        &mut self,
+        seqs: &[SeqChunk<'_>],
+        pools: &[PoolChunk],
         block_size: usize,
         device: &Device,
     ) -> Result<BatchInputs> {
@@ -107,6 +149,8 @@ impl BatchBuilder {
             sample_rows,
             window_slots,
             window_tables,
+            pool_rows,
+            pool_index,
             packed,
         } = self;
         for v in [
@@ -119,6 +163,8 @@ impl BatchBuilder {
             sample_rows,
             window_slots,
             window_tables,
+            pool_rows,
+            pool_index,
             packed,
         ] {
             v.clear();
@@ -176,6 +222,27 @@ impl BatchBuilder {
             max_q = max_q.max(n);
             max_ctx = max_ctx.max(end);
         }
+        for (p, pool) in pools.iter().enumerate() {
+            let rows = &pool.rows;
+            let chunk_rows = cu.get(pool.chunk).zip(cu.get(pool.chunk + 1));
+            let Some((&first, &end)) = chunk_rows.filter(|_| !rows.is_empty()) else {
+                return Err(Error::InvalidBatch(format!(
+                    "pool {p}: rows {rows:?} of chunk {} of {}",
+                    pool.chunk,
+                    seqs.len()
+                )));
+            };
+            if rows.end > (end - first) as usize {
+                return Err(Error::InvalidBatch(format!(
+                    "pool {p}: rows {rows:?} of a chunk of {} tokens",
+                    end - first
+                )));
+            }
+            for row in rows.clone() {
+                pool_rows.push(first + to_u32(row)?);
+                pool_index.push(to_u32(p)?);
+            }
+        }
         let parts = [
             &*token_ids,
             positions,
@@ -186,8 +253,10 @@ impl BatchBuilder {
             sample_rows,
             window_slots,
             window_tables,
+            pool_rows,
+            pool_index,
         ];
-        let mut starts = [0usize; 9];
+        let mut starts = [0usize; 11];
         for (start, part) in starts.iter_mut().zip(parts) {
             *start = packed.len();
             packed.extend_from_slice(part);
@@ -222,6 +291,9 @@ impl BatchBuilder {
             attn,
             attn_window,
             sample_rows: view(6)?,
+            pool_rows: view(9)?,
+            pool_index: view(10)?,
+            num_pools: pools.len(),
         })
     }
 }
@@ -342,6 +414,73 @@ mod tests {
         );
         assert_eq!(b.sample_rows.to_vec1::<u32>()?, [2, 3, 5]);
         assert_eq!((b.attn.max_seqlen_q, b.attn.max_context_len), (3, 6));
+        Ok(())
+    }
+
+    #[test]
+    fn module_doc_pooling_example() -> Result<()> {
+        let seqs = [
+            SeqChunk {
+                token_ids: &[10, 11, 12],
+                tokens_cached: 0,
+                block_table: &[7],
+                window_block_table: None,
+                sample: false,
+            },
+            SeqChunk {
+                token_ids: &[20],
+                tokens_cached: 5,
+                block_table: &[2, 9],
+                window_block_table: None,
+                sample: true,
+            },
+            SeqChunk {
+                token_ids: &[30, 31],
+                tokens_cached: 4,
+                block_table: &[4, 1],
+                window_block_table: None,
+                sample: false,
+            },
+        ];
+        let pools = [
+            PoolChunk {
+                chunk: 0,
+                rows: 0..3,
+            },
+            PoolChunk {
+                chunk: 2,
+                rows: 1..2,
+            },
+        ];
+        let mut builder = BatchBuilder::default();
+        let b = builder.build_pooled(&seqs, &pools, 4, &Device::Cpu)?;
+        assert_eq!(b.pool_rows.to_vec1::<u32>()?, [0, 1, 2, 5]);
+        assert_eq!(b.pool_index.to_vec1::<u32>()?, [0, 0, 0, 1]);
+        assert_eq!(b.num_pools, 2);
+        assert_eq!(b.sample_rows.to_vec1::<u32>()?, [3]);
+        // The same builder without pools pools nothing.
+        let b = builder.build(&seqs, 4, &Device::Cpu)?;
+        assert_eq!((b.pool_rows.dims1()?, b.num_pools), (0, 0));
+        // Rows outside the chunk, empty rows, or a chunk that is not there are refused.
+        for bad in [
+            PoolChunk {
+                chunk: 1,
+                rows: 0..2,
+            },
+            PoolChunk {
+                chunk: 0,
+                rows: 1..1,
+            },
+            PoolChunk {
+                chunk: 3,
+                rows: 0..1,
+            },
+        ] {
+            assert!(matches!(
+                builder.build_pooled(&seqs, &[bad], 4, &Device::Cpu),
+                Err(Error::InvalidBatch(_))
+            ));
+        }
         Ok(())
     }
 

@@ -6,7 +6,12 @@
 //! `transformers` sets up Jinja2: `trim_blocks` and `lstrip_blocks` on, loop controls,
 //! Python string/dict methods (minijinja-contrib `pycompat`), and the globals templates
 //! expect: `raise_exception`, `strftime_now`, a Python-compatible `tojson`, `bos_token`,
-//! `eos_token`, `add_generation_prompt` and `messages` (each with `role` and `content`).
+//! `eos_token`, `add_generation_prompt`, `messages` (each with `role` and `content`, and
+//! `tool_calls` / `tool_call_id` / `name` when the message has them) and `tools` when the
+//! request offers tools.
+//!
+//! The template also tells which tool-call format the model was trained on ([`ToolFormat`]),
+//! detected from the markers its source writes.
 //!
 //! Content given as a list of `{type: "text", text}` parts is passed as such only to
 //! templates that render it (probed once when the template is built); templates written for
@@ -91,21 +96,79 @@ impl MessageContent {
     }
 }
 
-/// One chat message.
+/// A tool call the assistant made earlier in the conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    /// The call's id, which the `tool` message answering it names.
+    pub id: String,
+    /// The function called.
+    pub name: String,
+    /// Its arguments as JSON text (OpenAI sends a string).
+    pub arguments: String,
+}
+
+/// One chat message: the one type from the HTTP request to the template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant`, ... (passed to the template as given).
     pub role: String,
     /// What was said.
     pub content: MessageContent,
+    /// An assistant message's tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A `tool` message: the function that answered (some templates print it).
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
     /// A message with plain-text content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self::with_content(role, MessageContent::Text(content.into()))
+    }
+
+    /// A message with the given content and no tool fields.
+    pub fn with_content(role: impl Into<String>, content: MessageContent) -> Self {
         Self {
             role: role.into(),
-            content: MessageContent::Text(content.into()),
+            content,
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
+}
+
+/// How a model writes a tool call, as its chat template shows it. The parser and the
+/// grammar that constrains a call follow it; models whose template knows no tools get
+/// [`ToolFormat::Generic`] (llama.cpp's generic format: the whole answer is one JSON object).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen 2.5 / 3).
+    Hermes,
+    /// `[TOOL_CALLS][{"name": ..., "arguments": {...}}]` (Mistral).
+    Mistral,
+    /// `{"name": ..., "parameters": {...}}` as the whole answer (Llama 3.1+).
+    Llama3,
+    /// `{"tool_calls": [{"name": ..., "arguments": {...}}]}` or `{"response": "..."}`, with
+    /// the tools described in a system message.
+    Generic,
+}
+
+impl ToolFormat {
+    /// The format a template's source was written for: the marker it prints.
+    pub fn detect(source: &str) -> Self {
+        if source.contains("<tool_call>") {
+            Self::Hermes
+        } else if source.contains("[TOOL_CALLS]") {
+            Self::Mistral
+        } else if source.contains("<|start_header_id|>")
+            && (source.contains("<|python_tag|>") || source.contains("\"parameters\""))
+        {
+            Self::Llama3
+        } else {
+            Self::Generic
         }
     }
 }
@@ -134,6 +197,8 @@ pub struct ChatTemplate {
     eos_token: String,
     /// Whether the template renders list-of-parts content (else parts are joined).
     typed_content: bool,
+    /// The tool-call format its source shows.
+    tool_format: ToolFormat,
 }
 
 impl ChatTemplate {
@@ -157,6 +222,7 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default().to_owned(),
             eos_token: eos_token.unwrap_or_default().to_owned(),
             typed_content: false,
+            tool_format: ToolFormat::detect(source),
         };
         template.typed_content = template.renders_typed_content();
         Ok(template)
@@ -235,11 +301,31 @@ impl ChatTemplate {
     /// result with `add_special_tokens = false` (as `transformers` does), else models whose
     /// files add BOS get it twice.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Self::render`] with `tools` (OpenAI's list of `{"type": "function", "function":
+    /// {...}}`) in the template's context, for templates that describe tools themselves.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let messages: Vec<Value> = messages
             .iter()
             .map(|message| self.message_value(message))
             .collect();
-        self.render_values(messages, add_generation_prompt)
+        self.render_values(
+            messages,
+            tools.map(Value::from_serialize),
+            add_generation_prompt,
+        )
+    }
+
+    /// The tool-call format this template was written for.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     fn message_value(&self, message: &ChatMessage) -> Value {
@@ -257,13 +343,28 @@ impl ChatTemplate {
             ),
             other => Value::from(other.joined_text()),
         };
-        Value::from_iter([
+        let mut fields = vec![
             ("role", Value::from(message.role.as_str())),
             ("content", content),
-        ])
+        ];
+        if !message.tool_calls.is_empty() {
+            fields.push(("tool_calls", tool_calls_value(&message.tool_calls)));
+        }
+        if let Some(id) = &message.tool_call_id {
+            fields.push(("tool_call_id", Value::from(id.as_str())));
+        }
+        if let Some(name) = &message.name {
+            fields.push(("name", Value::from(name.as_str())));
+        }
+        Value::from_iter(fields)
     }
 
-    fn render_values(&self, messages: Vec<Value>, add_generation_prompt: bool) -> Result<String> {
+    fn render_values(
+        &self,
+        messages: Vec<Value>,
+        tools: Option<Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -272,6 +373,7 @@ impl ChatTemplate {
             })?;
         let ctx = minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
@@ -298,9 +400,28 @@ impl ChatTemplate {
                 ])]),
             ),
         ]);
-        self.render_values(vec![probe], false)
+        self.render_values(vec![probe], None, false)
             .is_ok_and(|text| text.contains(PROBE))
     }
+}
+
+/// Tool calls as Hugging Face templates read them: `{id, type, function: {name, arguments}}`
+/// with `arguments` an object when it is JSON (templates print it with `tojson`, as
+/// `transformers` passes a dict), else the text as given.
+fn tool_calls_value(calls: &[ToolCall]) -> Value {
+    let calls: Vec<serde_json::Value> = calls
+        .iter()
+        .map(|call| {
+            let arguments = serde_json::from_str::<serde_json::Value>(&call.arguments)
+                .unwrap_or_else(|_| serde_json::Value::String(call.arguments.clone()));
+            serde_json::json!({
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": arguments},
+            })
+        })
+        .collect();
+    Value::from_serialize(&calls)
 }
 
 /// The message of a `raise_exception` call anywhere in `err`'s source chain.

@@ -5,7 +5,8 @@
 //! One forward call per engine step, whatever mix of prefills, prefill chunks and decodes
 //! it holds: every matmul sees all `T` tokens of the step at once, and only attention
 //! looks at sequence boundaries (through [`AttentionMetadata`]). The LM head runs only on
-//! the rows that are sampled, since it is a fifth of a small model's multiply-adds.
+//! the rows that are sampled, since it is a fifth of a small model's multiply-adds; rows that
+//! embeddings pool leave as their final hidden states, summed per pool ([`Model::forward_pooled`]).
 //!
 //! Family switches, all read from [`ModelConfig`]: q/k/v bias (Qwen2), q/k/v and gate/up
 //! stored fused (Phi-3), per-head q/k norm (Qwen3, Gemma 3), sandwich norms, GeGLU and scaled
@@ -550,15 +551,17 @@ impl Decoder {
 
 impl Model for Decoder {
     fn forward(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
-        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
-            // Called from outside the thread pool (the engine thread), every parallel op of
-            // the step (about ten per layer) would inject its job into the pool and sleep on
-            // a latch until a worker woke up and finished it: two thread wake-ups per op,
-            // hundreds per decode step. Run the whole step on a pool worker instead: nested
-            // ops then start on that worker at once and the other workers steal from it.
-            return rayon::scope(|_| self.forward_on_pool(input, kv));
-        }
-        self.forward_on_pool(input, kv)
+        Ok(self.forward_outputs(input, kv, false)?.0)
+    }
+
+    fn forward_pooled(
+        &self,
+        input: &BatchInputs,
+        kv: &mut PagedKvCache,
+    ) -> Result<(Tensor, Tensor)> {
+        let (logits, pooled) = self.forward_outputs(input, kv, true)?;
+        let pooled = pooled.ok_or_else(|| Error::InvalidBatch("no pooled output".into()))?;
+        Ok((logits, pooled))
     }
 
     fn config(&self) -> &ModelConfig {
@@ -579,7 +582,30 @@ impl Model for Decoder {
 }
 
 impl Decoder {
-    fn forward_on_pool(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor> {
+    /// The logits, and with `pool` the pooled hidden states.
+    fn forward_outputs(
+        &self,
+        input: &BatchInputs,
+        kv: &mut PagedKvCache,
+        pool: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            // Called from outside the thread pool (the engine thread), every parallel op of
+            // the step (about ten per layer) would inject its job into the pool and sleep on
+            // a latch until a worker woke up and finished it: two thread wake-ups per op,
+            // hundreds per decode step. Run the whole step on a pool worker instead: nested
+            // ops then start on that worker at once and the other workers steal from it.
+            return rayon::scope(|_| self.forward_on_pool(input, kv, pool));
+        }
+        self.forward_on_pool(input, kv, pool)
+    }
+
+    fn forward_on_pool(
+        &self,
+        input: &BatchInputs,
+        kv: &mut PagedKvCache,
+        pool: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let t = self.check_inputs(input, kv)?;
         let c = &self.config;
         let (h, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -686,9 +712,15 @@ impl Decoder {
             (x, hs) = add_rms_norm(&sum, &mlp_out, next_norm, eps)?;
         }
         // `hs` is the final norm of every row now; the head runs only on the sampled rows.
+        let pooled = if pool {
+            Some(self.pool(&hs, input)?)
+        } else {
+            None
+        };
         if input.sample_rows.dims1()? == 0 {
-            // A step of non-final prefill chunks samples nothing.
-            return Ok(Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?);
+            // A step of non-final prefill chunks (or of embeddings only) samples nothing.
+            let none = Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?;
+            return Ok((none, pooled));
         }
         // Sampled rows are increasing, so all `t` of them means every row in order (a step of
         // decodes only): no gather needed.
@@ -698,13 +730,30 @@ impl Decoder {
             hs.index_select(&input.sample_rows, 0)?
         };
         let logits = self.head.forward(&rows)?.to_dtype(DType::F32)?;
-        match c.switches.final_logit_softcap {
+        let logits = match c.switches.final_logit_softcap {
             Some(cap) => {
                 let cap = f64::from(cap);
-                Ok(logits.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)?)
+                logits.affine(1.0 / cap, 0.0)?.tanh()?.affine(cap, 0.0)?
             }
-            None => Ok(logits),
+            None => logits,
+        };
+        Ok((logits, pooled))
+    }
+
+    /// `[num_pools, hidden]` f32: row `p` sums the rows of `hs` that `input` assigns to pool `p`.
+    fn pool(&self, hs: &Tensor, input: &BatchInputs) -> Result<Tensor> {
+        let hidden = self.config.hidden_size;
+        let rows = input.pool_rows.dims1()?;
+        if input.num_pools == 0 {
+            return Ok(Tensor::zeros((0, hidden), DType::F32, &self.device)?);
         }
+        let selected = hs.index_select(&input.pool_rows, 0)?.to_dtype(DType::F32)?;
+        if rows == input.num_pools {
+            // One row per pool (last-token pooling), in pool order: nothing to add up.
+            return Ok(selected);
+        }
+        let sums = Tensor::zeros((input.num_pools, hidden), DType::F32, &self.device)?;
+        Ok(sums.index_add(&input.pool_index, &selected, 0)?)
     }
 }
 

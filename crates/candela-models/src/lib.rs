@@ -15,7 +15,7 @@ pub mod model;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use batch::{BatchBuilder, BatchInputs, SeqChunk};
+pub use batch::{BatchBuilder, BatchInputs, PoolChunk, SeqChunk};
 pub use candela_kernels::quant::QuantBits;
 pub use config::{
     Activation, Architecture, FamilySwitches, ModelConfig, RopeScaling, RopeStyle, SlidingWindow,

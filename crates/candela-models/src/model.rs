@@ -24,6 +24,14 @@ pub trait Model: Send {
     /// Runs one step: writes this step's keys/values into `kv` and returns the logits
     /// `[num_sampled, vocab]` (f32) of `input.sample_rows`, in that order.
     fn forward(&self, input: &BatchInputs, kv: &mut PagedKvCache) -> Result<Tensor>;
+    /// [`Self::forward`] that also returns the pooled final hidden states (embeddings):
+    /// `(logits, pooled)`, `pooled` being `[input.num_pools, hidden]` f32 whose row `p` is the
+    /// sum of the final-norm outputs (what the LM head reads) of the rows of pool `p`.
+    fn forward_pooled(
+        &self,
+        input: &BatchInputs,
+        kv: &mut PagedKvCache,
+    ) -> Result<(Tensor, Tensor)>;
     /// Shape and hyper-parameters.
     fn config(&self) -> &ModelConfig;
     /// Device the weights live on.

@@ -166,13 +166,13 @@ fn strftime_now_gives_the_current_date() {
 #[test]
 fn content_parts_are_joined_for_string_templates() {
     let smol = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}";
-    let message = ChatMessage {
-        role: "user".to_owned(),
-        content: MessageContent::Parts(vec![
+    let message = ChatMessage::with_content(
+        "user",
+        MessageContent::Parts(vec![
             ContentPart::Text("first".to_owned()),
             ContentPart::Text("second".to_owned()),
         ]),
-    };
+    );
     assert_eq!(
         render(smol, &[message], false),
         "<|im_start|>user\nfirst\nsecond<|im_end|>\n"
@@ -182,13 +182,13 @@ fn content_parts_are_joined_for_string_templates() {
 #[test]
 fn content_parts_are_passed_to_templates_that_iterate_them() {
     let typed = "{% for m in messages %}{% if m.content is string %}S:{{ m.content }}{% else %}{% for p in m.content %}[{{ p.type }}:{{ p.text }}]{% endfor %}{% endif %}{% endfor %}";
-    let parts = ChatMessage {
-        role: "user".to_owned(),
-        content: MessageContent::Parts(vec![
+    let parts = ChatMessage::with_content(
+        "user",
+        MessageContent::Parts(vec![
             ContentPart::Text("a".to_owned()),
             ContentPart::Text("b".to_owned()),
         ]),
-    };
+    );
     let text = ChatMessage::new("user", "c");
     assert_eq!(render(typed, &[parts, text], false), "[text:a][text:b]S:c");
 }

@@ -337,6 +337,32 @@ impl Scheduler {
         max_tokens: u32,
         priority: i32,
     ) -> Result<(), Error> {
+        self.add_sequences(ids, prompt, max_tokens, priority, true)
+    }
+
+    /// Queues one sequence that never starts from the prefix cache: at admission, and again
+    /// after a preemption, it computes its whole prompt. A mean-pooled embedding needs the
+    /// final hidden state of every prompt position, and a cached block holds only KV. Its own
+    /// computed blocks are still offered to the prefix cache for other sequences. Same errors
+    /// as [`Self::add`].
+    pub fn add_without_prefix_hits(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<TokenId>,
+        max_tokens: u32,
+        priority: i32,
+    ) -> Result<(), Error> {
+        self.add_sequences(&[id], prompt, max_tokens, priority, false)
+    }
+
+    fn add_sequences(
+        &mut self,
+        ids: &[SeqId],
+        prompt: Vec<TokenId>,
+        max_tokens: u32,
+        priority: i32,
+        prefix_hits: bool,
+    ) -> Result<(), Error> {
         let (&leader_id, follower_ids) = ids.split_first().ok_or(Error::EmptyGroup)?;
         for (i, id) in ids.iter().enumerate() {
             if self.seqs.contains_key(id) || ids[..i].contains(id) {
@@ -361,6 +387,7 @@ impl Scheduler {
         }
 
         let mut leader = Sequence::new(leader_id, prompt, max_tokens, priority, self.arrival());
+        leader.prefix_hits = prefix_hits;
         if self.cfg.enable_prefix_caching {
             leader.extend_hashes(&self.bm);
         }
@@ -846,7 +873,7 @@ impl Scheduler {
         // Full blocks only, and never the whole sequence: at least one token must be computed
         // so that there are logits to sample.
         let mut hits: Vec<BlockId> = Vec::new();
-        if self.cfg.enable_prefix_caching {
+        if self.cfg.enable_prefix_caching && seq.prefix_hits {
             let hit_blocks_max = ((len - 1) / bs) as usize;
             let mut parent = None;
             for (j, &hash) in seq.block_hashes.iter().take(hit_blocks_max).enumerate() {
@@ -932,7 +959,7 @@ impl Scheduler {
         seq.num_cached_tokens = cached;
         seq.status = SeqStatus::Running;
         seq.wait_key = None;
-        if self.cfg.enable_prefix_caching {
+        if self.cfg.enable_prefix_caching && seq.prefix_hits {
             self.prefix_cache_queries_tokens += u64::from(len);
             self.prefix_cache_hits_tokens += u64::from(cached);
         }
@@ -1223,6 +1250,77 @@ mod tests {
         let st = s.stats();
         assert_eq!(st.prefix_cache_queries_tokens, 8 + 8 + 11);
         assert_eq!(st.prefix_cache_hits_tokens, 4 + 8);
+    }
+
+    #[test]
+    fn a_sequence_without_prefix_hits_computes_its_whole_prompt_and_still_registers_it() {
+        let mut s = scheduler(config(4, 16, 8, 64));
+        s.add(SeqId(1), prompt(9, 0), 1, 0).expect("fits");
+        run_to_end(&mut s);
+        // The same prompt: a plain sequence would reuse two blocks; this one computes all 9.
+        s.add_without_prefix_hits(SeqId(2), prompt(9, 0), 1, 0)
+            .expect("fits");
+        assert!(!s.sequence(SeqId(2)).expect("queued").prefix_hits());
+        let queries_before = s.stats().prefix_cache_queries_tokens;
+        let b = s.schedule();
+        let q = find(&b, 2).expect("admitted");
+        assert_eq!((q.positions.clone(), q.num_cached_tokens), (0..9, 0));
+        assert!(q.sample);
+        let out = StepOutput {
+            seq_id: SeqId(2),
+            new_token: None,
+            finished: true,
+        };
+        s.update_after_step(&[out]).expect("valid");
+        assert_eq!(s.block_manager().num_free(), 16, "its blocks are freed");
+        assert_eq!(
+            s.stats().prefix_cache_queries_tokens,
+            queries_before,
+            "no lookup is counted"
+        );
+        // Its own blocks are offered to the cache: a plain sequence hits those of a prompt
+        // that only a sequence without hits computed.
+        s.add_without_prefix_hits(SeqId(3), prompt(9, 100), 1, 0)
+            .expect("fits");
+        run_to_end(&mut s);
+        let mut longer = prompt(9, 100);
+        longer.extend([70, 71]);
+        s.add(SeqId(4), longer, 1, 0).expect("fits");
+        let b = step(&mut s, 1);
+        let q = find(&b, 4).expect("admitted");
+        assert_eq!((q.positions.clone(), q.num_cached_tokens), (8..11, 8));
+    }
+
+    #[test]
+    fn a_preempted_sequence_without_prefix_hits_recomputes_its_whole_prompt() {
+        // 2's prompt is computed in chunks of 2 while 1 decodes, until a full cache preempts it
+        // with two full blocks registered. Once 1 has finished, a plain sequence resumes from
+        // those blocks, one without prefix hits from position 0.
+        let resume = |hits: bool| {
+            let mut s = scheduler(config(2, 5, 8, 3));
+            s.add(SeqId(1), vec![1, 2, 3], 8, 0).expect("fits");
+            step(&mut s, 10);
+            let p2 = vec![4, 5, 6, 7, 8, 9];
+            if hits {
+                s.add(SeqId(2), p2, 1, 0)
+            } else {
+                s.add_without_prefix_hits(SeqId(2), p2, 1, 0)
+            }
+            .expect("fits");
+            assert_eq!(
+                find(&step(&mut s, 11), 2).expect("admitted").positions,
+                0..2
+            );
+            assert_eq!(find(&step(&mut s, 12), 2).expect("runs").positions, 2..4);
+            // 1 decodes and finishes; 2 needs a third block and is the least computed.
+            let b = answered_step(&mut s, 13, true);
+            assert_eq!(b.preempted, vec![SeqId(2)]);
+            let b = s.schedule();
+            let q = find(&b, 2).expect("resumed");
+            (q.positions.clone(), q.num_cached_tokens)
+        };
+        assert_eq!(resume(true), (4..6, 4));
+        assert_eq!(resume(false), (0..3, 0));
     }
 
     #[test]

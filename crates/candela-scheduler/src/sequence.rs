@@ -71,6 +71,8 @@ pub struct Sequence {
     pub(crate) leader: Option<SeqId>,
     /// Siblings waiting for this sequence's prompt.
     pub(crate) followers: Vec<SeqId>,
+    /// May start from blocks in the prefix cache (false: always computes its whole prompt).
+    pub(crate) prefix_hits: bool,
 }
 
 impl Sequence {
@@ -102,6 +104,7 @@ impl Sequence {
             wait_key: None,
             leader: None,
             followers: Vec::new(),
+            prefix_hits: true,
         }
     }
 
@@ -190,6 +193,12 @@ impl Sequence {
     /// it on the sequence's first scheduled step).
     pub fn num_cached_tokens(&self) -> u32 {
         self.num_cached_tokens
+    }
+
+    /// Whether admission may serve the prompt's head from the prefix cache (see
+    /// [`crate::Scheduler::add_without_prefix_hits`]).
+    pub fn prefix_hits(&self) -> bool {
+        self.prefix_hits
     }
 
     /// How many times this sequence was preempted.

@@ -1,9 +1,10 @@
 //! Property tests: random workloads (arrivals, prompt and output lengths, shared prefixes,
-//! sibling groups, aborts, tiny caches that force preemption) driven through the scheduler by
-//! a simulated engine that keeps a shadow KV cache. After every step it checks that budgets
-//! hold, no slot is written by two sequences, every sequence attends only to KV computed from
-//! exactly its own tokens (so prefix hits and resumed preemptions are correct), tokens survive
-//! preemption, and in the end every admitted request finished and no block leaked.
+//! sibling groups, sequences that may not use the prefix cache, aborts, tiny caches that force
+//! preemption) driven through the scheduler by a simulated engine that keeps a shadow KV cache.
+//! After every step it checks that budgets hold, no slot is written by two sequences, every
+//! sequence attends only to KV computed from exactly its own tokens (so prefix hits and resumed
+//! preemptions are correct), tokens survive preemption, and in the end every admitted request
+//! finished and no block leaked.
 
 use std::collections::{HashMap, HashSet};
 
@@ -31,6 +32,9 @@ struct Req {
     priority: i32,
     n: u32,
     abort_after_steps: Option<u32>,
+    /// Added with `add_without_prefix_hits` (only when `n == 1`): it must never start from a
+    /// cached block, whoever computed the prompt before.
+    no_prefix_hits: bool,
 }
 
 fn req() -> impl Strategy<Value = Req> {
@@ -44,9 +48,21 @@ fn req() -> impl Strategy<Value = Req> {
         -2i32..3,
         1u32..4,
         prop::option::weighted(0.15, 0u32..12),
+        prop::bool::weighted(0.2),
     )
         .prop_map(
-            |(arrive_step, prefix, prefix_len, suffix, max_tokens, stop, priority, n, abort)| Req {
+            |(
+                arrive_step,
+                prefix,
+                prefix_len,
+                suffix,
+                max_tokens,
+                stop,
+                priority,
+                n,
+                abort,
+                no_prefix_hits,
+            )| Req {
                 arrive_step,
                 prefix,
                 prefix_len,
@@ -56,6 +72,7 @@ fn req() -> impl Strategy<Value = Req> {
                 priority,
                 n,
                 abort_after_steps: abort,
+                no_prefix_hits: no_prefix_hits && n == 1,
             },
         )
 }
@@ -127,7 +144,12 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
             let ids: Vec<SeqId> = (0..r.n).map(|i| SeqId(next_id + u64::from(i))).collect();
             next_id += u64::from(r.n);
             let fits = prompt.len() as u64 + u64::from(r.max_tokens) - 1 <= capacity;
-            match s.add_group(&ids, prompt.clone(), r.max_tokens, r.priority) {
+            let added = if r.no_prefix_hits {
+                s.add_without_prefix_hits(ids[0], prompt.clone(), r.max_tokens, r.priority)
+            } else {
+                s.add_group(&ids, prompt.clone(), r.max_tokens, r.priority)
+            };
+            match added {
                 Ok(()) => {
                     prop_assert!(fits, "accepted a request that cannot fit");
                     for &id in &ids {
@@ -257,6 +279,10 @@ fn check_batch(
         // A prefix hit covers whole blocks of exactly this prompt, never all of it.
         prop_assert_eq!(q.num_cached_tokens % bs, 0);
         prop_assert!(q.num_cached_tokens < seq.num_tokens());
+        if !seq.prefix_hits() {
+            // Admitted (first, or after a preemption) at position 0, whatever is cached.
+            prop_assert_eq!(q.num_cached_tokens, 0);
+        }
         let hit_blocks = (q.num_cached_tokens / bs) as usize;
         for (j, &block) in (0u32..).zip(&table[..hit_blocks]) {
             let expected = seq.tokens_in(j * bs..(j + 1) * bs);
@@ -370,6 +396,8 @@ fn tiny_cache_with_one_shared_prompt_finishes_everything() {
             priority: (i % 3) as i32,
             n: 1 + i % 2,
             abort_after_steps: None,
+            // Every fourth (always a single sequence) recomputes its prompt from scratch.
+            no_prefix_hits: i % 4 == 0,
         })
         .collect();
     let stats = run(cfg, reqs).expect("all invariants hold");

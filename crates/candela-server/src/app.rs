@@ -27,6 +27,7 @@ use crate::openai::{
     ModelList, PromptIn, TokenizeRequest, TokenizeResponse,
 };
 use crate::params::{self, PROMPTS_MAX};
+use crate::responses::wire::ResponsesRequest;
 
 /// Default request body limit: a full context of text several times over, far below memory.
 pub const BODY_LIMIT_BYTES_DEFAULT: usize = 4 * 1024 * 1024;
@@ -42,6 +43,9 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Requests with larger bodies get 413.
     pub body_limit_bytes: usize,
+    /// `--embeddings [--pooling ...]`: serve `/v1/embeddings` with this pooling; `None`
+    /// answers it with 501 and how to turn it on.
+    pub embeddings: Option<crate::embeddings::EmbeddingPooling>,
 }
 
 impl ServerConfig {
@@ -54,12 +58,14 @@ impl ServerConfig {
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    backend: Arc<dyn Backend>,
-    config: Arc<ServerConfig>,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) config: Arc<ServerConfig>,
     /// Unix seconds at start (`created` of the model card).
     started_unix_s: u64,
     /// Set when shutdown begins: `/ready` answers 503 and no new generation starts.
     draining: Arc<AtomicBool>,
+    /// The Files and Batch APIs, when the server has a data directory.
+    batches: Option<Arc<crate::batch::BatchService>>,
 }
 
 impl AppState {
@@ -70,10 +76,37 @@ impl AppState {
             config: Arc::new(config),
             started_unix_s: unix_now_s(),
             draining: Arc::new(AtomicBool::new(false)),
+            batches: None,
         }
     }
 
-    fn check_ready(&self) -> Result<(), ApiError> {
+    /// This state with the Files and Batch APIs on.
+    pub fn with_batches(mut self, batches: Arc<crate::batch::BatchService>) -> Self {
+        self.batches = Some(batches);
+        self
+    }
+
+    pub(crate) fn batches(&self) -> Option<&Arc<crate::batch::BatchService>> {
+        self.batches.as_ref()
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The state behind the router that batch requests go through: the same backend and
+    /// drain flag, no API key (those requests never cross the network), no batch API.
+    pub(crate) fn for_dispatch(&self) -> Self {
+        let mut config = ServerConfig::clone(&self.config);
+        config.api_key = None;
+        Self {
+            config: Arc::new(config),
+            batches: None,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn check_ready(&self) -> Result<(), ApiError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(ApiError::Unavailable(
                 "the server is shutting down".to_owned(),
@@ -91,7 +124,8 @@ impl AppState {
     }
 }
 
-fn unix_now_s() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -103,6 +137,8 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(crate::embeddings::embeddings))
+        .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -110,6 +146,17 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             require_api_key,
         ));
+    // Merged after the body limits below, so that uploads get their own (larger) limit.
+    let upload_bytes_max = state
+        .batches
+        .as_ref()
+        .map_or(limit as u64, |b| b.file_bytes_max());
+    let batch_api = crate::batch::routes::routes(limit, upload_bytes_max)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .merge(api)
         .route("/health", get(health))
@@ -119,6 +166,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(RequestBodyLimitLayer::new(limit))
+        .merge(batch_api)
         // Outermost: RequestBodyLimitLayer answers an oversized Content-Length itself with a
         // plain-text 413; clients get the JSON error body instead.
         .layer(middleware::map_response(json_payload_too_large))
@@ -292,18 +340,21 @@ async fn chat_completions(
     state.check_ready()?;
     let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let max_tokens = req.max_completion_tokens.or(req.common.max_tokens);
-    let plan = params::plan(
+    let mut plan = params::plan(
         &req.common,
         max_tokens,
         logprobs,
         state.backend.vocab_size(),
     )?;
+    let tools = crate::tools::tool_calling(
+        crate::tools::Shape::Nested,
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    plan.sampling.tools.clone_from(&tools);
     let messages = params::chat_messages(&req.messages)?;
-    let prompt = blocking(&state, move |b| {
-        let text = b.apply_chat_template(&messages, true)?;
-        Ok(b.tokenize(&text, false)?)
-    })
-    .await?;
+    let prompt = chat_prompt(&state, messages, tools).await?;
     params::check_context(
         prompt.len(),
         plan.sampling.max_tokens,
@@ -313,6 +364,45 @@ async fn chat_completions(
     let mut job = new_job(&state, Flavor::Chat, vec![prompt], Vec::new(), plan);
     job.arrival = arrival;
     run(&state, job).await
+}
+
+/// Renders the chat template (with the tools, for the model to see) and tokenizes the result.
+async fn chat_prompt(
+    state: &AppState,
+    messages: Vec<candela_engine::ChatMessage>,
+    tools: Option<candela_engine::api::ToolCalling>,
+) -> Result<Vec<TokenId>, ApiError> {
+    blocking(state, move |b| {
+        let text = b.apply_chat_template(&messages, tools.as_ref(), true)?;
+        Ok(b.tokenize(&text, false)?)
+    })
+    .await
+}
+
+/// The Responses API: the request translated to a chat job ([`crate::responses`]).
+async fn responses(
+    State(state): State<AppState>,
+    Json(req): Json<ResponsesRequest>,
+) -> Result<Response, ApiError> {
+    let arrival = Instant::now();
+    params::check_model(req.model.as_deref(), &state.config.served_model_names)?;
+    let checked = crate::responses::check(req, state.backend.vocab_size())?;
+    state.check_ready()?;
+    let prompt = chat_prompt(&state, checked.messages, checked.tools).await?;
+    params::check_context(
+        prompt.len(),
+        checked.plan.sampling.max_tokens,
+        state.backend.model_len_max(),
+        "input",
+    )
+    .map_err(crate::responses::output_tokens_param)?;
+    // A chat job under a Responses id: only the answer's shape differs.
+    let mut job = new_job(&state, Flavor::Chat, vec![prompt], Vec::new(), checked.plan);
+    job.id = crate::responses::output::new_id("resp");
+    job.arrival = arrival;
+    // Shutdown may have begun while the prompt was being tokenized.
+    state.check_ready()?;
+    crate::responses::respond(Arc::clone(&state.backend), job, checked.skeleton).await
 }
 
 async fn completions(
@@ -425,7 +515,7 @@ async fn tokenize(
             let generation = req.add_generation_prompt.unwrap_or(true);
             let special = req.add_special_tokens.unwrap_or(false);
             blocking(&state, move |b| {
-                let text = b.apply_chat_template(&messages, generation)?;
+                let text = b.apply_chat_template(&messages, None, generation)?;
                 let ids = b.tokenize(&text, special)?;
                 let strs = if strs { Some(pieces(b, &ids)?) } else { None };
                 Ok((ids, strs))

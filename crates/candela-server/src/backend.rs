@@ -12,7 +12,8 @@
 //! call them through `tokio::task::spawn_blocking`, never on the runtime's core threads.
 
 use candela_engine::api::{
-    EngineHealth, GenerateEvent, GenerateRequest, RequestId, SubmitError, TokenId,
+    EmbedEvent, EmbedRequest, EngineHealth, GenerateEvent, GenerateRequest, RequestId, SubmitError,
+    TokenId, ToolCalling,
 };
 use candela_engine::ChatMessage;
 use futures::stream::BoxStream;
@@ -20,6 +21,10 @@ use futures::stream::BoxStream;
 /// The events of one submitted request, in order; the stream ends after the last
 /// `Finished` event (or early when the backend dropped the request).
 pub type EventStream = BoxStream<'static, GenerateEvent>;
+
+/// The events of one embedding request: one per input, in the order they finish; the stream
+/// ends after the last (or early when the backend dropped the request).
+pub type EmbedStream = BoxStream<'static, EmbedEvent>;
 
 /// A failure of a tokenizer or template call.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -41,6 +46,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Submits a request; its events arrive on the returned stream.
     fn submit(&self, request: GenerateRequest) -> Result<(RequestId, EventStream), SubmitError>;
 
+    /// Submits an embedding request; one event per input arrives on the returned stream.
+    /// Dropping the stream aborts it. A backend without embeddings refuses every request
+    /// (the default).
+    fn embed(&self, request: EmbedRequest) -> Result<(RequestId, EmbedStream), SubmitError> {
+        let _ = request;
+        Err(SubmitError::Invalid(
+            "this backend computes no embeddings".into(),
+        ))
+    }
+
     /// Aborts a request (client gone): its KV blocks are freed at once. Aborting a request
     /// that already finished does nothing.
     fn abort(&self, id: RequestId);
@@ -56,10 +71,11 @@ pub trait Backend: Send + Sync + 'static {
     /// token may hold an incomplete UTF-8 sequence.
     fn token_bytes(&self, ids: &[TokenId]) -> Result<Vec<Vec<u8>>, BackendError>;
 
-    /// Renders the model's chat template over `messages`.
+    /// Renders the model's chat template over `messages`, with the request's `tools`.
     fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&ToolCalling>,
         add_generation_prompt: bool,
     ) -> Result<String, BackendError>;
 

@@ -7,13 +7,15 @@
 
 use std::sync::OnceLock;
 
-use candela_engine::api::{EngineHealth, GenerateRequest, RequestId, SubmitError, TokenId};
+use candela_engine::api::{
+    EmbedRequest, EngineHealth, GenerateRequest, RequestId, SubmitError, TokenId, ToolCalling,
+};
 use candela_engine::{EngineError, EngineHandle};
 use futures::StreamExt;
 
 use candela_engine::ChatMessage;
 
-use crate::backend::{Backend, BackendError, EventStream};
+use crate::backend::{Backend, BackendError, EmbedStream, EventStream};
 
 /// The engine behind the HTTP API, set once it has loaded.
 #[derive(Debug, Default)]
@@ -71,6 +73,15 @@ impl Backend for EngineBackend {
         ))
     }
 
+    fn embed(&self, request: EmbedRequest) -> Result<(RequestId, EmbedStream), SubmitError> {
+        let engine = self.engine.get().ok_or(SubmitError::NotReady)?;
+        let (id, events) = engine.embed(request)?;
+        Ok((
+            id,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(events).boxed(),
+        ))
+    }
+
     fn abort(&self, id: RequestId) {
         if let Some(engine) = self.engine.get() {
             engine.abort(id);
@@ -96,10 +107,11 @@ impl Backend for EngineBackend {
     fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&ToolCalling>,
         add_generation_prompt: bool,
     ) -> Result<String, BackendError> {
         self.loaded()?
-            .apply_chat_template(messages, add_generation_prompt)
+            .apply_chat_template_with_tools(messages, tools, add_generation_prompt)
             .map_err(backend_error)
     }
 

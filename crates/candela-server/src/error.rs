@@ -42,9 +42,23 @@ pub enum ApiError {
     /// 405: the route exists but not with this method.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 404: no stored object (file, batch) has this id.
+    #[error("{message}")]
+    NotFound {
+        /// Human-readable explanation.
+        message: String,
+        /// The parameter naming the id.
+        param: Option<&'static str>,
+    },
     /// 413: the request body is over the limit.
     #[error("the request body is too large")]
     PayloadTooLarge,
+    /// 413: an uploaded file is over the server's limit.
+    #[error("the file is larger than this server's limit of {bytes_max} bytes")]
+    FileTooLarge {
+        /// The limit.
+        bytes_max: u64,
+    },
     /// 429: the waiting queue is full.
     #[error("{0}")]
     Overloaded(String),
@@ -75,9 +89,11 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) | Self::NotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::PayloadTooLarge | Self::FileTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -107,7 +123,13 @@ impl ApiError {
             ),
             Self::RouteNotFound(_) => ("invalid_request_error", Some("not_found"), None),
             Self::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed"), None),
+            Self::NotFound { param, .. } => ("invalid_request_error", None, *param),
             Self::PayloadTooLarge => ("invalid_request_error", Some("request_too_large"), None),
+            Self::FileTooLarge { .. } => (
+                "invalid_request_error",
+                Some("file_too_large"),
+                Some("file"),
+            ),
             Self::Overloaded(_) => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             Self::Unavailable(_) => ("service_unavailable_error", None, None),
             Self::Engine(_) | Self::Internal(_) => ("server_error", None, None),

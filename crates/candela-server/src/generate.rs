@@ -16,7 +16,8 @@ use std::sync::Arc;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use candela_engine::api::{
-    FinishReason, GenerateEvent, GenerateRequest, RequestId, Timings, TokenId, TokenLogprob, Usage,
+    FinishReason, GenerateEvent, GenerateRequest, RequestId, Timings, TokenId, TokenLogprob,
+    ToolCallDelta, Usage,
 };
 use futures::stream::{self, BoxStream, StreamExt};
 
@@ -24,8 +25,8 @@ use crate::backend::Backend;
 use crate::error::ApiError;
 use crate::openai::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatDelta, ChatLogprobs,
-    ChatTokenLogprob, ChunkUsage, CompletionChoice, Envelope, LegacyLogprobs, TimingsOut,
-    TopLogprob, UsageOut,
+    ChatTokenLogprob, ChunkUsage, CompletionChoice, Envelope, FunctionCallOut, FunctionChunk,
+    LegacyLogprobs, TimingsOut, ToolCallChunk, ToolCallOut, TopLogprob, UsageOut,
 };
 use crate::params::Plan;
 
@@ -148,26 +149,89 @@ fn event_index(e: &GenerateEvent) -> u32 {
 
 /// How one choice ended.
 #[derive(Debug, Clone)]
-struct Finish {
-    reason: FinishReason,
-    usage: Usage,
-    timings: Timings,
+pub(crate) struct Finish {
+    pub(crate) reason: FinishReason,
+    pub(crate) usage: Usage,
+    pub(crate) timings: Timings,
 }
 
 /// Everything received for one choice.
 #[derive(Debug, Default)]
-struct ChoiceState {
+pub(crate) struct ChoiceState {
     /// Output text (without the echo).
-    text: String,
+    pub(crate) text: String,
     token_ids: Vec<TokenId>,
     chat_logprobs: Vec<ChatTokenLogprob>,
     legacy_logprobs: LegacyLogprobs,
-    finish: Option<Finish>,
+    /// Tool calls, assembled from their pieces.
+    pub(crate) tool_calls: Vec<ToolCallOut>,
+    pub(crate) finish: Option<Finish>,
+}
+
+impl ChoiceState {
+    /// Adds the pieces of tool calls to the calls they belong to.
+    fn add_tool_calls(&mut self, deltas: &[ToolCallDelta]) {
+        for delta in deltas {
+            let index = delta.index as usize;
+            if index >= self.tool_calls.len() {
+                self.tool_calls.resize(
+                    index + 1,
+                    ToolCallOut {
+                        id: String::new(),
+                        kind: "function",
+                        function: FunctionCallOut {
+                            name: String::new(),
+                            arguments: String::new(),
+                        },
+                    },
+                );
+            }
+            let Some(call) = self.tool_calls.get_mut(index) else {
+                continue;
+            };
+            if let Some(id) = &delta.id {
+                call.id.clone_from(id);
+            }
+            if let Some(name) = &delta.name {
+                call.function.name.clone_from(name);
+            }
+            call.function.arguments.push_str(&delta.arguments);
+        }
+    }
+
+    /// The response message: content null when the answer is only tool calls.
+    fn message(&self) -> AssistantMessage {
+        let calls = !self.tool_calls.is_empty();
+        AssistantMessage {
+            role: "assistant",
+            content: (!calls || !self.text.is_empty()).then(|| self.text.clone()),
+            tool_calls: calls.then(|| self.tool_calls.clone()),
+        }
+    }
+}
+
+/// Tool-call pieces as a streamed delta carries them.
+fn tool_call_chunks(deltas: Vec<ToolCallDelta>) -> Option<Vec<ToolCallChunk>> {
+    (!deltas.is_empty()).then(|| {
+        deltas
+            .into_iter()
+            .map(|d| ToolCallChunk {
+                index: d.index,
+                kind: d.id.is_some().then_some("function"),
+                id: d.id,
+                function: FunctionChunk {
+                    name: d.name,
+                    arguments: d.arguments,
+                },
+            })
+            .collect()
+    })
 }
 
 fn finish_reason_str(reason: &FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop(_) => "stop",
+        FinishReason::ToolCalls => "tool_calls",
         FinishReason::Length => "length",
         FinishReason::Abort => "abort",
         FinishReason::Error(_) => "error",
@@ -263,7 +327,7 @@ fn append_legacy(into: &mut LegacyLogprobs, from: LegacyLogprobs) {
 /// first token, latest finish, mean prefill rate, and the sum of the choices' decode rates
 /// (choices decode side by side in the same steps, so their rates add up). With one choice
 /// these are exactly the engine's numbers.
-fn totals(job: &Job, choices: &[ChoiceState]) -> (UsageOut, TimingsOut) {
+pub(crate) fn totals(job: &Job, choices: &[ChoiceState]) -> (UsageOut, TimingsOut) {
     let mut usage = UsageOut::default();
     let finishes: Vec<&Finish> = choices.iter().filter_map(|c| c.finish.as_ref()).collect();
     for (p, prompt) in job.prompts.iter().enumerate() {
@@ -289,15 +353,16 @@ fn totals(job: &Job, choices: &[ChoiceState]) -> (UsageOut, TimingsOut) {
     (usage, t)
 }
 
-/// Applies one event to the choices' state; returns the tokens' logprob entries in both shapes
-/// (only the one matching the flavor is filled) for streaming.
+/// Applies one event to the choices' state. A delta comes back with the tokens' logprob
+/// entries in both shapes (only the one matching the flavor is filled) for streaming; a
+/// finish comes back as `None`.
 async fn apply(
     backend: &Arc<dyn Backend>,
     job: &Job,
     choices: &mut [ChoiceState],
     choice: usize,
     event: GenerateEvent,
-) -> Result<Applied, ApiError> {
+) -> Result<Option<Delta>, ApiError> {
     let Some(state) = choices.get_mut(choice) else {
         return Err(ApiError::Internal(format!(
             "event for choice {choice}, which does not exist"
@@ -308,6 +373,7 @@ async fn apply(
             token_ids,
             text,
             logprobs,
+            tool_calls,
             ..
         } => {
             let mut chat = None;
@@ -332,12 +398,14 @@ async fn apply(
             }
             state.text.push_str(&text);
             state.token_ids.extend_from_slice(&token_ids);
-            Ok(Applied::Delta {
+            state.add_tool_calls(&tool_calls);
+            Ok(Some(Delta {
                 text,
                 token_ids,
                 chat,
                 legacy,
-            })
+                tool_calls,
+            }))
         }
         GenerateEvent::Finished {
             reason,
@@ -355,45 +423,121 @@ async fn apply(
                 usage,
                 timings,
             });
-            Ok(Applied::Finished)
+            Ok(None)
         }
     }
 }
 
-enum Applied {
-    Delta {
-        text: String,
-        token_ids: Vec<TokenId>,
-        chat: Option<ChatLogprobs>,
-        legacy: Option<LegacyLogprobs>,
-    },
-    Finished,
+/// New output of one choice, as one engine delta brought it.
+pub(crate) struct Delta {
+    /// Text released by this delta.
+    pub(crate) text: String,
+    token_ids: Vec<TokenId>,
+    chat: Option<ChatLogprobs>,
+    legacy: Option<LegacyLogprobs>,
+    /// Pieces of tool calls (the first piece of a call has its id and name).
+    pub(crate) tool_calls: Vec<ToolCallDelta>,
+}
+
+#[cfg(test)]
+impl Delta {
+    /// A delta with this text and these tool-call pieces, and nothing else.
+    pub(crate) fn for_test(text: &str, tool_calls: Vec<ToolCallDelta>) -> Self {
+        Self {
+            text: text.to_owned(),
+            token_ids: Vec::new(),
+            chat: None,
+            legacy: None,
+            tool_calls,
+        }
+    }
+}
+
+/// What one engine event did to a [`Run`].
+pub(crate) enum Step {
+    /// New output for the choice with this index.
+    Delta(usize, Delta),
+    /// The choice with this index finished (its state now has `finish`).
+    Finished(usize),
+}
+
+/// A submitted job and the state of its choices: the one event loop that every way of
+/// answering drives (a JSON body, chat and completion SSE chunks, the Responses API's events).
+/// Owning the guard ties the engine requests to whatever owns the run.
+pub(crate) struct Run {
+    backend: Arc<dyn Backend>,
+    pub(crate) job: Job,
+    events: Events,
+    guard: AbortGuard,
+    pub(crate) choices: Vec<ChoiceState>,
+}
+
+impl Run {
+    /// Submits the job.
+    pub(crate) fn start(backend: Arc<dyn Backend>, job: Job) -> Result<Self, ApiError> {
+        let (events, guard) = submit(&backend, &job)?;
+        let choices = (0..job.choices()).map(|_| ChoiceState::default()).collect();
+        Ok(Self {
+            backend,
+            job,
+            events,
+            guard,
+            choices,
+        })
+    }
+
+    /// Applies the next engine event; `None` once the engine has closed every stream.
+    pub(crate) async fn next(&mut self) -> Option<Result<Step, ApiError>> {
+        let (i, event) = self.events.next().await?;
+        let applied = apply(&self.backend, &self.job, &mut self.choices, i, event).await;
+        Some(match applied {
+            Ok(Some(delta)) => Ok(Step::Delta(i, delta)),
+            Ok(None) => {
+                self.guard.choice_finished(self.job.prompt_of(i));
+                Ok(Step::Finished(i))
+            }
+            Err(e) => Err(e),
+        })
+    }
+
+    /// Whether every choice has finished.
+    pub(crate) fn all_finished(&self) -> bool {
+        self.choices.iter().all(|c| c.finish.is_some())
+    }
+
+    /// After the last event: an error when a choice never finished or the engine failed one.
+    pub(crate) fn check_finished(&self) -> Result<(), ApiError> {
+        if let Some(i) = self.choices.iter().position(|c| c.finish.is_none()) {
+            return Err(ApiError::Internal(format!(
+                "the engine dropped choice {i} without finishing it"
+            )));
+        }
+        match self
+            .choices
+            .iter()
+            .filter_map(|c| c.finish.as_ref())
+            .find_map(|f| match &f.reason {
+                FinishReason::Error(message) => Some(message),
+                _ => None,
+            }) {
+            Some(message) => Err(ApiError::Engine(message.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs to the end and checks that every choice finished without an engine error.
+    pub(crate) async fn finish(mut self) -> Result<(Job, Vec<ChoiceState>), ApiError> {
+        while let Some(step) = self.next().await {
+            step?;
+        }
+        self.check_finished()?;
+        Ok((self.job, self.choices))
+    }
 }
 
 /// Runs a non-streaming request to the end and answers one JSON body.
 pub async fn respond_once(backend: Arc<dyn Backend>, job: Job) -> Result<Response, ApiError> {
-    let (mut events, mut guard) = submit(&backend, &job)?;
-    let mut choices: Vec<ChoiceState> =
-        (0..job.choices()).map(|_| ChoiceState::default()).collect();
-    while let Some((choice, event)) = events.next().await {
-        if let Applied::Finished = apply(&backend, &job, &mut choices, choice, event).await? {
-            guard.choice_finished(job.prompt_of(choice));
-        }
-    }
-    drop(guard);
-    if let Some(i) = choices.iter().position(|c| c.finish.is_none()) {
-        return Err(ApiError::Internal(format!(
-            "the engine dropped choice {i} without finishing it"
-        )));
-    }
-    if let Some(FinishReason::Error(message)) = choices
-        .iter()
-        .filter_map(|c| c.finish.as_ref())
-        .map(|f| &f.reason)
-        .find(|r| matches!(r, FinishReason::Error(_)))
-    {
-        return Err(ApiError::Engine(message.clone()));
-    }
+    let (job, choices) = Run::start(backend, job)?.finish().await?;
     let (usage, timings) = totals(&job, &choices);
     let reason = |c: &ChoiceState| c.finish.as_ref().map(|f| finish_reason_str(&f.reason));
     let ids = |c: &ChoiceState| job.plan.return_token_ids.then(|| c.token_ids.clone());
@@ -408,10 +552,7 @@ pub async fn respond_once(backend: Arc<dyn Backend>, job: Job) -> Result<Respons
                 .enumerate()
                 .map(|(i, c)| ChatChoice {
                     index: i as u32,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: c.text.clone(),
-                    },
+                    message: c.message(),
                     logprobs: job.logprobs().then(|| ChatLogprobs {
                         content: c.chat_logprobs.clone(),
                     }),
@@ -458,13 +599,9 @@ pub async fn respond_once(backend: Arc<dyn Backend>, job: Job) -> Result<Respons
     Ok(response)
 }
 
-/// The state of one SSE response; owning the guard ties the engine requests to the body.
+/// The state of one SSE response; owning the run ties the engine requests to the body.
 struct Streamer {
-    backend: Arc<dyn Backend>,
-    job: Job,
-    events: Events,
-    guard: AbortGuard,
-    choices: Vec<ChoiceState>,
+    run: Run,
     /// Encoded `data:` payloads waiting to be sent.
     pending: VecDeque<String>,
     done: bool,
@@ -473,15 +610,15 @@ struct Streamer {
 impl Streamer {
     fn envelope<C>(&self, choices: Vec<C>) -> Envelope<C> {
         Envelope {
-            id: self.job.id.clone(),
-            object: match self.job.flavor {
+            id: self.run.job.id.clone(),
+            object: match self.run.job.flavor {
                 Flavor::Chat => "chat.completion.chunk",
                 Flavor::Completion => "text_completion",
             },
-            created: self.job.created,
-            model: self.job.model.clone(),
+            created: self.run.job.created,
+            model: self.run.job.model.clone(),
             choices,
-            usage: if self.job.plan.include_usage {
+            usage: if self.run.job.plan.include_usage {
                 ChunkUsage::Null
             } else {
                 ChunkUsage::Absent
@@ -501,22 +638,24 @@ impl Streamer {
     /// Chat: one chunk per choice with the role (vLLM and OpenAI send it before any text).
     /// Completions: a first chunk per choice only when it has something to say (echo, ids).
     fn opening(&mut self) {
-        let ids = self.job.plan.return_token_ids;
-        for i in 0..self.job.choices() {
+        let ids = self.run.job.plan.return_token_ids;
+        for i in 0..self.run.job.choices() {
             let prompt_ids = || {
-                self.job
+                self.run
+                    .job
                     .prompts
-                    .get(self.job.prompt_of(i))
+                    .get(self.run.job.prompt_of(i))
                     .cloned()
                     .unwrap_or_default()
             };
-            match self.job.flavor {
+            match self.run.job.flavor {
                 Flavor::Chat => {
                     let mut env = self.envelope(vec![ChatChunkChoice {
                         index: i as u32,
                         delta: ChatDelta {
                             role: Some("assistant"),
                             content: Some(String::new()),
+                            tool_calls: None,
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -528,7 +667,7 @@ impl Streamer {
                     self.push(&env);
                 }
                 Flavor::Completion => {
-                    let echo = self.job.echo_of(i).to_owned();
+                    let echo = self.run.job.echo_of(i).to_owned();
                     if echo.is_empty() && !ids {
                         continue;
                     }
@@ -546,26 +685,32 @@ impl Streamer {
         }
     }
 
-    fn delta_chunk(
-        &mut self,
-        i: usize,
-        text: String,
-        token_ids: Vec<TokenId>,
-        chat: Option<ChatLogprobs>,
-        legacy: Option<LegacyLogprobs>,
-    ) {
-        if text.is_empty() && chat.is_none() && legacy.is_none() && !self.job.plan.return_token_ids
+    fn delta_chunk(&mut self, i: usize, delta: Delta) {
+        let Delta {
+            text,
+            token_ids,
+            chat,
+            legacy,
+            tool_calls,
+        } = delta;
+        if text.is_empty()
+            && tool_calls.is_empty()
+            && chat.is_none()
+            && legacy.is_none()
+            && !self.run.job.plan.return_token_ids
         {
             return; // nothing a client could see: a stop string may still match, or a character is split
         }
-        let token_ids = self.job.plan.return_token_ids.then_some(token_ids);
-        match self.job.flavor {
+        let token_ids = self.run.job.plan.return_token_ids.then_some(token_ids);
+        match self.run.job.flavor {
             Flavor::Chat => {
                 let env = self.envelope(vec![ChatChunkChoice {
                     index: i as u32,
                     delta: ChatDelta {
                         role: None,
-                        content: Some(text),
+                        // A piece of a tool call only: no content field (as OpenAI).
+                        content: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
+                        tool_calls: tool_call_chunks(tool_calls),
                     },
                     logprobs: chat,
                     finish_reason: None,
@@ -588,16 +733,16 @@ impl Streamer {
     }
 
     fn finish_chunk(&mut self, i: usize) {
-        let Some(finish) = self.choices.get(i).and_then(|c| c.finish.clone()) else {
+        let Some(finish) = self.run.choices.get(i).and_then(|c| c.finish.clone()) else {
             return;
         };
         if let FinishReason::Error(message) = &finish.reason {
             self.push(&ApiError::Engine(message.clone()).body());
         }
         let reason = Some(finish_reason_str(&finish.reason));
-        let all_done = self.choices.iter().all(|c| c.finish.is_some());
-        let timings = all_done.then(|| totals(&self.job, &self.choices).1);
-        match self.job.flavor {
+        let all_done = self.run.all_finished();
+        let timings = all_done.then(|| totals(&self.run.job, &self.run.choices).1);
+        match self.run.job.flavor {
             Flavor::Chat => {
                 let mut env = self.envelope(vec![ChatChunkChoice {
                     index: i as u32,
@@ -625,9 +770,9 @@ impl Streamer {
     }
 
     fn closing(&mut self) {
-        if self.job.plan.include_usage {
-            let (usage, timings) = totals(&self.job, &self.choices);
-            match self.job.flavor {
+        if self.run.job.plan.include_usage {
+            let (usage, timings) = totals(&self.run.job, &self.run.choices);
+            match self.run.job.flavor {
                 Flavor::Chat => {
                     let mut env = self.envelope(Vec::<ChatChunkChoice>::new());
                     env.usage = ChunkUsage::Final(usage);
@@ -655,29 +800,19 @@ impl Streamer {
             if self.done {
                 return None;
             }
-            match self.events.next().await {
-                Some((i, event)) => {
-                    match apply(&self.backend, &self.job, &mut self.choices, i, event).await {
-                        Ok(Applied::Delta {
-                            text,
-                            token_ids,
-                            chat,
-                            legacy,
-                        }) => self.delta_chunk(i, text, token_ids, chat, legacy),
-                        Ok(Applied::Finished) => {
-                            self.guard.choice_finished(self.job.prompt_of(i));
-                            self.finish_chunk(i);
-                            if self.choices.iter().all(|c| c.finish.is_some()) {
-                                self.closing();
-                            }
-                        }
-                        Err(e) => {
-                            // Headers are gone: the error travels as a data line, then the stream ends.
-                            tracing::error!(error = %e, "streaming request failed");
-                            self.push(&e.body());
-                            self.closing();
-                        }
+            match self.run.next().await {
+                Some(Ok(Step::Delta(i, delta))) => self.delta_chunk(i, delta),
+                Some(Ok(Step::Finished(i))) => {
+                    self.finish_chunk(i);
+                    if self.run.all_finished() {
+                        self.closing();
                     }
+                }
+                Some(Err(e)) => {
+                    // Headers are gone: the error travels as a data line, then the stream ends.
+                    tracing::error!(error = %e, "streaming request failed");
+                    self.push(&e.body());
+                    self.closing();
                 }
                 None => {
                     let e = ApiError::Internal(
@@ -694,14 +829,8 @@ impl Streamer {
 
 /// Submits a streaming request and answers with its SSE body.
 pub fn respond_stream(backend: Arc<dyn Backend>, job: Job) -> Result<Response, ApiError> {
-    let (events, guard) = submit(&backend, &job)?;
-    let choices = (0..job.choices()).map(|_| ChoiceState::default()).collect();
     let mut streamer = Streamer {
-        backend,
-        job,
-        events,
-        guard,
-        choices,
+        run: Run::start(backend, job)?,
         pending: VecDeque::new(),
         done: false,
     };

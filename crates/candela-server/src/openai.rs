@@ -117,6 +117,12 @@ pub struct ChatMessageIn {
     pub role: String,
     /// May be null for an assistant message that only called tools.
     pub content: Option<MessageContent>,
+    /// An assistant message's tool calls (checked by [`crate::tools`]).
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// A `tool` message: the function's name (optional in OpenAI's API).
+    pub name: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -130,6 +136,12 @@ pub struct ChatCompletionRequest {
     pub logprobs: Option<bool>,
     /// Alternatives per token, 0..=20 (needs `logprobs: true`).
     pub top_logprobs: Option<i64>,
+    /// Functions the model may call (kept as JSON: [`crate::tools`] checks them).
+    pub tools: Option<serde_json::Value>,
+    /// `none`, `auto`, `required` or a named function.
+    pub tool_choice: Option<serde_json::Value>,
+    /// Several calls in one answer (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// Everything shared with text completions.
     #[serde(flatten)]
     pub common: CommonParams,
@@ -389,8 +401,58 @@ pub struct LegacyLogprobs {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The generated text; null when the answer is only tool calls (as OpenAI).
+    pub content: Option<String>,
+    /// The tool calls, when the model made any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One tool call of a response.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ToolCallOut {
+    /// `call_...`.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments.
+    pub function: FunctionCallOut,
+}
+
+/// The function of a [`ToolCallOut`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FunctionCallOut {
+    /// The function's name.
+    pub name: String,
+    /// The arguments as a JSON string (never an object: llama.cpp #20198).
+    pub arguments: String,
+}
+
+/// A piece of a tool call in a streamed delta: the first has `id`, `type` and the name with
+/// empty arguments, later ones only the index and more arguments.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ToolCallChunk {
+    /// The call's index within the choice.
+    pub index: u32,
+    /// On the first piece.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function`, on the first piece.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// The name (first piece) and arguments text.
+    pub function: FunctionChunk,
+}
+
+/// The function part of a [`ToolCallChunk`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FunctionChunk {
+    /// On the first piece.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// More of the arguments' JSON text (`""` on the first piece).
+    pub arguments: String,
 }
 
 /// One choice of a chat response.
@@ -440,6 +502,9 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Pieces of tool calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallChunk>>,
 }
 
 /// One choice of a streamed chat chunk.

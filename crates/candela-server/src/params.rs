@@ -419,9 +419,17 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Api
                     candela_engine::MessageContent::Parts(parts)
                 }
             };
-            Ok(ChatMessage { role: role.to_owned(), content })
+            let mut message = ChatMessage::with_content(role, content);
+            message.tool_calls = crate::tools::message_tool_calls(i, m)?;
+            message.tool_call_id = m.tool_call_id.clone();
+            message.name = m.name.clone();
+            Ok(message)
         })
-        .collect()
+        .collect::<Result<Vec<_>, ApiError>>()
+        .and_then(|messages| {
+            crate::tools::check_tool_history(&messages)?;
+            Ok(messages)
+        })
 }
 
 #[cfg(test)]

@@ -676,12 +676,13 @@ async fn every_served_name_is_listed_and_accepted_and_responses_report_the_first
 #[tokio::test]
 async fn parameters_we_do_not_implement_are_refused_naming_them() {
     let f = fake();
-    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
-    let chat = json!({"messages": [{"role": "user", "content": "a"}], "tools": tools});
+    // The legacy `functions` (superseded by `tools`): refused, never silently dropped.
+    let functions = json!([{"name": "f", "parameters": {}}]);
+    let chat = json!({"messages": [{"role": "user", "content": "a"}], "functions": functions});
     let e = send(&f, post("/v1/chat/completions", chat))
         .await
         .error(StatusCode::BAD_REQUEST);
-    assert_eq!(e["param"], "tools");
+    assert_eq!(e["param"], "functions");
     assert_eq!(e["code"], "unsupported_parameter");
     let completion = json!({"prompt": "a", "suffix": "b", "best_of": 2});
     let e = send(&f, post("/v1/completions", completion))

@@ -1,5 +1,6 @@
 //! Per-request and per-choice state on the engine thread, and what happens to one choice in a
-//! step: sample, detokenize, check stops, send its delta, finish.
+//! step: sample, detokenize, check stops, split tool calls from content, send its delta,
+//! finish.
 
 use super::*;
 
@@ -10,6 +11,8 @@ pub(super) struct Choice {
     pub(super) sampler: ChoiceSampler,
     /// The structured-output constraint at this choice's output so far.
     pub(super) constraint: Option<ChoiceConstraint>,
+    /// With tools: the lazy constraint's trigger and the tool-call parser.
+    pub(super) tools: Option<ChoiceTools>,
     pub(super) decoder: IncrementalDecoder,
     pub(super) stop: StopMatcher,
     /// Most tokens this choice may generate (clamped to the context at admission).
@@ -131,16 +134,25 @@ pub(super) fn step_choice(
     let mut text = String::new();
     if finished.is_none() {
         match choice.decoder.push(token) {
-            Ok(piece) => match choice.stop.push(&piece) {
-                StopOutcome::Continue(released) => text = released,
-                StopOutcome::Stopped {
-                    text: released,
-                    stop,
-                } => {
-                    text = released;
-                    finished = Some(FinishReason::Stop(StopCause::StopString(stop)));
+            Ok(piece) => {
+                match start_lazy_tool_constraint(choice, &piece) {
+                    Ok(Advance::Continue) => {}
+                    Ok(Advance::Complete) => constraint_complete = true,
+                    Err(error) => {
+                        finished = Some(FinishReason::Error(format!("tool call: {error}")));
+                    }
                 }
-            },
+                match choice.stop.push(&piece) {
+                    StopOutcome::Continue(released) => text = released,
+                    StopOutcome::Stopped {
+                        text: released,
+                        stop,
+                    } => {
+                        text = released;
+                        finished = Some(FinishReason::Stop(StopCause::StopString(stop)));
+                    }
+                }
+            }
             Err(error) => finished = Some(FinishReason::Error(format!("detokenizing: {error}"))),
         }
     }
@@ -176,6 +188,19 @@ pub(super) fn step_choice(
             }
         }
     }
+    let mut tool_calls = Vec::new();
+    if let Some(tools) = choice.tools.as_mut() {
+        let mut released = tools.parser.push(&text);
+        if finished.is_some() {
+            released.extend(tools.parser.finish());
+        }
+        text = released.content;
+        tool_calls = released.calls;
+        // OpenAI's `tool_calls` finish: the answer ended on its own after calling a tool.
+        if matches!(finished, Some(FinishReason::Stop(_))) && tools.parser.calls() > 0 {
+            finished = Some(FinishReason::ToolCalls);
+        }
+    }
     let logprobs: Vec<TokenLogprob> = logprob.into_iter().collect();
     // A send fails only when the receiver is gone; the request is dropped next step.
     let _ = state.events.send(GenerateEvent::Delta {
@@ -183,8 +208,21 @@ pub(super) fn step_choice(
         token_ids: vec![token],
         text,
         logprobs,
+        tool_calls,
     });
     ChoiceStep { token, finished }
+}
+
+/// Switches a tool choice's lazy constraint on once `piece` completes the format's marker
+/// (`Complete` when the text after the marker already completes the call); `Err` when that
+/// text does not fit the call's grammar.
+fn start_lazy_tool_constraint(choice: &mut Choice, piece: &str) -> Result<Advance, String> {
+    let Some(started) = choice.tools.as_mut().and_then(|t| t.observe(piece)) else {
+        return Ok(Advance::Continue);
+    };
+    let (constraint, advance) = started?;
+    choice.constraint = Some(constraint);
+    Ok(advance)
 }
 
 /// Sends `Finished` for one choice and counts it.

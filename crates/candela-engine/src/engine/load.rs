@@ -139,6 +139,7 @@ impl EngineCore {
             shared,
             requests: HashMap::new(),
             seq_owner: HashMap::new(),
+            embeddings: Embeddings::default(),
             next_seq_id: 0,
             seed_rng: ChaCha12Rng::seed_from_u64(config.seed),
             shutdown_deadline: None,

@@ -18,7 +18,8 @@
 //! Files: this one spawns the thread and runs the loop (commands, admission, aborts, metrics);
 //! `load.rs` loads the model, sizes the cache and warms up; `step.rs` is one step (schedule,
 //! inputs, forward, logits to the host, sampling); `choice.rs` is per-request and per-choice
-//! state and what one choice does in a step (sample, detokenize, stop, emit, finish).
+//! state and what one choice does in a step (sample, detokenize, stop, emit, finish);
+//! `embed.rs` is embedding requests (prefill-only sequences whose hidden states are pooled).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -49,12 +50,16 @@ use crate::sampler::{argmax, ChoiceSampler, SamplerScratch};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::structured::{Advance, ChoiceConstraint, TokenMask};
 use crate::text::TextTools;
+use crate::tools::{ChoiceTools, CompiledTools};
+use candela_models::chat_template::ToolFormat;
 
 mod choice;
+mod embed;
 mod load;
 mod step;
 
 use choice::{finish_all, finish_choice, Choice, RequestState};
+use embed::Embeddings;
 use step::StepTimes;
 
 /// What `spawn` hands back to the handle.
@@ -156,6 +161,8 @@ struct EngineCore {
     requests: HashMap<RequestId, RequestState>,
     /// Which request and choice each scheduler sequence belongs to.
     seq_owner: HashMap<SeqId, (RequestId, usize)>,
+    /// Embedding requests and their sequences (`embed.rs`).
+    embeddings: Embeddings,
     next_seq_id: u64,
     /// Draws seeds for requests that bring none.
     seed_rng: ChaCha12Rng,
@@ -242,9 +249,10 @@ impl EngineCore {
 
     /// The heartbeat and the count of requests held, for `EngineHandle::health`.
     fn publish_progress(&self) {
-        self.shared
-            .requests_held
-            .store(self.requests.len(), Ordering::Release);
+        self.shared.requests_held.store(
+            self.requests.len() + self.embeddings.len(),
+            Ordering::Release,
+        );
         self.shared.beat();
     }
 
@@ -260,7 +268,17 @@ impl EngineCore {
             state.uncount_waiting(&self.shared);
             finish_all(state, &reason, &self.shared);
         }
+        self.fail_embeds(&reason);
         while let Ok(command) = commands.try_recv() {
+            if let EngineCommand::Embed(admitted) = &command {
+                self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
+                for index in 0..admitted.request.inputs.len() {
+                    let _ = admitted.events.send(crate::api::EmbedEvent::Failed {
+                        index: index as u32,
+                        reason: reason.clone(),
+                    });
+                }
+            }
             if let EngineCommand::Add(admitted) = command {
                 self.shared.waiting_requests.fetch_sub(1, Ordering::AcqRel);
                 for index in 0..admitted.request.n.get() {
@@ -280,7 +298,8 @@ impl EngineCore {
             }
         }
         let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+            let mut ids: Vec<RequestId> = self.requests.keys().copied().collect();
+            ids.extend(self.embed_ids());
             for id in ids {
                 self.abort_request(id, false);
             }
@@ -314,6 +333,7 @@ impl EngineCore {
     fn handle_command(&mut self, command: EngineCommand) {
         match command {
             EngineCommand::Add(admitted) => self.add_request(*admitted),
+            EngineCommand::Embed(admitted) => self.add_embed(*admitted),
             EngineCommand::Abort(id) => self.abort_request(id, true),
             EngineCommand::Shutdown { deadline } => {
                 // The earliest deadline wins if shutdown is asked for twice.
@@ -331,6 +351,7 @@ impl EngineCore {
             request,
             events,
             constraint,
+            tools,
         } = admitted;
         let prompt_tokens = request.prompt_token_ids.len();
         // `submit` checked prompt + max(max_tokens, 1) <= model_len_max.
@@ -345,6 +366,17 @@ impl EngineCore {
             .sampling
             .seed
             .unwrap_or_else(|| self.seed_rng.random::<u64>());
+        // Call ids: random per request (from the OS, not the engine's seeded RNG, so they
+        // differ across restarts too), then the choice and the call.
+        let call_ids = format!("call_{:016x}", rand::random::<u64>());
+        // Mistral's `[TOOL_CALLS]` is a control token: its parser needs to see it.
+        let skip_special_tokens = !matches!(
+            tools,
+            Some(CompiledTools {
+                format: ToolFormat::Mistral,
+                ..
+            })
+        );
         let seq_ids: Vec<SeqId> = (0..n)
             .map(|_| {
                 let seq_id = SeqId(self.next_seq_id);
@@ -364,10 +396,13 @@ impl EngineCore {
                     &request.prompt_token_ids,
                 ),
                 constraint: constraint.clone(),
+                tools: tools
+                    .as_ref()
+                    .map(|t| ChoiceTools::new(t, format!("{call_ids}_{index}_"))),
                 decoder: IncrementalDecoder::new(
                     Arc::clone(&self.text.tokenizer),
                     &request.prompt_token_ids,
-                    true,
+                    skip_special_tokens,
                 ),
                 stop: StopMatcher::new(&request.sampling.stop),
                 tokens_max,
@@ -425,6 +460,9 @@ impl EngineCore {
     /// Aborts every unfinished choice of request `id` and frees its blocks now. With `notify`
     /// each choice gets a `Finished { reason: Abort }` event.
     fn abort_request(&mut self, id: RequestId, notify: bool) {
+        if self.abort_embed(id, notify) {
+            return;
+        }
         let Some(mut state) = self.requests.remove(&id) else {
             return;
         };
@@ -446,7 +484,8 @@ impl EngineCore {
     }
 
     fn abort_all(&mut self) {
-        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        let mut ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        ids.extend(self.embed_ids());
         for id in ids {
             self.abort_request(id, true);
         }
@@ -454,12 +493,13 @@ impl EngineCore {
 
     /// Requests whose receiver is gone (client disconnected) are aborted without events.
     fn drop_closed_requests(&mut self) {
-        let closed: Vec<RequestId> = self
+        let mut closed: Vec<RequestId> = self
             .requests
             .iter()
             .filter(|(_, state)| state.events.is_closed())
             .map(|(id, _)| *id)
             .collect();
+        closed.extend(self.closed_embeds());
         for id in closed {
             self.abort_request(id, false);
         }
@@ -467,6 +507,9 @@ impl EngineCore {
 
     /// Ends one choice (its sequence already left the scheduler) with `reason`.
     fn finish_seq(&mut self, seq_id: SeqId, reason: FinishReason) {
+        if self.fail_embed_seq(seq_id, reason.clone()) {
+            return;
+        }
         let Some((request_id, index)) = self.seq_owner.remove(&seq_id) else {
             return;
         };

@@ -1,5 +1,6 @@
-//! One engine step: schedule, build the inputs, run the model, bring the sampled rows to the
-//! host, sample every choice, update the scheduler.
+//! One engine step: schedule, build the inputs, run the model, bring the sampled rows (and the
+//! pooled rows of embeddings) to the host, sample every choice, finish embeddings, update the
+//! scheduler.
 
 use super::choice::{step_choice, Pick};
 use super::*;
@@ -9,12 +10,13 @@ impl EngineCore {
     /// pass: the engine cannot trust its device or cache any more (vLLM's EngineDeadError).
     pub(super) fn step(&mut self) -> Result<(), String> {
         let start = Instant::now();
-        let batch = self.scheduler.schedule();
+        let mut batch = self.scheduler.schedule();
         let now = Instant::now();
         for (seq_id, error) in &batch.failed {
             self.finish_seq(*seq_id, FinishReason::Error(error.to_string()));
         }
         self.mark_scheduled(&batch, now);
+        self.plan_pools(&mut batch, now);
         if batch.is_empty() {
             if let Err(error) = self.scheduler.update_after_step(&[]) {
                 tracing::error!(%error, "scheduler rejected an empty step");
@@ -27,6 +29,7 @@ impl EngineCore {
         outputs.clear();
         let sampling = Instant::now();
         self.sample_batch(&batch, &mut outputs);
+        self.finish_embeddings(&mut outputs);
         self.step_times.schedule = now - start;
         self.step_times.sample = sampling.elapsed();
         if let Err(error) = self.scheduler.update_after_step(&outputs) {
@@ -115,7 +118,12 @@ impl EngineCore {
             .collect();
         let inputs = self
             .batch_builder
-            .build(&chunks, self.block_size, &self.device)
+            .build_pooled(
+                &chunks,
+                &self.embeddings.pools,
+                self.block_size,
+                &self.device,
+            )
             .map_err(|e| e.to_string())?;
         let num_sampled = inputs.num_sampled();
         #[cfg(feature = "fault-injection")]
@@ -125,21 +133,34 @@ impl EngineCore {
             inputs: built - start,
             ..StepTimes::default()
         };
-        if num_sampled == 0 {
-            // Only non-final prefill chunks: their KV still has to be written.
+        let logits = if inputs.num_pools > 0 {
+            let (logits, pooled) = self
+                .model
+                .forward_pooled(&inputs, &mut self.kv)
+                .map_err(|e| e.to_string())?;
+            let hidden = self.model.config().hidden_size;
+            if pooled.dims() != [inputs.num_pools, hidden] {
+                return Err(format!(
+                    "the model pooled hidden states of shape {:?}, expected [{}, {hidden}]",
+                    pooled.dims(),
+                    inputs.num_pools
+                ));
+            }
+            copy_logits_to_host(&pooled, &mut self.embeddings.host).map_err(|e| e.to_string())?;
+            logits
+        } else {
             self.model
                 .forward(&inputs, &mut self.kv)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+        };
+        let forwarded = Instant::now();
+        self.step_times.forward = forwarded - built;
+        if num_sampled == 0 {
+            // Only non-final prefill chunks and embeddings: nothing to sample.
             self.device_tokens.clear();
             self.logits_host.clear();
             return Ok(());
         }
-        let logits = self
-            .model
-            .forward(&inputs, &mut self.kv)
-            .map_err(|e| e.to_string())?;
-        let forwarded = Instant::now();
-        self.step_times.forward = forwarded - built;
         let dims = logits.dims();
         if dims != [num_sampled, self.info.vocab_size] {
             return Err(format!(

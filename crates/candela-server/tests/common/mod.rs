@@ -4,7 +4,9 @@
 //!
 //! Its "model": one token per byte (id = byte + 3), ids 0..3 are `<pad>`, `<bos>`, `<eos>`.
 //! Choice `i` of a request with seed `s` emits bytes of `ALPHABET` starting at `(s + i) % 10`,
-//! one per step, until `max_tokens` (default 8) or a stop string.
+//! one per step, until `max_tokens` (default 8) or a stop string. A request whose tool choice
+//! forces a call (`required`, or a named function) instead calls the named (or first) tool
+//! with the arguments `{"x":1}`, in three pieces, and finishes with `ToolCalls`.
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
@@ -13,10 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candela_engine::api::{
-    EngineHealth, FinishReason, GenerateEvent, GenerateRequest, RequestId, StopCause, SubmitError,
-    Timings, TokenId, TokenLogprob, Usage,
+    EmbedEvent, EmbedRequest, EngineHealth, FinishReason, GenerateEvent, GenerateRequest,
+    RequestId, StopCause, SubmitError, Timings, TokenId, TokenLogprob, ToolCallDelta, ToolCalling,
+    ToolChoice, Usage,
 };
-use candela_server::{AppState, Backend, BackendError, ChatMessage, EventStream, ServerConfig};
+use candela_server::{
+    AppState, Backend, BackendError, ChatMessage, EmbedStream, EventStream, ServerConfig,
+};
 use futures::StreamExt;
 
 pub const ALPHABET: &[u8] = b"abcdefghij";
@@ -39,11 +44,14 @@ pub struct Fake {
     pub running: Arc<AtomicUsize>,
     pub aborted: Mutex<Vec<RequestId>>,
     pub submitted: Mutex<Vec<GenerateRequest>>,
+    pub embedded: Mutex<Vec<EmbedRequest>>,
     next_id: AtomicU64,
     /// Delay between tokens: lets a test hold a stream open.
     pub token_delay: Duration,
     /// What `health` reports once ready (`Starting` before).
     pub health: Mutex<EngineHealth>,
+    /// Every chat the template rendered, with its tools.
+    pub templated: Mutex<Vec<(Vec<ChatMessage>, Option<ToolCalling>)>>,
 }
 
 impl Fake {
@@ -54,10 +62,16 @@ impl Fake {
             running: Arc::new(AtomicUsize::new(0)),
             aborted: Mutex::new(Vec::new()),
             submitted: Mutex::new(Vec::new()),
+            embedded: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             token_delay: Duration::ZERO,
             health: Mutex::new(EngineHealth::Healthy),
+            templated: Mutex::new(Vec::new()),
         }
+    }
+
+    pub fn templated(&self) -> Vec<(Vec<ChatMessage>, Option<ToolCalling>)> {
+        self.templated.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     pub fn set_health(&self, health: EngineHealth) {
@@ -73,6 +87,34 @@ impl Fake {
     pub fn submitted(&self) -> Vec<GenerateRequest> {
         self.submitted.lock().map(|v| v.clone()).unwrap_or_default()
     }
+
+    pub fn embedded(&self) -> Vec<EmbedRequest> {
+        self.embedded.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// The fake's embedding of a token list: `[len, sum, first, last]`, L2-normalised. An input
+/// holding "FAIL" fails.
+pub fn fake_embedding(ids: &[TokenId]) -> Vec<f32> {
+    let raw = [
+        ids.len() as f32,
+        ids.iter().map(|&t| t as f32).sum(),
+        ids.first().map_or(0.0, |&t| t as f32),
+        ids.last().map_or(0.0, |&t| t as f32),
+    ];
+    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+    raw.iter().map(|x| x / norm).collect()
+}
+
+fn holds_fail(ids: &[TokenId]) -> bool {
+    ids.windows(4).any(|w| {
+        w == [
+            token_of(b'F'),
+            token_of(b'A'),
+            token_of(b'I'),
+            token_of(b'L'),
+        ]
+    })
 }
 
 /// The text choice `index` of a request produces (before stop strings), for assertions.
@@ -84,6 +126,19 @@ pub fn expected_text(seed: u64, index: u32, max_tokens: u32) -> String {
 
 pub fn token_of(byte: u8) -> TokenId {
     TokenId::from(byte) + 3
+}
+
+/// The pieces of the one call the fake makes when the tool choice forces a call.
+pub const CALL_PIECES: [&str; 3] = ["", "{\"x\":", "1}"];
+
+/// The tool the fake calls: the named one, or the first under `required`.
+fn forced_call(tools: Option<&ToolCalling>) -> Option<String> {
+    let tools = tools?;
+    match &tools.choice {
+        ToolChoice::Function(name) => Some(name.clone()),
+        ToolChoice::Required => tools.tools.first().map(|t| t.name.clone()),
+        ToolChoice::None | ToolChoice::Auto => None,
+    }
 }
 
 impl Backend for Fake {
@@ -118,12 +173,42 @@ impl Backend for Fake {
             let s = &request.sampling;
             let max_tokens = s.max_tokens.map_or(8, |m| m.get());
             let seed = s.seed.unwrap_or(0);
+            let call = forced_call(s.tools.as_ref());
             'choices: for index in 0..request.n.get() {
                 let usage = |completion_tokens| Usage {
                     prompt_tokens: request.prompt_token_ids.len() as u32,
                     completion_tokens,
                     cached_prompt_tokens: 0,
                 };
+                if let Some(name) = &call {
+                    for (k, piece) in CALL_PIECES.iter().enumerate() {
+                        let delta = GenerateEvent::Delta {
+                            index,
+                            token_ids: vec![token_of(b'{')],
+                            text: String::new(),
+                            logprobs: Vec::new(),
+                            tool_calls: vec![ToolCallDelta {
+                                index: 0,
+                                id: (k == 0).then(|| format!("call_fake{index}")),
+                                name: (k == 0).then(|| name.clone()),
+                                arguments: (*piece).to_owned(),
+                            }],
+                        };
+                        if tx.send(delta).await.is_err() {
+                            break 'choices;
+                        }
+                    }
+                    let finished = GenerateEvent::Finished {
+                        index,
+                        reason: FinishReason::ToolCalls,
+                        usage: usage(CALL_PIECES.len() as u32),
+                        timings: TIMINGS,
+                    };
+                    if tx.send(finished).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 if fail {
                     let finished = GenerateEvent::Finished {
                         index,
@@ -166,6 +251,7 @@ impl Backend for Fake {
                         token_ids: vec![token],
                         text: (byte as char).to_string(),
                         logprobs,
+                        tool_calls: Vec::new(),
                     };
                     if tx.send(delta).await.is_err() {
                         break 'choices;
@@ -185,6 +271,43 @@ impl Backend for Fake {
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
         Ok((id, stream))
+    }
+
+    fn embed(&self, request: EmbedRequest) -> Result<(RequestId, EmbedStream), SubmitError> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err(SubmitError::NotReady);
+        }
+        if let Ok(mut e) = self.embedded.lock() {
+            e.push(request.clone());
+        }
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        // Last input first: the handler must put them back in order.
+        let events: Vec<EmbedEvent> = request
+            .inputs
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(index, ids)| {
+                let index = index as u32;
+                if holds_fail(ids) {
+                    EmbedEvent::Failed {
+                        index,
+                        reason: FinishReason::Error("the fake model failed".into()),
+                    }
+                } else {
+                    EmbedEvent::Embedding {
+                        index,
+                        embedding: fake_embedding(ids),
+                        usage: Usage {
+                            prompt_tokens: ids.len() as u32,
+                            completion_tokens: 0,
+                            cached_prompt_tokens: 0,
+                        },
+                    }
+                }
+            })
+            .collect();
+        Ok((id, futures::stream::iter(events).boxed()))
     }
 
     fn abort(&self, id: RequestId) {
@@ -218,8 +341,12 @@ impl Backend for Fake {
     fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
+        tools: Option<&ToolCalling>,
         add_generation_prompt: bool,
     ) -> Result<String, BackendError> {
+        if let Ok(mut t) = self.templated.lock() {
+            t.push((messages.to_vec(), tools.cloned()));
+        }
         let mut out = String::new();
         for m in messages {
             // A string-only template: parts joined by newlines, as the real engine does.
@@ -276,6 +403,7 @@ pub fn config(api_key: Option<&str>) -> ServerConfig {
         served_model_names: vec![MODEL.to_owned()],
         api_key: api_key.map(str::to_owned),
         body_limit_bytes: 4096,
+        embeddings: None,
     }
 }
 
