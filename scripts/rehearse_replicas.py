@@ -6,8 +6,9 @@ closed-loop load of streaming completions, and prints one table row per scenario
 sent, succeeded, failed, hung (no answer within the per-request bound), TTFT p50/p99, the
 router's own retries, and the replicas' prefix-cache hit rate over the scenario.
 
-- steady load (vllm-router: round robin and cache-aware on a shared-prefix workload; HAProxy:
-  least connections);
+- steady load (vllm-router: round robin and cache-aware on a shared-prefix workload of more
+  documents than one replica's KV cache holds, each policy on freshly restarted replicas;
+  HAProxy: least connections);
 - SIGKILL of one replica: in-flight requests on it fail cleanly, and none fail once the
   router has noticed;
 - SIGSTOP of one replica (a hang, resumed later): the health check ejects it, nothing fails;
@@ -16,12 +17,16 @@ router's own retries, and the replicas' prefix-cache hit rate over the scenario.
   `state drain` + `state ready`) and with the router left to notice through its health checks;
 - canary: one replica restarted with a fault that slows every forward pass; the canonical
   queries of deploy/prometheus/queries.yaml, run with `promtool query instant`, must flag it
-  and no healthy one, and the autoscaling query must rise under the load and fall after it.
+  and no healthy one, and the autoscaling query must rise under the load and fall after it;
+  so must the manifests' own queries (rehearse/manifests.py): the AnalysisTemplate, each
+  replica taken as the canary, aborts for the slowed one only, and the ScaledObject's
+  triggers rise under the load and come back to idle.
 
 Checks (any failing one makes the exit status 1, after the results are written): no request
 hangs anywhere; no request fails in steady, SIGSTOP, graceful rolling-restart and canary
 scenarios; after a SIGKILL nothing fails later than KILL_FAILURE_WINDOW_S; the Prometheus checks
-above. Failures in a health-check-only rolling restart are reported, not checked. `--short`
+above; in the full run, cache-aware routing has a higher prefix hit rate and a lower TTFT p50
+than round robin. Failures in a health-check-only rolling restart are reported, not checked. `--short`
 runs a subset (the steady load through both routers, SIGKILL and the deregistered rolling
 restart through vllm-router, the canary) for scripts/test.
 
@@ -37,7 +42,8 @@ import sys
 import tempfile
 import time
 
-from rehearse.load import Load, summarize, warm_up
+from rehearse import manifests
+from rehearse.load import Load, documents, summarize, warm_up
 from rehearse.procs import Replica, log, wait_until
 from rehearse.prom import Prometheus, load_queries
 from rehearse.routers import Haproxy, VllmRouter
@@ -48,6 +54,10 @@ KILL_FAILURE_WINDOW_S = 10.0
 # The autoscaling query averages over 30 s: back near 0 within that plus scrape slack.
 AUTOSCALE_FALL_TIMEOUT_S = 60.0
 IDLE_IN_FLIGHT_MAX = 0.5
+# The repository root: the manifests' queries are read from deploy/.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The routing comparison's document sequence (the same for both policies).
+ROUTING_SEED = 17
 
 
 class Rehearsal:
@@ -56,7 +66,8 @@ class Rehearsal:
     def __init__(self, args, log_dir):
         self.args = args
         self.log_dir = log_dir
-        self.replicas = [Replica(args.candela, args.model, args.base_port + i, args.threads, log_dir)
+        self.replicas = [Replica(args.candela, args.model, args.base_port + i, args.threads, log_dir,
+                                 args.kv_cache_memory)
                          for i in range(args.replicas)]
         self.queries = load_queries(args.queries)
         self.routers = []
@@ -84,11 +95,37 @@ class Rehearsal:
             warm_up(self.replicas)
         self.prometheus = Prometheus(self.args.prometheus, self.args.promtool,
                                      self.args.base_port + 70,
-                                     [r.address for r in self.replicas], self.log_dir)
+                                     [r.address for r in self.replicas], self.log_dir,
+                                     {r.address: manifests.target_labels(r.port)
+                                      for r in self.replicas})
         self.prometheus.wait_scraping()
         in_flight = self.autoscale_signal()
         self.check(in_flight <= IDLE_IN_FLIGHT_MAX,
                    f"autoscale query idle before any load: {in_flight:.2f} <= {IDLE_IN_FLIGHT_MAX}")
+
+    def restart_all_cold(self):
+        """Every replica restarted (SIGTERM, start, ready), so that a phase starts with empty
+        prefix caches whatever the phase before it left (there is no route that empties one)."""
+        for r in self.replicas:
+            r.stop()
+        for r in self.replicas:
+            r.start()
+        for r in self.replicas:
+            r.wait_ready()
+
+    def routing_checks(self):
+        """Cache-aware routing beats round robin on the routing workload: a higher prefix-cache
+        hit rate and a lower TTFT p50 (p99 is reported, not checked: one cold prefill behind
+        another on a loaded machine decides it)."""
+        rr, ca = self.rows[-2], self.rows[-1]
+        self.check(ca["prefix_hit_rate"] is not None and rr["prefix_hit_rate"] is not None
+                   and ca["prefix_hit_rate"] > rr["prefix_hit_rate"],
+                   f"prefix hit rate: cache_aware {ca['prefix_hit_rate']} > round_robin "
+                   f"{rr['prefix_hit_rate']}")
+        self.check(ca["ttft_p50_ms"] is not None and rr["ttft_p50_ms"] is not None
+                   and ca["ttft_p50_ms"] < rr["ttft_p50_ms"],
+                   f"TTFT p50: cache_aware {ca['ttft_p50_ms']} ms < round_robin "
+                   f"{rr['ttft_p50_ms']} ms")
 
     def autoscale_signal(self):
         return self.prometheus.scalar(self.queries["autoscale_requests_in_flight"]["expr"])
@@ -101,12 +138,13 @@ class Rehearsal:
         router.stop()
         self.routers.remove(router)
 
-    def scenario(self, router, name, body, healthy=True):
+    def scenario(self, router, name, body, healthy=True, docs=None, seed=None):
         """Runs `body(load)` under load through `router` and adds its row. `healthy`: no
-        request may fail (nothing is broken in it, or what breaks must be invisible)."""
+        request may fail (nothing is broken in it, or what breaks must be invisible). `docs`
+        and `seed`: the load's documents and random pick (see `Load`)."""
         before = self.counters()
         retries_before = router.retries()
-        with Load(router.url, self.args.concurrency, self.args.max_tokens) as load:
+        with Load(router.url, self.args.concurrency, self.args.max_tokens, docs, seed) as load:
             notes = body(load)
         row = summarize(router.name, name, load, before, self.counters(),
                         retries=router.retries() - retries_before, notes=notes)
@@ -120,8 +158,9 @@ class Rehearsal:
     # Scenarios. Each leaves every replica running, ready and back in the router's rotation;
     # a scenario's body may return notes for its row.
 
-    def steady(self, router, name):
-        self.scenario(router, name, lambda load: time.sleep(self.args.phase_s))
+    def steady(self, router, name, docs=None, seed=None):
+        self.scenario(router, name, lambda load: time.sleep(self.args.phase_s), docs=docs,
+                      seed=seed)
 
     def sigkill(self, router):
         victim = self.replicas[-1]
@@ -209,6 +248,7 @@ class Rehearsal:
             for name in ("canary_ttft_p99_ratio", "ttft_p99_by_replica", "error_rate_by_replica"):
                 results[name] = self.prometheus.query(q[name])
             results["autoscale_requests_in_flight"] = self.autoscale_signal()
+            results["manifests_under_load"] = self.manifest_queries(slow)
             return {"slow_replica": slow.address, "fault": fault}
 
         self.scenario(router, f"canary: one replica +{self.args.canary_delay_ms} ms per forward",
@@ -227,11 +267,69 @@ class Rehearsal:
             wait_until(idle, AUTOSCALE_FALL_TIMEOUT_S, "autoscale query back to idle", interval_s=1)
         except RuntimeError:
             pass
+        self.prom_results["manifests_after_load"] = self.manifest_queries(slow, analysis=False)
+        self.manifest_checks(self.prom_results["manifests_under_load"],
+                             self.prom_results["manifests_after_load"], slow)
         self.prom_results["autoscale_after"] = samples[-1]
         self.prom_results["autoscale_after_s"] = round(time.monotonic() - start, 1)
         self.check(samples[-1] <= IDLE_IN_FLIGHT_MAX,
                    f"autoscale query falls after the load: {samples[-1]:.2f} <= "
                    f"{IDLE_IN_FLIGHT_MAX} within {AUTOSCALE_FALL_TIMEOUT_S:.0f} s")
+
+    def manifest_queries(self, slow, analysis=True):
+        """The ScaledObject's trigger values and the replica count KEDA would ask for; with
+        `analysis`, the AnalysisTemplate's metrics for each replica taken as the canary against
+        a healthy other one as stable, and whether its successCondition holds."""
+        low, high, triggers = manifests.scaledobject(ROOT)
+        # The triggers are instant gauges (KEDA polls them): under load, the largest of five
+        # samples a second apart, as one sample can fall between a client's requests.
+        samples = []
+        for i in range(5 if analysis else 1):
+            if i:
+                time.sleep(1)
+            samples.append([self.prometheus.scalar(query) for _, query, _ in triggers])
+        values = [max(column) for column in zip(*samples)]
+        out = {"triggers": {name: v for (name, _, _), v in zip(triggers, values)},
+               "desired_replicas": manifests.desired_replicas(values, triggers, low, high),
+               "min_replicas": low}
+        if not analysis:
+            return out
+        out["analysis"] = {}
+        for canary in self.replicas:
+            # A healthy other replica as stable; with two replicas a healthy canary has only
+            # the slowed one to compare with (it then passes by a wide margin).
+            others = [r for r in self.replicas if r is not canary]
+            stable = next((r for r in others if r is not slow), others[0])
+            verdicts = {}
+            for name, template, condition in manifests.analysis_metrics(ROOT):
+                query = manifests.render(template, "30s", **{
+                    "namespace": manifests.NAMESPACE,
+                    "canary-hash": manifests.pod_hash(canary.port),
+                    "stable-hash": manifests.pod_hash(stable.port)})
+                values = list(self.prometheus.query(query).values())
+                verdicts[name] = {"result": values, "passed": manifests.success(condition, values)}
+            out["analysis"][canary.address] = {"stable": stable.address, "metrics": verdicts}
+        return out
+
+    def manifest_checks(self, under_load, after_load, slow):
+        in_flight = under_load["triggers"].get("in-flight", math.nan)
+        self.check(in_flight >= self.args.concurrency / 2,
+                   f"ScaledObject in-flight trigger under load of {self.args.concurrency} "
+                   f"clients: {in_flight:.2f} >= {self.args.concurrency / 2}")
+        idle = after_load["triggers"]
+        self.check(all(v <= IDLE_IN_FLIGHT_MAX for v in idle.values())
+                   and after_load["desired_replicas"] == after_load["min_replicas"],
+                   f"ScaledObject triggers back to idle after the load ({idle}), KEDA would ask "
+                   f"for minReplicaCount ({after_load['desired_replicas']})")
+        failed = {canary for canary, a in under_load["analysis"].items()
+                  if not all(m["passed"] for m in a["metrics"].values())}
+        self.check(failed == {slow.address},
+                   f"AnalysisTemplate fails exactly the slowed replica as canary "
+                   f"{slow.address} (failed: {sorted(failed)})")
+        slow_metrics = under_load["analysis"][slow.address]["metrics"]
+        self.check(not slow_metrics["ttft-p99-vs-stable"]["passed"]
+                   and slow_metrics["error-rate"]["passed"],
+                   "the slowed canary fails on its TTFT ratio, not on errors")
 
     def canary_checks(self, results, slow):
         everyone = {r.address for r in self.replicas}
@@ -265,13 +363,29 @@ def run(rehearsal, args):
     rehearsal.start()
     vllm_port, haproxy_port = args.base_port + 50, args.base_port + 60
     policies = ("cache_aware",) if args.short else ("round_robin", "cache_aware")
+    # The routing comparison: more documents than one replica's KV cache holds (each replica
+    # has `--kv-cache-memory` GiB), fewer than all replicas hold together, picked at random
+    # from one seed, the same sequence for both policies. Round robin sends every document to
+    # every replica, which evicts and prefills them again; a prefix-aware router keeps each
+    # document on one replica. The short run keeps the 4-document workload (its checks are
+    # about failures, not hit rates).
+    routing_docs = None if args.short else documents(args.routing_docs)
     for policy in policies:
         router = rehearsal.router(VllmRouter(args.vllm_router, vllm_port, rehearsal.replicas,
                                              policy, args.cb_timeout_s, rehearsal.log_dir,
                                              args.vllm_router_settle_s))
-        rehearsal.steady(router, f"steady, {policy}")
+        if routing_docs:
+            rehearsal.restart_all_cold()
+            rehearsal.steady(router, f"steady, {policy}, {len(routing_docs)} documents",
+                             docs=routing_docs, seed=ROUTING_SEED)
+        else:
+            rehearsal.steady(router, f"steady, {policy}")
         if policy != "cache_aware":
             rehearsal.stop_router(router)
+    if routing_docs:
+        rehearsal.routing_checks()
+        # The fault scenarios below use the 4-document workload: start them warm.
+        warm_up(rehearsal.replicas)
     # The fault scenarios run in sequence on one router, as they would hit a real one: what
     # one leaves behind (an open circuit breaker, say) meets the next.
     rehearsal.sigkill(router)
@@ -296,6 +410,33 @@ def run(rehearsal, args):
         rehearsal.rolling_restart(router, graceful=True)
         rehearsal.rolling_restart(router, graceful=False)
     rehearsal.canary(router)
+
+
+def report_manifests(rehearsal, under_load, after_load):
+    print()
+    print("The manifests' own queries (deploy/overlays/canary/analysistemplate.yaml with its "
+          "args filled in and `[5m]` windows as `[30s]`; deploy/overlays/production/"
+          "scaledobject.yaml), against the same Prometheus, each replica labelled as a pod "
+          "would be:")
+    print()
+    metrics = next(iter(under_load["analysis"].values()))["metrics"]
+    print("| canary | stable | " + " | ".join(metrics) + " | analysis |")
+    print("|---|---|" + "---:|" * len(metrics) + "---|")
+    for canary, a in under_load["analysis"].items():
+        slow = " (slowed)" if any(r.fault and r.address == canary for r in rehearsal.replicas) \
+            else ""
+        cells = []
+        for m in a["metrics"].values():
+            value = f"{m['result'][0]:.2f}" if m["result"] else "none"
+            cells.append(f"{value} {'pass' if m['passed'] else '**fail**'}")
+        verdict = "passes" if all(m["passed"] for m in a["metrics"].values()) else "**aborts**"
+        print(f"| {canary}{slow} | {a['stable']} | " + " | ".join(cells) + f" | {verdict} |")
+    print()
+    triggers = ", ".join(f"{k} {v:.2f}" for k, v in under_load["triggers"].items())
+    idle = ", ".join(f"{k} {v:.2f}" for k, v in after_load["triggers"].items())
+    print(f"ScaledObject triggers under the load: {triggers} (KEDA would ask for "
+          f"{under_load['desired_replicas']} replicas); after it: {idle} "
+          f"({after_load['desired_replicas']}, its minReplicaCount).")
 
 
 def report(rehearsal, args):
@@ -333,6 +474,9 @@ def report(rehearsal, args):
               f"load of {args.concurrency} clients (KEDA with threshold {target}: "
               f"{math.ceil(in_flight / target)} replicas), {results['autoscale_after']:.2f} "
               f"{results['autoscale_after_s']} s after it stopped.")
+    if "manifests_under_load" in results:
+        report_manifests(rehearsal, results["manifests_under_load"],
+                         results["manifests_after_load"])
     print()
     print("Checks:")
     print()
@@ -363,6 +507,10 @@ def main():
                          "open time + 1 s); with --cb-timeout-s 60 and 3 here, the deregistered "
                          "rolling restart after a SIGKILL gets 503s")
     ap.add_argument("--canary-delay-ms", type=int, default=500)
+    ap.add_argument("--kv-cache-memory", type=float,
+                    help="each replica's --kv-cache-memory in GiB (default: the server's)")
+    ap.add_argument("--routing-docs", type=int, default=18,
+                    help="documents of the round robin vs cache-aware comparison")
     ap.add_argument("--short", action="store_true")
     ap.add_argument("--log-dir")
     ap.add_argument("--out", required=True)

@@ -3,6 +3,7 @@ workload, each request classified as ok, failed (an error status, an error event
 short) or hung (no answer within REQUEST_TIMEOUT_S), and the per-scenario summary row."""
 
 import json
+import random
 import statistics
 import threading
 import time
@@ -13,21 +14,38 @@ from .procs import log
 
 REQUEST_TIMEOUT_S = 120.0
 
-# A shared-prefix workload: a few long "documents", many short questions about each.
-DOCS = [
-    " ".join(f"Section {d}.{i}: the {w} of the {n} was recorded in the ledger." for i, (w, n) in
-             enumerate(zip(["height", "colour", "age", "weight", "price", "origin"] * 6,
-                           ["tower", "bridge", "river", "market", "ship", "garden"] * 6)))
-    for d in range(4)
-]
+
+
+def documents(count):
+    """A shared-prefix workload's long "documents" (640 tokens each with SmolLM2's tokenizer,
+    40 KV blocks of 16), which differ from their first words on, so a router that matches
+    prefixes tells them apart at once."""
+    return [
+        " ".join(f"Section {d}.{i}: the {w} of the {n} was recorded in the ledger." for i, (w, n)
+                 in enumerate(zip(["height", "colour", "age", "weight", "price", "origin"] * 6,
+                                  ["tower", "bridge", "river", "market", "ship", "garden"] * 6)))
+        for d in range(count)
+    ]
+
+
+# The workload of every scenario but the routing comparison: 4 documents, which every
+# replica's cache holds, many short questions about each.
+DOCS = documents(4)
 QUESTIONS = [f"Question {q}: summarise point {q % 7} in one sentence." for q in range(64)]
 
 
 class Load:
     """A closed loop of `concurrency` clients streaming completions until stopped."""
 
-    def __init__(self, url, concurrency, max_tokens):
+    def __init__(self, url, concurrency, max_tokens, docs=None, seed=None):
+        """`docs`: the documents (default DOCS, taken in turn); with `seed`, each request
+        picks its document at random from that seed instead, so that round robin over the
+        replicas does not line up with the documents' order (with 3 replicas and 18 documents
+        taken in turn, replica i would only ever see documents i, i + 3, ...: prefix affinity
+        by accident)."""
         self.url, self.concurrency, self.max_tokens = url, concurrency, max_tokens
+        self.docs = docs or DOCS
+        self.rng = random.Random(seed) if seed is not None else None
         # (outcome, ttft_s, end) with outcome in ok / failed / hung, end a time.monotonic().
         self.results = []
         self.lock = threading.Lock()
@@ -41,7 +59,8 @@ class Load:
         with self.lock:
             n = self.count
             self.count += 1
-        return DOCS[n % len(DOCS)] + "\n" + QUESTIONS[(n * 7) % len(QUESTIONS)]
+            doc = self.rng.choice(self.docs) if self.rng else self.docs[n % len(self.docs)]
+        return doc + "\n" + QUESTIONS[(n * 7) % len(QUESTIONS)]
 
     def one(self, client):
         body = {"model": "m", "prompt": self.next_prompt(), "max_tokens": self.max_tokens,

@@ -83,8 +83,10 @@ def metric_values(text, name):
 class Replica:
     """One `candela serve` on a loopback port; restarts keep the port (and the scrape target)."""
 
-    def __init__(self, binary, model, port, threads, log_dir):
+    def __init__(self, binary, model, port, threads, log_dir, kv_cache_memory=None):
         self.binary, self.model, self.port, self.threads = binary, model, port, threads
+        # GiB (`--kv-cache-memory`); None: the server's default.
+        self.kv_cache_memory = kv_cache_memory
         self.log_path = os.path.join(log_dir, f"replica-{port}.log")
         self.proc = None
         self.fault = None
@@ -110,7 +112,8 @@ class Replica:
         self.fault = fault
         self.proc = spawn(
             [self.binary, "serve", "--model", self.model, "--served-model-name", "m",
-             "--host", "127.0.0.1", "--port", str(self.port), "--drain-timeout-s", "60"],
+             "--host", "127.0.0.1", "--port", str(self.port), "--drain-timeout-s", "60"]
+            + (["--kv-cache-memory", str(self.kv_cache_memory)] if self.kv_cache_memory else []),
             self.log_path, env)
 
     def wait_ready(self):

@@ -33,7 +33,9 @@ def load_queries(path):
 
 
 class Prometheus:
-    def __init__(self, binary, promtool, port, targets, log_dir):
+    def __init__(self, binary, promtool, port, targets, log_dir, labels=None):
+        """`labels`: {target: {label: value}} added to that target's series (the labels a
+        cluster's service discovery would give it; see manifests.py)."""
         self.promtool = promtool
         self.url = f"http://127.0.0.1:{port}"
         self.targets = targets
@@ -45,7 +47,9 @@ class Prometheus:
             f.write(yaml.safe_dump({
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "scrape_configs": [{"job_name": "candela",
-                                    "static_configs": [{"targets": targets}]}],
+                                    "static_configs": [
+                                        {"targets": [t], "labels": (labels or {}).get(t, {})}
+                                        for t in targets]}],
             }))
         self.proc = spawn(
             [binary, f"--config.file={config}",

@@ -62,6 +62,11 @@ pub struct Args {
     /// `{"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}}`).
     #[arg(long)]
     response_format: Option<String>,
+    /// Send `ignore_eos: true` (vLLM's and llama-server's field): every reply runs to
+    /// `--max-tokens`, so a model that ends early (a random-weight one) is still measured at
+    /// the intended length.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Built-in prompts.
     #[arg(long, value_enum, default_value_t = PromptSet::ShortChat)]
     prompts: PromptSet,
@@ -316,9 +321,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The request fields `--max-tokens`, `--temperature`, `--top-p` and `--response-format` set.
+/// The request fields `--max-tokens`, `--temperature`, `--top-p`, `--response-format` and
+/// `--ignore-eos` set.
 fn sampling_fields(args: &Args) -> anyhow::Result<Value> {
     let mut fields = json!({"max_tokens": args.max_tokens, "temperature": args.temperature});
+    if args.ignore_eos {
+        fields["ignore_eos"] = json!(true);
+    }
     if let Some(top_p) = args.top_p {
         fields["top_p"] = json!(top_p);
     }

@@ -6,6 +6,7 @@ mod batch;
 mod bench;
 mod chat;
 mod generate;
+mod roofline;
 mod serve;
 mod storage;
 
@@ -30,6 +31,8 @@ enum Command {
     Bench(bench::Args),
     /// Chat with a model in the terminal, in-process.
     Chat(chat::Args),
+    /// Measure this machine's read bandwidth and int8 matmul ceiling (JSON on stdout).
+    Roofline(roofline::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Batch(args) => batch::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Roofline(args) => roofline::run(args),
     }
 }

@@ -1,0 +1,121 @@
+//! `candela roofline`: the machine's limits, measured, so that a benchmark's figures can be
+//! read as fractions of them (scripts/bench-cost-curve runs it beside every measurement).
+//!
+//! Two numbers: the DRAM read bandwidth the given threads reach (what batch-1 decode is bound
+//! by: every token reads every weight once), and the int8 multiply-add rate of our own packed
+//! matmul on a weight that stays in cache, for each kernel this CPU runs (what prefill and
+//! batched decode are bound by). The second is our kernel's ceiling, including activation
+//! quantization and the per-group fold, not the instruction set's paper peak.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use anyhow::Context;
+use candela_kernels::quant::{Kernel, PackedWeight, QuantBits};
+use rayon::prelude::*;
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Threads (default: RAYON_NUM_THREADS, else every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Bytes read per bandwidth pass, in MiB: well above the last-level cache.
+    #[arg(long, default_value_t = 2048)]
+    bandwidth_mib: usize,
+    /// Timed repetitions of each measurement; the best is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    cpu: String,
+    threads: usize,
+    read_gb_per_s: f64,
+    /// Kernel name -> int8 multiply-adds per second, in units of 1e9.
+    int8_gmacs_per_s: Vec<(String, f64)>,
+    /// The kernel the engine picks on this CPU (`CANDELA_CPU_KERNEL` honoured).
+    kernel_selected: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut pool = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = args.threads {
+        pool = pool.num_threads(t);
+    }
+    let pool = pool.build().context("building the thread pool")?;
+    let repeats = args.repeats.max(1);
+    let report = pool.install(|| -> anyhow::Result<Report> {
+        Ok(Report {
+            cpu: cpu_model(),
+            threads: rayon::current_num_threads(),
+            read_gb_per_s: read_bandwidth(args.bandwidth_mib, repeats),
+            int8_gmacs_per_s: Kernel::available()
+                .into_iter()
+                .map(|k| Ok((k.name().to_string(), int8_rate(k, repeats)?)))
+                .collect::<anyhow::Result<_>>()?,
+            kernel_selected: Kernel::detect().name().to_string(),
+        })
+    })?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
+/// Best GB/s of summing `mib` MiB of u64 split evenly over the pool's threads. The buffer is
+/// written first so that its pages exist (a fresh allocation reads the shared zero page).
+fn read_bandwidth(mib: usize, repeats: usize) -> f64 {
+    let words = (mib << 20) / 8;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(rayon::current_num_threads());
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        let sum: u64 = data
+            .par_chunks(chunk)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        black_box(sum);
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
+
+/// Best int8 multiply-adds per second (1e9) of `kernel` on a 512 KiB int8 weight (fits in L2)
+/// with 64 activation rows: the matmul's compute ceiling without the memory wall.
+fn int8_rate(kernel: Kernel, repeats: usize) -> anyhow::Result<f64> {
+    let (m, n, k) = (64usize, 512usize, 1024usize);
+    // Deterministic values in [-1, 1): the rate does not depend on them.
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
+        .collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 104_729 % 2000) as f32 / 1000.0) - 1.0)
+        .collect();
+    let packed = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int8, 32)?;
+    let mut y = vec![0f32; m * n];
+    packed.matmul_f32_with(kernel, &x, m, &mut y)?;
+    let calls = 50;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        for _ in 0..calls {
+            packed.matmul_f32_with(kernel, &x, m, &mut y)?;
+        }
+        black_box(&y);
+        best = best.min(start.elapsed().as_secs_f64() / calls as f64);
+    }
+    Ok((m * n * k) as f64 / best / 1e9)
+}
