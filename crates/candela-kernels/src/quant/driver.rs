@@ -13,12 +13,17 @@ use super::{portable, Kernel, PackedWeight, QuantError, Result};
 /// few microseconds, more than such a matmul takes.
 const PARALLEL_MACS_MIN: usize = 1 << 20;
 
+/// Fewest rows for which [`PackedWeight::matmul_f32`] runs the AMX kernel (when it is the
+/// detected one) rather than AVX-512 VNNI. Measured below: TODO.
+pub const AMX_ROWS_MIN: usize = 32;
+
 /// Everything a kernel reads, plus where it writes.
 pub(crate) struct KernelArgs<'a> {
     pub layout: PackLayout,
     pub w: &'a [u8],
     pub m: usize,
-    /// `[m, k]` quantized activations.
+    /// `[m, k]` quantized activations; for the AMX kernel, zero rows follow up to a multiple
+    /// of 16 rows (whole tiles).
     pub xq: &'a [i8],
     /// `[m, groups]` activation scales, their `sx * sum(xq)`, and `sum(xq)`.
     pub sx: &'a [f32],
@@ -92,11 +97,16 @@ pub(crate) fn matmul(
     }
     let mut run = |buf: &mut ActBuf| {
         act::quantize_rows(x, m, l.k, l.group_size, kernel, buf);
+        let xq_rows = if kernel == Kernel::Amx {
+            pad_rows(&mut buf.xq, m, l.k)
+        } else {
+            m
+        };
         let args = KernelArgs {
             layout: l,
             w: w.data.as_slice(),
             m,
-            xq: &buf.xq[..m * l.k],
+            xq: &buf.xq[..xq_rows * l.k],
             sx: &buf.sx[..m * l.groups],
             sumx: &buf.sumx[..m * l.groups],
             sumq: &buf.sumq[..m * l.groups],
@@ -114,6 +124,20 @@ pub(crate) fn matmul(
         Err(_) => run(&mut ActBuf::default()),
     });
     Ok(())
+}
+
+/// Zeroes `xq` rows `m..` up to whole AMX tiles (16 rows), so tile loads stay in bounds;
+/// returns the padded row count.
+fn pad_rows(xq: &mut Vec<i8>, m: usize, k: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let rows = m.next_multiple_of(super::amx::TILE_ROWS);
+    #[cfg(not(target_arch = "x86_64"))]
+    let rows = m;
+    if xq.len() < rows * k {
+        xq.resize(rows * k, 0);
+    }
+    xq[m * k..rows * k].fill(0);
+    rows
 }
 
 fn run_parallel(a: &KernelArgs<'_>, kernel: Kernel) {
