@@ -12,13 +12,15 @@
 //! Tiles (palette 1), with `ks` = bytes of k per `tdpbsud` (the group size, capped at 64):
 //!
 //! ```text
-//! tmm0..3  C[2 i + j]  16 rows x 64 B   i32 sums: activation row block i x weight tile j
-//! tmm4, 5  A[i]        16 rows x ks B   xq rows r0 + 16 i .., row stride k (signed)
-//! tmm6, 7  B[j]        ks/4 rows x 64 B codes of tile t0 + j, VNNI order (unsigned):
-//!                                       int8 straight from the packed block (stride 64),
-//!                                       int4 unpacked first, chunk c -> rows 2c (low
-//!                                       nibbles: k 8c..8c+3) and 2c+1 (high: k 8c+4..8c+7)
+//! tmm0, 1  C  16 rows x 64 B    i32 sums, rows r0 .. r0 + 16 x the 16 columns of tile t
+//! tmm4, 5  A  16 rows x ks B    xq rows r0 .. r0 + 16, row stride k (signed)
+//! tmm6, 7  B  ks/4 rows x 64 B  codes of tile t, VNNI order (unsigned):
+//!                               int8 straight from the packed block (stride 64), int4
+//!                               unpacked first: chunk c -> rows 2c (low nibbles, k 8c ..
+//!                               8c + 3) and 2c + 1 (high nibbles, k 8c + 4 .. 8c + 7)
 //! ```
+//!
+//! Two of each (even and odd groups): see [`block`] for why.
 //!
 //! Rows past `m` in the last row block are read from zero padding that the driver adds to
 //! `xq` for this kernel (so tile loads stay in bounds with one fixed configuration); their
@@ -137,7 +139,8 @@ impl TileConfig {
             b[16 + 2 * tile..][..2].copy_from_slice(&(bytes_per_row as u16).to_le_bytes());
             b[48 + tile] = rows as u8;
         };
-        for c in 0..4 {
+        // tmm2 and tmm3 stay unconfigured: the kernel does not use them.
+        for c in 0..2 {
             set(c, TILE_ROWS, 64);
         }
         for a in 4..6 {
@@ -242,8 +245,8 @@ pub(crate) unsafe fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: 
             Ok(buf) => buf,
             Err(_) => &mut fresh,
         };
-        // Two tiles of k codes at one byte each.
-        let need = 2 * TILE_COLS * l.k;
+        // One tile of k codes at one byte each.
+        let need = TILE_COLS * l.k;
         if buf.len() < need {
             buf.resize(need, 0);
         }
@@ -252,44 +255,29 @@ pub(crate) unsafe fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: 
     });
 }
 
-/// Pairs of weight tiles, each against all rows in blocks of up to two A tiles.
+/// Each weight tile against all rows in blocks of 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn run(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize, unpacked: &mut [u8]) {
     let l = &a.layout;
-    let int4 = l.bits == QuantBits::Int4;
-    let mut t = tile_begin;
-    while t < tile_end {
-        let nc = (tile_end - t).min(2);
-        let mut b = [std::ptr::null::<u8>(); 2];
-        // Bytes from one group's B rows to the next's.
-        let b_group_bytes = if int4 {
-            for (j, dst) in unpacked
-                .chunks_exact_mut(TILE_COLS * l.k)
-                .take(nc)
-                .enumerate()
-            {
-                unpack_int4(a, t + j, dst);
-                b[j] = dst.as_ptr();
-            }
-            TILE_COLS * l.group_size
+    for t in tile_begin..tile_end {
+        // The B rows of the tile's first group, and the bytes from one group's to the next's.
+        let (b, b_group_bytes) = if l.bits == QuantBits::Int4 {
+            unpack_int4(a, t, unpacked);
+            (unpacked.as_ptr(), TILE_COLS * l.group_size)
         } else {
-            for (j, p) in b.iter_mut().take(nc).enumerate() {
-                *p = a.w.as_ptr().add((t + j) * l.tile_bytes);
-            }
-            l.block_bytes
+            (a.w.as_ptr().add(t * l.tile_bytes), l.block_bytes)
         };
-        let mut r = 0;
-        while r < a.m {
-            let mb = if a.m - r > TILE_ROWS { 2 } else { 1 };
-            match (mb, nc) {
-                (2, 2) => block::<2, 2>(a, t, r, b, b_group_bytes),
-                (2, _) => block::<2, 1>(a, t, r, b, b_group_bytes),
-                (_, 2) => block::<1, 2>(a, t, r, b, b_group_bytes),
-                _ => block::<1, 1>(a, t, r, b, b_group_bytes),
-            }
-            r += mb * TILE_ROWS;
+        for r0 in (0..a.m).step_by(TILE_ROWS) {
+            block(
+                a,
+                &Tiles {
+                    t,
+                    r0,
+                    b,
+                    b_group_bytes,
+                },
+            );
         }
-        t += nc;
     }
 }
 
@@ -314,119 +302,106 @@ unsafe fn unpack_int4(a: &KernelArgs<'_>, t: usize, dst: &mut [u8]) {
     }
 }
 
-/// The C tiles' i32 sums, row-major, as `tilestored` writes them.
+/// One C tile's i32 sums, row-major, as `tilestored` writes them.
 #[repr(C, align(64))]
-struct Sums([[[i32; TILE_COLS]; TILE_ROWS]; 4]);
+#[derive(Clone, Copy)]
+struct Sums([[i32; TILE_COLS]; TILE_ROWS]);
 
-/// Rows `r0..r0 + 16 MB` (those below `m`) x tiles `t0..t0 + NC`. `b[j]` points at the B rows
-/// of tile `t0 + j`'s first group; a group's rows are `b_group_bytes` after the previous one's.
-// `(i, j)` index the row blocks, the tiles and the accumulator grid at once.
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn block<const MB: usize, const NC: usize>(
-    a: &KernelArgs<'_>,
-    t0: usize,
+/// Where a [`block`] works: rows `r0..r0 + 16` (those below `m`) x tile `t`. `b` points at
+/// the tile's B rows for its first group; a group's rows are `b_group_bytes` after the
+/// previous one's.
+struct Tiles {
+    t: usize,
     r0: usize,
-    b: [*const u8; 2],
+    b: *const u8,
     b_group_bytes: usize,
+}
+
+/// Zeroes tile `C` and accumulates group `g` into it, through tiles `A` and `B`.
+#[inline(always)]
+unsafe fn products<const C: u8, const A: u8, const B: u8>(
+    a: &KernelArgs<'_>,
+    at: &Tiles,
+    g: usize,
 ) {
     let l = &a.layout;
     let gs = l.group_size;
     let ks = k_step(gs);
-    let mut rows = [0usize; MB];
-    for (i, n) in rows.iter_mut().enumerate() {
-        *n = a.m.saturating_sub(r0 + i * TILE_ROWS).min(TILE_ROWS);
+    let xq = a.xq.as_ptr().cast::<u8>().add(at.r0 * l.k);
+    tile_zero::<C>();
+    for s in 0..gs / ks {
+        let kk = g * gs + s * ks;
+        tile_load::<A>(xq.add(kk), l.k);
+        tile_load::<B>(
+            at.b.add(g * at.b_group_bytes + s * ks / 4 * CHUNK_BYTES),
+            CHUNK_BYTES,
+        );
+        tile_dpbsud::<C, A, B>();
     }
-    let xq0 = a.xq.as_ptr().cast::<u8>().add(r0 * l.k);
+}
+
+/// One row block against one weight tile, all groups. Every tile is double-buffered across
+/// groups (even groups use tmm0, 4, 6; odd ones tmm1, 5, 7) and group `g + 1`'s products are
+/// issued before group `g`'s sums are stored and folded, so that no tile instruction waits for
+/// the one before it on the same tile (tiles are not renamed). Measured on Sapphire Rapids
+/// (groups of 32), this and two other shapes (2 x 2 C tiles per block without double
+/// buffering; 2 C tiles per group, double-buffered, sharing the A tile) ran within noise of
+/// each other: the tile stores after every group and the fold, not the products, set the pace.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+unsafe fn block(a: &KernelArgs<'_>, at: &Tiles) {
+    let l = &a.layout;
+    let rows = (a.m - at.r0).min(TILE_ROWS);
     let f32_scales = l.scales == ScaleDType::F32;
-    // 16 MB x NC registers' worth: they live on the stack, each touched once per group.
-    let mut facc = [[[_mm512_setzero_ps(); NC]; TILE_ROWS]; MB];
-    let mut sums = Sums([[[0; TILE_COLS]; TILE_ROWS]; 4]);
+    // 16 registers' worth: they live on the stack, each touched once per group (unrolling
+    // all 16 rows to keep them in registers measured slower).
+    let mut facc = [_mm512_setzero_ps(); TILE_ROWS];
+    let mut sums = Sums([[0; TILE_COLS]; TILE_ROWS]);
+    let out = sums.0.as_mut_ptr().cast::<u8>();
+    products::<0, 4, 6>(a, at, 0);
     for g in 0..l.groups {
-        tile_zero::<0>();
-        if NC == 2 {
-            tile_zero::<1>();
-        }
-        if MB == 2 {
-            tile_zero::<2>();
-            if NC == 2 {
-                tile_zero::<3>();
+        let next = g + 1 < l.groups;
+        if g % 2 == 0 {
+            tile_store::<0>(out);
+            if next {
+                products::<1, 5, 7>(a, at, g + 1);
             }
-        }
-        for s in 0..gs / ks {
-            let kk = g * gs + s * ks;
-            let bk = g * b_group_bytes + s * ks / 4 * CHUNK_BYTES;
-            tile_load::<4>(xq0.add(kk), l.k);
-            tile_load::<6>(b[0].add(bk), CHUNK_BYTES);
-            if NC == 2 {
-                tile_load::<7>(b[1].add(bk), CHUNK_BYTES);
-            }
-            tile_dpbsud::<0, 4, 6>();
-            if NC == 2 {
-                tile_dpbsud::<1, 4, 7>();
-            }
-            if MB == 2 {
-                tile_load::<5>(xq0.add(TILE_ROWS * l.k + kk), l.k);
-                tile_dpbsud::<2, 5, 6>();
-                if NC == 2 {
-                    tile_dpbsud::<3, 5, 7>();
-                }
-            }
-        }
-        let out = sums.0.as_mut_ptr().cast::<u8>();
-        let c_bytes = TILE_ROWS * 64;
-        tile_store::<0>(out);
-        if NC == 2 {
-            tile_store::<1>(out.add(c_bytes));
-        }
-        if MB == 2 {
-            tile_store::<2>(out.add(2 * c_bytes));
-            if NC == 2 {
-                tile_store::<3>(out.add(3 * c_bytes));
+        } else {
+            tile_store::<1>(out);
+            if next {
+                products::<0, 4, 6>(a, at, g + 1);
             }
         }
         // The fold of `block_512`, operation for operation (bit-identical results).
-        for j in 0..NC {
-            let sp =
-                a.w.as_ptr()
-                    .add((t0 + j) * l.tile_bytes + g * l.block_bytes + l.code_bytes);
-            let (d, mn) = if f32_scales {
-                (
-                    _mm512_loadu_ps(sp.cast()),
-                    _mm512_loadu_ps(sp.add(64).cast()),
-                )
-            } else {
-                (
-                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast())),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast())),
-                )
-            };
-            for i in 0..MB {
-                let c = &sums.0[2 * i + j];
-                for rr in 0..rows[i] {
-                    let gi = (r0 + i * TILE_ROWS + rr) * l.groups + g;
-                    let isum = _mm512_load_si512(c[rr].as_ptr().cast());
-                    let s = _mm512_mul_ps(d, _mm512_set1_ps(*a.sx.get_unchecked(gi)));
-                    let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, facc[i][rr][j]);
-                    facc[i][rr][j] =
-                        _mm512_fmadd_ps(mn, _mm512_set1_ps(*a.sumx.get_unchecked(gi)), f);
-                }
-            }
+        let sp =
+            a.w.as_ptr()
+                .add(at.t * l.tile_bytes + g * l.block_bytes + l.code_bytes);
+        let (d, mn) = if f32_scales {
+            (
+                _mm512_loadu_ps(sp.cast()),
+                _mm512_loadu_ps(sp.add(64).cast()),
+            )
+        } else {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast())),
+            )
+        };
+        for (rr, acc) in facc.iter_mut().enumerate().take(rows) {
+            let gi = (at.r0 + rr) * l.groups + g;
+            let isum = _mm512_load_si512(sums.0[rr].as_ptr().cast());
+            let s = _mm512_mul_ps(d, _mm512_set1_ps(*a.sx.get_unchecked(gi)));
+            let f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, *acc);
+            *acc = _mm512_fmadd_ps(mn, _mm512_set1_ps(*a.sumx.get_unchecked(gi)), f);
         }
     }
-    for i in 0..MB {
-        for rr in 0..rows[i] {
-            for j in 0..NC {
-                let col = (t0 + j) * TILE_COLS;
-                let cols = TILE_COLS.min(l.n - col);
-                let dst = a.y.at((r0 + i * TILE_ROWS + rr) * l.n + col, cols);
-                let v = facc[i][rr][j];
-                if cols == TILE_COLS {
-                    _mm512_storeu_ps(dst, v);
-                } else {
-                    _mm512_mask_storeu_ps(dst, ((1u32 << cols) - 1) as u16, v);
-                }
-            }
+    let col = at.t * TILE_COLS;
+    let cols = TILE_COLS.min(l.n - col);
+    for (rr, &v) in facc.iter().enumerate().take(rows) {
+        let dst = a.y.at((at.r0 + rr) * l.n + col, cols);
+        if cols == TILE_COLS {
+            _mm512_storeu_ps(dst, v);
+        } else {
+            _mm512_mask_storeu_ps(dst, ((1u32 << cols) - 1) as u16, v);
         }
     }
 }
