@@ -22,9 +22,11 @@
 //! to i8 with a scale `sx` (llama.cpp's Q8_1 scheme), so a group's dot product is
 //! `sx * d * sum(xq * q) + m * sx * sum(xq)`.
 //!
-//! See `pack.rs` for the byte layout, `x86.rs` for the SIMD kernels and `amx.rs` for the AMX
-//! tile kernel (chosen at run time, see [`Kernel`]), and `portable.rs` for the fallback that
-//! every SIMD kernel is tested against.
+//! The kernels, fastest first ([`Kernel::ALL`]; [`Kernel::detect`] picks the first this CPU
+//! runs, `CANDELA_CPU_KERNEL` another): `amx` (AMX int8 tiles, from [`AMX_ROWS_MIN`] rows, AVX-512
+//! VNNI below), `avx512vnni`, `avxvnni`, `avx512vl-vnni256`, `avx2`, `portable`. See `pack.rs`
+//! for the byte layout, `x86.rs` for the SIMD kernels, `amx.rs` for the tile kernel and
+//! `portable.rs` for the fallback that every SIMD kernel is tested against.
 
 mod act;
 #[cfg(target_arch = "x86_64")]
