@@ -349,7 +349,7 @@ unsafe fn products<const C: u8, const A: u8, const B: u8>(
 /// each other: the tile stores after every group and the fold, not the products, set the pace.
 /// Issuing group `g + 1`'s products before group `g`'s store changed nothing; storing every
 /// group's sums first and then folding row by row (each accumulator in one register) was
-/// 1.1-1.7x slower: 1 KiB of sums per group leaves L1 at k = 1536.
+/// 1.1-1.9x slower: 1 KiB of sums per group leaves L1 at k = 1536.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn block(a: &KernelArgs<'_>, at: &Tiles) {
     let l = &a.layout;
