@@ -2,7 +2,9 @@
 //! candle's own dequantization and `QMatMul`, and every kernel this CPU runs (plus the portable
 //! one) against an f32 matmul of the dequantized weight.
 
-use candela_kernels::quant::{Kernel, PackedWeight, QuantBits, QuantError, ScaleDType};
+use candela_kernels::quant::{
+    Kernel, PackedWeight, QuantBits, QuantError, ScaleDType, AMX_ROWS_MIN,
+};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rand::rngs::StdRng;
@@ -461,4 +463,170 @@ fn slice_api_checks_lengths() {
     assert!(matches!(err, QuantError::Length { .. }));
     // m = 0 is an empty product, not an error.
     p.matmul_f32(&[], 0, &mut []).unwrap();
+}
+
+/// Whether the AMX kernel runs here; if not, says why the calling test is skipped.
+fn amx_or_skip(test: &str) -> bool {
+    let ok = Kernel::Amx.is_available();
+    if !ok {
+        eprintln!(
+            "{test}: skipped, no AMX int8 here (CPU, OS tile state or permission missing, or no \
+             AVX-512 VNNI)"
+        );
+    }
+    ok
+}
+
+/// `p` through the AMX tiles and through AVX-512 VNNI: identical integer sums and the same
+/// fold, so identical bits; both within float-rounding distance of the portable kernel.
+fn check_amx(p: &PackedWeight, x: &[f32], m: usize, ctx: &str) {
+    let n = p.n();
+    let run = |kernel| {
+        let mut y = vec![f32::NAN; m * n];
+        p.matmul_f32_with(kernel, x, m, &mut y).unwrap();
+        y
+    };
+    let amx = run(Kernel::Amx);
+    let avx512 = run(Kernel::Avx512Vnni);
+    let portable = run(Kernel::Portable);
+    let bound = error_bound(x, &p.dequantize(), m, n, p.k(), p.group_size());
+    for i in 0..m * n {
+        assert_eq!(
+            amx[i].to_bits(),
+            avx512[i].to_bits(),
+            "{ctx} at {i}: amx {} vs avx512vnni {}",
+            amx[i],
+            avx512[i]
+        );
+        // As in `every_kernel_matches_dequantized_f32_matmul`: the portable kernel adds the
+        // fold's products without FMA, so it rounds differently.
+        let close = 1e-5 * bound[i] * 500.0 + 1e-6;
+        assert!(
+            (amx[i] - portable[i]).abs() <= close,
+            "{ctx} at {i}: amx {} vs portable {}",
+            amx[i],
+            portable[i]
+        );
+    }
+}
+
+const AMX_ROWS: [usize; 6] = [1, 3, 16, 17, 33, 64];
+
+/// The tile path at every row count (partial and several 16-row blocks), n with and without a
+/// partial tile, one and several groups, groups of 16, 32, 64 and 128 (one to several
+/// `tdpbsud` per group, so the tile configuration changes between shapes), int8 and int4, on
+/// a two-thread pool: the tile configuration must be loaded on each worker.
+#[test]
+fn amx_matches_avx512_bit_for_bit_f16_scales() {
+    if !amx_or_skip("amx_matches_avx512_bit_for_bit_f16_scales") {
+        return;
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(10);
+    let shapes = [
+        (16, 32, 32),
+        (40, 96, 32),
+        (200, 576, 32),
+        (33, 64, 16),
+        (64, 256, 16),
+        (17, 128, 64),
+        (48, 512, 128),
+    ];
+    pool.install(|| {
+        for &(n, k, gs) in &shapes {
+            for bits in [QuantBits::Int8, QuantBits::Int4] {
+                let w = random_weight(&mut rng, n, k);
+                let p = PackedWeight::quantize_f32(&w, n, k, bits, gs).unwrap();
+                for m in AMX_ROWS {
+                    let x = random_vec(&mut rng, m * k, 2.0);
+                    check_amx(&p, &x, m, &format!("{bits:?} m{m} n{n} k{k} g{gs}"));
+                }
+            }
+        }
+    });
+}
+
+/// As above with f32 scales (GGUF k-quants): int4 in groups of 32 (Q4_K) and 16 (Q3_K), int8
+/// in groups of 32 (Q5_K) and 16 (Q6_K).
+#[test]
+fn amx_matches_avx512_bit_for_bit_f32_scales() {
+    if !amx_or_skip("amx_matches_avx512_bit_for_bit_f32_scales") {
+        return;
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let dev = Device::Cpu;
+    pool.install(|| {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ] {
+            for &(n, k) in &[(17, 256), (64, 512)] {
+                let w = random_weight(&mut rng, n, k);
+                let t = Tensor::from_vec(w, (n, k), &dev).unwrap();
+                let qt = QTensor::quantize(&t, dtype).unwrap();
+                let p = PackedWeight::from_ggml(dtype, &qt.data().unwrap(), n, k).unwrap();
+                assert_eq!(p.scale_dtype(), ScaleDType::F32);
+                for m in AMX_ROWS {
+                    let x = random_vec(&mut rng, m * k, 2.0);
+                    check_amx(&p, &x, m, &format!("{dtype:?} m{m} n{n} k{k}"));
+                }
+            }
+        }
+    });
+}
+
+/// A thread that never ran the kernel (its tile configuration not loaded yet) gets the same
+/// bits as this one.
+#[test]
+fn amx_on_a_fresh_thread() {
+    if !amx_or_skip("amx_on_a_fresh_thread") {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(12);
+    let (m, n, k) = (20, 48, 192);
+    let w = random_weight(&mut rng, n, k);
+    let x = random_vec(&mut rng, m * k, 1.0);
+    let p = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int4, 32).unwrap();
+    let mut here = vec![0f32; m * n];
+    p.matmul_f32_with(Kernel::Amx, &x, m, &mut here).unwrap();
+    let there = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut y = vec![0f32; m * n];
+            p.matmul_f32_with(Kernel::Amx, &x, m, &mut y).unwrap();
+            y
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(here, there);
+}
+
+/// The automatic choice takes AVX-512 VNNI below `AMX_ROWS_MIN` rows and AMX from it; both give
+/// the same bits, so whichever runs must equal the AMX result.
+#[test]
+fn automatic_choice_around_the_amx_threshold_agrees() {
+    if !amx_or_skip("automatic_choice_around_the_amx_threshold_agrees") {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(13);
+    let (n, k) = (64, 576);
+    let w = random_weight(&mut rng, n, k);
+    let p = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int4, 32).unwrap();
+    for m in [AMX_ROWS_MIN - 1, AMX_ROWS_MIN] {
+        let x = random_vec(&mut rng, m * k, 1.0);
+        let mut auto = vec![0f32; m * n];
+        let mut amx = vec![0f32; m * n];
+        p.matmul_f32(&x, m, &mut auto).unwrap();
+        p.matmul_f32_with(Kernel::Amx, &x, m, &mut amx).unwrap();
+        assert_eq!(auto, amx, "m{m}");
+    }
 }

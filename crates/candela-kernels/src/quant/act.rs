@@ -55,7 +55,9 @@ pub(crate) fn quantize_rows(
         // SAFETY (both): the driver runs a kernel only after `is_available()`, i.e. on a CPU
         // with its features, which include AVX-512 F/BW/VL or AVX2 + FMA respectively.
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => unsafe { quantize_avx512(x, group_size, buf, m * groups) },
+        Kernel::Avx512Vnni | Kernel::Amx => unsafe {
+            quantize_avx512(x, group_size, buf, m * groups)
+        },
         #[cfg(target_arch = "x86_64")]
         Kernel::AvxVnni | Kernel::Avx512VlVnni256 | Kernel::Avx2 => unsafe {
             quantize_avx2(x, group_size, buf, m * groups)

@@ -13,12 +13,29 @@ use super::{portable, Kernel, PackedWeight, QuantError, Result};
 /// few microseconds, more than such a matmul takes.
 const PARALLEL_MACS_MIN: usize = 1 << 20;
 
+/// Fewest rows for which [`super::PackedWeight::matmul_f32`] runs the AMX kernel (when it is
+/// the detected one) rather than AVX-512 VNNI, whose output it matches bit for bit. Measured
+/// (`examples/amx_timing`, bench/results/amx-qmatmul.md; Sapphire Rapids VM, SmolLM2-135M
+/// shapes, groups of 32, minimum per call, one thread), AMX time / AVX-512 VNNI time:
+///
+/// | rows | int8 (Q8_0) | int4 (Q4_1) |
+/// |---:|---|---|
+/// | 1 | 2.6-3.5x slower | 5-8x slower |
+/// | 8 | 1.0-1.1x slower | 1.5-1.9x slower |
+/// | 16 | 1.1-1.25x faster | 1.05-1.1x slower |
+/// | 32 | 1.1-1.25x faster | 1.0-1.05x faster |
+/// | 64-256 | 1.1-1.2x faster | 1.07-1.12x faster (once 0.96) |
+///
+/// Two threads: the same picture, noisier. 32 is where both code widths stop losing.
+pub const AMX_ROWS_MIN: usize = 32;
+
 /// Everything a kernel reads, plus where it writes.
 pub(crate) struct KernelArgs<'a> {
     pub layout: PackLayout,
     pub w: &'a [u8],
     pub m: usize,
-    /// `[m, k]` quantized activations.
+    /// `[m, k]` quantized activations; for the AMX kernel, zero rows follow up to a multiple
+    /// of 16 rows (whole tiles).
     pub xq: &'a [i8],
     /// `[m, groups]` activation scales, their `sx * sum(xq)`, and `sum(xq)`.
     pub sx: &'a [f32],
@@ -92,11 +109,16 @@ pub(crate) fn matmul(
     }
     let mut run = |buf: &mut ActBuf| {
         act::quantize_rows(x, m, l.k, l.group_size, kernel, buf);
+        let xq_rows = if kernel == Kernel::Amx {
+            pad_rows(&mut buf.xq, m, l.k)
+        } else {
+            m
+        };
         let args = KernelArgs {
             layout: l,
             w: w.data.as_slice(),
             m,
-            xq: &buf.xq[..m * l.k],
+            xq: &buf.xq[..xq_rows * l.k],
             sx: &buf.sx[..m * l.groups],
             sumx: &buf.sumx[..m * l.groups],
             sumq: &buf.sumq[..m * l.groups],
@@ -114,6 +136,20 @@ pub(crate) fn matmul(
         Err(_) => run(&mut ActBuf::default()),
     });
     Ok(())
+}
+
+/// Zeroes `xq` rows `m..` up to whole AMX tiles (16 rows), so tile loads stay in bounds;
+/// returns the padded row count.
+fn pad_rows(xq: &mut Vec<i8>, m: usize, k: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let rows = m.next_multiple_of(super::amx::TILE_ROWS);
+    #[cfg(not(target_arch = "x86_64"))]
+    let rows = m;
+    if xq.len() < rows * k {
+        xq.resize(rows * k, 0);
+    }
+    xq[m * k..rows * k].fill(0);
+    rows
 }
 
 fn run_parallel(a: &KernelArgs<'_>, kernel: Kernel) {

@@ -22,10 +22,15 @@
 //! to i8 with a scale `sx` (llama.cpp's Q8_1 scheme), so a group's dot product is
 //! `sx * d * sum(xq * q) + m * sx * sum(xq)`.
 //!
-//! See `pack.rs` for the byte layout, `x86.rs` for the SIMD kernels (chosen at run time) and
+//! The kernels, fastest first ([`Kernel::ALL`]; [`Kernel::detect`] picks the first this CPU
+//! runs, `CANDELA_CPU_KERNEL` another): `amx` (AMX int8 tiles, from [`AMX_ROWS_MIN`] rows, AVX-512
+//! VNNI below), `avx512vnni`, `avxvnni`, `avx512vl-vnni256`, `avx2`, `portable`. See `pack.rs`
+//! for the byte layout, `x86.rs` for the SIMD kernels, `amx.rs` for the tile kernel and
 //! `portable.rs` for the fallback that every SIMD kernel is tested against.
 
 mod act;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod driver;
 mod pack;
 mod portable;
@@ -35,6 +40,7 @@ mod x86;
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+pub use driver::AMX_ROWS_MIN;
 pub use pack::TILE_COLS;
 
 /// Most input rows the fused CUDA matrix-vector kernel serves; must match `GEMV_ROWS_MAX` in
@@ -66,6 +72,12 @@ pub enum QuantBits {
 /// runs; the others stay callable so tests can check each against the same reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
+    /// AMX int8 tiles (`tdpbsud`, Sapphire Rapids and later, with Linux's permission for the
+    /// tile state) for the integer sums, AVX-512 for the rest; bit-identical to
+    /// [`Kernel::Avx512Vnni`]. [`PackedWeight::matmul_f32`] runs it from
+    /// [`AMX_ROWS_MIN`] rows and the AVX-512 VNNI kernel below; an explicit
+    /// [`PackedWeight::matmul_f32_with`] runs the tiles at any row count.
+    Amx,
     /// 512-bit `vpdpbusd` (AVX-512 F/BW/VL + VNNI): 16 output columns per register.
     Avx512Vnni,
     /// 256-bit `vpdpbusd` in its VEX encoding (AVX-VNNI, e.g. Alder Lake without AVX-512).
@@ -81,7 +93,8 @@ pub enum Kernel {
 
 impl Kernel {
     /// All kernels, fastest first.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 6] = [
+        Kernel::Amx,
         Kernel::Avx512Vnni,
         Kernel::AvxVnni,
         Kernel::Avx512VlVnni256,
@@ -102,6 +115,7 @@ impl Kernel {
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni");
             match self {
+                Kernel::Amx => avx512 && amx::available(),
                 Kernel::Avx512Vnni | Kernel::Avx512VlVnni256 => avx512,
                 Kernel::AvxVnni => avx2 && is_x86_feature_detected!("avxvnni"),
                 Kernel::Avx2 => avx2,
@@ -117,6 +131,7 @@ impl Kernel {
     /// The kernel's name, as `CANDELA_CPU_KERNEL` takes it.
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::Amx => "amx",
             Kernel::Avx512Vnni => "avx512vnni",
             Kernel::AvxVnni => "avxvnni",
             Kernel::Avx512VlVnni256 => "avx512vl-vnni256",
@@ -152,6 +167,15 @@ impl Kernel {
                     .unwrap_or(Kernel::Portable)
             })
         })
+    }
+
+    /// The kernel [`PackedWeight::matmul_f32`] runs for `m` rows when `self` is the detected
+    /// one: AMX's 16-row tiles lose to AVX-512 on few rows (see [`AMX_ROWS_MIN`]).
+    fn for_rows(self, m: usize) -> Kernel {
+        match self {
+            Kernel::Amx if m < AMX_ROWS_MIN => Kernel::Avx512Vnni,
+            k => k,
+        }
     }
 
     /// The kernels this CPU runs, fastest first.
@@ -330,13 +354,14 @@ impl PackedWeight {
         self.data.as_slice()
     }
 
-    /// `y[m, n] = x[m, k] W^T` with the fastest kernel of this CPU, parallel over output
-    /// columns on rayon's current pool. `x` and `y` are row-major.
+    /// `y[m, n] = x[m, k] W^T` with the fastest kernel of this CPU for `m` rows, parallel over
+    /// output columns on rayon's current pool. `x` and `y` are row-major.
     pub fn matmul_f32(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
-        driver::matmul(self, Kernel::detect(), x, m, y)
+        driver::matmul(self, Kernel::detect().for_rows(m), x, m, y)
     }
 
-    /// [`Self::matmul_f32`] with an explicit kernel (for tests and benchmarks).
+    /// [`Self::matmul_f32`] with an explicit kernel, at every row count (for tests and
+    /// benchmarks).
     pub fn matmul_f32_with(
         &self,
         kernel: Kernel,

@@ -17,7 +17,8 @@ use super::{portable, Kernel, QuantBits, ScaleDType};
 /// Runs `kernel` on output tiles `tile_begin..tile_end`, all rows.
 ///
 /// # Safety
-/// The CPU must support `kernel` (`Kernel::is_available`).
+/// The CPU must support `kernel` (`Kernel::is_available`); for `Kernel::Amx`, `a.xq` must be
+/// padded as `amx::run_tiles` requires.
 pub(crate) unsafe fn run_tiles(
     a: &KernelArgs<'_>,
     kernel: Kernel,
@@ -29,6 +30,7 @@ pub(crate) unsafe fn run_tiles(
         Kernel::AvxVnni => run_avxvnni(a, tile_begin, tile_end),
         Kernel::Avx512VlVnni256 => run_avx512vl_256(a, tile_begin, tile_end),
         Kernel::Avx2 => run_avx2(a, tile_begin, tile_end),
+        Kernel::Amx => super::amx::run_tiles(a, tile_begin, tile_end),
         Kernel::Portable => portable::run_tiles(a, tile_begin, tile_end),
     }
 }
