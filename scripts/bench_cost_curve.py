@@ -35,7 +35,8 @@ class Server:
         self.kind, self.url = kind, f"http://127.0.0.1:{port}"
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), RUST_LOG="warn")
         if kind == "candela":
-            cmd = [args.candela, "serve", "--model", model, "--host", "127.0.0.1",
+            cmd = [args.candela, "serve", "--model", model, "--served-model-name", "m",
+                   "--host", "127.0.0.1",
                    "--port", str(port), "--max-num-seqs", "64",
                    "--max-model-len", str(args.max_prompt + 64),
                    "--kv-cache-memory", str(args.kv_cache_gib)]

@@ -255,10 +255,17 @@ impl Linear {
                     ScaleDType::F16 => "",
                     ScaleDType::F32 => " f32-scales",
                 };
+                // AMX runs only batches of AMX_ROWS_MIN rows or more; fewer go to AVX-512 VNNI.
+                let kernel = match Kernel::detect() {
+                    Kernel::Amx => format!(
+                        "amx from {} rows, avx512vnni below",
+                        candela_kernels::quant::AMX_ROWS_MIN
+                    ),
+                    k => k.name().to_string(),
+                };
                 format!(
-                    "packed {bits} g{}{scales} ({from}), candela matmul [{} on CPU]",
+                    "packed {bits} g{}{scales} ({from}), candela matmul [{kernel} on CPU]",
                     w.group_size(),
-                    Kernel::detect().name()
                 )
             }
         }
