@@ -7,6 +7,7 @@ mod bench;
 mod chat;
 mod generate;
 mod serve;
+mod speculative;
 mod storage;
 
 use clap::{Parser, Subcommand};
