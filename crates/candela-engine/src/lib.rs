@@ -29,5 +29,5 @@ pub use candela_models::chat_template::{
 };
 pub use config::{EngineConfig, EngineDevice, KvCacheDtype};
 pub use error::EngineError;
-pub use speculative::{SpeculativeConfig, SpeculativeMethod};
 pub use handle::EngineHandle;
+pub use speculative::{SpeculativeConfig, SpeculativeMethod};

@@ -831,7 +831,10 @@ mod tests {
                     accepted += usize::from(ok);
                 }
                 let tv = total_variation(&counts, &p);
-                assert!(tv < 0.015, "top_k {top_k:?} draft {draft}: TV {tv} {counts:?}");
+                assert!(
+                    tv < 0.015,
+                    "top_k {top_k:?} draft {draft}: TV {tv} {counts:?}"
+                );
                 // Acceptance happens with probability p(draft).
                 let rate = accepted as f64 / draws as f64;
                 let expected = p[draft as usize];

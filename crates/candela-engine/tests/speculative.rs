@@ -116,7 +116,10 @@ fn collect(mut events: UnboundedReceiver<GenerateEvent>, n: usize) -> Vec<Output
                 output.1.push_str(&text);
             }
             GenerateEvent::Finished {
-                index, reason, usage, ..
+                index,
+                reason,
+                usage,
+                ..
             } => {
                 let output = &mut outputs[index as usize];
                 assert!(output.2.is_none(), "finished twice");

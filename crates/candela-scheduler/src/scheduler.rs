@@ -717,13 +717,7 @@ impl Scheduler {
                     .find(|o| o.seq_id == id)
                     .map_or(0, |o| o.accepted_drafts);
                 let caching = self.cfg.enable_prefix_caching;
-                roll_back_drafts(
-                    &mut self.bm,
-                    self.window.as_mut(),
-                    seq,
-                    accepted,
-                    caching,
-                );
+                roll_back_drafts(&mut self.bm, self.window.as_mut(), seq, accepted, caching);
             }
             if self.cfg.enable_prefix_caching {
                 register_computed_blocks(&mut self.bm, self.window.as_mut(), seq);
@@ -1978,7 +1972,8 @@ mod tests {
     fn drafts_are_verified_then_rolled_back_to_the_accepted_ones() {
         // Blocks of 4, 5 blocks; a 6-token prompt.
         let mut s = scheduler(config(4, 5, 4, 64));
-        s.add(SeqId(1), vec![1, 2, 3, 4, 5, 6], 20, 0).expect("fits");
+        s.add(SeqId(1), vec![1, 2, 3, 4, 5, 6], 14, 0)
+            .expect("fits");
         step(&mut s, 7); // prefill; tokens 1..7, computed 6
         assert!(s.set_draft_tokens(SeqId(1), &[8, 9, 10, 11, 12]));
         let batch = s.schedule();
@@ -2001,14 +1996,23 @@ mod tests {
         assert_eq!(seq.block_table().len(), 3);
         // Only the two full blocks of accepted tokens are in the prefix cache.
         let table = seq.block_table().to_vec();
-        assert_eq!(s.block_manager().cached_tokens(table[0]), Some(&[1, 2, 3, 4][..]));
-        assert_eq!(s.block_manager().cached_tokens(table[1]), Some(&[5, 6, 7, 8][..]));
+        assert_eq!(
+            s.block_manager().cached_tokens(table[0]),
+            Some(&[1, 2, 3, 4][..])
+        );
+        assert_eq!(
+            s.block_manager().cached_tokens(table[1]),
+            Some(&[5, 6, 7, 8][..])
+        );
         assert_eq!(s.block_manager().cached_tokens(table[2]), None);
 
         // None accepted: back to one block past the end, the freshly allocated ones released.
         assert!(s.set_draft_tokens(SeqId(1), &[1, 1, 1, 1, 1, 1, 1]));
         let batch = s.schedule();
-        assert_eq!(batch.seqs[0].num_draft_tokens, 7, "fills the 5 blocks exactly");
+        assert_eq!(
+            batch.seqs[0].num_draft_tokens, 7,
+            "fills the 5 blocks exactly"
+        );
         assert_eq!(s.block_manager().num_free(), 0);
         s.update_after_step(&[StepOutput {
             seq_id: SeqId(1),
@@ -2026,7 +2030,11 @@ mod tests {
         assert_eq!(s.block_manager().num_free(), 0);
         assert!(s.set_draft_tokens(SeqId(1), &[4; 8]));
         let batch = s.schedule();
-        let q = batch.seqs.iter().find(|q| q.seq_id == SeqId(1)).expect("scheduled");
+        let q = batch
+            .seqs
+            .iter()
+            .find(|q| q.seq_id == SeqId(1))
+            .expect("scheduled");
         assert_eq!(q.num_draft_tokens, 0, "{q:?}");
         assert!(batch.preempted.is_empty());
         let outputs: Vec<StepOutput> = batch

@@ -232,7 +232,9 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<(SchedulerStats, u64), Te
         // "Run the model": write this step's KV, drafts included.
         for q in &batch.seqs {
             let mut tokens = live[&q.seq_id].tokens.clone();
-            tokens.extend_from_slice(&batch.input_ids(q)[(q.num_new_tokens() - q.num_draft_tokens) as usize..]);
+            tokens.extend_from_slice(
+                &batch.input_ids(q)[(q.num_new_tokens() - q.num_draft_tokens) as usize..],
+            );
             for pos in q.positions.clone() {
                 kv.insert(batch.slot(q, pos), tokens[..=pos as usize].to_vec());
                 if let Some(slot) = batch.window_slot(q, pos) {
@@ -245,8 +247,8 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<(SchedulerStats, u64), Te
             let l = live
                 .get_mut(&q.seq_id)
                 .expect("scheduled sequences are live");
-            let drafts = &proposed.get(&q.seq_id).map_or(&[][..], |d| &d[..])
-                [..q.num_draft_tokens as usize];
+            let drafts =
+                &proposed.get(&q.seq_id).map_or(&[][..], |d| &d[..])[..q.num_draft_tokens as usize];
             // Emit the model's tokens while they match the drafts, plus one (the bonus).
             let (mut accepted, mut token, mut done) = (0u32, 0, false);
             for i in 0..=drafts.len() {
