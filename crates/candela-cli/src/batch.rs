@@ -46,6 +46,8 @@ pub struct Args {
     model: String,
     #[command(flatten)]
     storage: crate::storage::StorageArgs,
+    #[command(flatten)]
+    speculative: crate::speculative::SpeculativeArgs,
     /// Requests, one JSON object per line (OpenAI Batch API input format).
     #[arg(long)]
     input: PathBuf,
@@ -194,6 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: args.model.clone(),
         quantize: args.storage.to_quantize()?,
         kv_cache_dtype: args.storage.kv_cache_dtype(),
+        speculative: args.speculative.to_config()?,
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         seqs_running_max: args.max_num_seqs,
         batch_tokens_max: args.max_num_batched_tokens,

@@ -27,6 +27,8 @@ pub struct Args {
     model: String,
     #[command(flatten)]
     storage: crate::storage::StorageArgs,
+    #[command(flatten)]
+    speculative: crate::speculative::SpeculativeArgs,
     /// A system prompt to start with.
     #[arg(long)]
     system: Option<String>,
@@ -101,6 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: args.model.clone(),
         quantize: args.storage.to_quantize()?,
         kv_cache_dtype: args.storage.kv_cache_dtype(),
+        speculative: args.speculative.to_config()?,
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         queue_waiting_max: 1,
         chat_template,

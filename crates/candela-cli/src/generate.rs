@@ -29,6 +29,8 @@ pub struct Args {
     model: String,
     #[command(flatten)]
     storage: crate::storage::StorageArgs,
+    #[command(flatten)]
+    speculative: crate::speculative::SpeculativeArgs,
     /// Raw completion prompt (no chat template).
     #[arg(
         long,
@@ -130,6 +132,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model: args.model.clone(),
         quantize: args.storage.to_quantize()?,
         kv_cache_dtype: args.storage.kv_cache_dtype(),
+        speculative: args.speculative.to_config()?,
         kv_cache_memory_bytes: args.kv_cache_memory_mib << 20,
         device: crate::serve::parse_device(&args.device)?,
         gpu_memory_utilization: Some(args.gpu_memory_utilization),

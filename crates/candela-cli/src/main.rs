@@ -8,6 +8,7 @@ mod chat;
 mod generate;
 mod roofline;
 mod serve;
+mod speculative;
 mod storage;
 
 use clap::{Parser, Subcommand};

@@ -24,6 +24,8 @@ pub struct Args {
     model: String,
     #[command(flatten)]
     storage: crate::storage::StorageArgs,
+    #[command(flatten)]
+    speculative: crate::speculative::SpeculativeArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -161,6 +163,7 @@ fn engine_config(args: &Args, served_model_name: &str) -> anyhow::Result<EngineC
         chat_template: crate::generate::read_chat_template(args.chat_template.as_deref())?,
         quantize: args.storage.to_quantize()?,
         kv_cache_dtype: args.storage.kv_cache_dtype(),
+        speculative: args.speculative.to_config()?,
         served_model_name: Some(served_model_name.to_owned()),
         device: parse_device(&args.device)?,
         kv_cache_memory_bytes: (args.kv_cache_memory * f64::from(1u32 << 30)) as u64,

@@ -98,6 +98,9 @@ pub struct EngineConfig {
     /// [`crate::EngineHandle::health`] calls it stalled. Longer than the slowest legitimate
     /// step (a full prefill chunk on a slow CPU takes seconds).
     pub step_stall_max: Duration,
+    /// Speculative decoding by n-gram lookup (`None`: off). Choices with structured outputs,
+    /// tools or logprobs never speculate.
+    pub speculative: Option<crate::SpeculativeConfig>,
     /// Test-only: make a forward pass fail on purpose (`fault-injection` feature).
     #[cfg(feature = "fault-injection")]
     pub fault: Option<crate::fault::Fault>,
@@ -124,6 +127,7 @@ impl Default for EngineConfig {
             greedy_on_device: None,
             kv_cache_dtype: KvCacheDtype::Auto,
             step_stall_max: Duration::from_secs(60),
+            speculative: None,
             #[cfg(feature = "fault-injection")]
             fault: None,
         }
@@ -157,6 +161,9 @@ impl EngineConfig {
                     "gpu_memory_utilization must be in (0, 1], got {fraction}"
                 )));
             }
+        }
+        if let Some(speculative) = &self.speculative {
+            speculative.validate()?;
         }
         if self.kv_cache_memory_bytes == 0 {
             return Err(crate::EngineError::Config(

@@ -16,6 +16,7 @@ mod handle;
 mod kv_layout;
 pub mod metrics;
 pub mod sampler;
+pub mod speculative;
 pub mod stop;
 mod structured;
 mod text;
@@ -29,3 +30,4 @@ pub use candela_models::chat_template::{
 pub use config::{EngineConfig, EngineDevice, KvCacheDtype};
 pub use error::EngineError;
 pub use handle::EngineHandle;
+pub use speculative::{SpeculativeConfig, SpeculativeMethod};

@@ -61,6 +61,14 @@ pub struct EngineMetrics {
     pub prefix_cache_hits_total: IntCounter,
     /// Sequences preempted (their KV blocks freed, to be recomputed).
     pub num_preemptions_total: IntCounter,
+    /// Speculative decoding: steps of a sequence that verified at least one draft token.
+    pub spec_decode_num_drafts_total: IntCounter,
+    /// Speculative decoding: draft tokens verified.
+    pub spec_decode_num_draft_tokens_total: IntCounter,
+    /// Speculative decoding: draft tokens accepted.
+    pub spec_decode_num_accepted_tokens_total: IntCounter,
+    /// Speculative decoding: accepted draft tokens by their position in the draft (0-based).
+    pub spec_decode_num_accepted_tokens_per_pos_total: IntCounterVec,
     /// Blocks of the sliding-window layers' own pool in use (0 without a hybrid KV cache).
     pub kv_window_blocks_used: IntGauge,
     /// Blocks of the sliding-window layers' own pool (0 without a hybrid KV cache).
@@ -162,7 +170,18 @@ impl EngineMetrics {
             &["version", "revision", "model"],
         )?;
         registry.register(Box::new(build_info.clone()))?;
+        let spec_decode_num_accepted_tokens_per_pos_total = IntCounterVec::new(
+            Opts::new(
+                "candela:spec_decode_num_accepted_tokens_per_pos_total",
+                "Accepted number of draft tokens per draft position.",
+            ),
+            &["position"],
+        )?;
+        registry.register(Box::new(
+            spec_decode_num_accepted_tokens_per_pos_total.clone(),
+        ))?;
         Ok(Self {
+            spec_decode_num_accepted_tokens_per_pos_total,
             cache_config_info,
             build_info,
             num_requests_running: gauge(
@@ -222,6 +241,18 @@ impl EngineMetrics {
             num_preemptions_total: counter(
                 "num_preemptions_total",
                 "Cumulative number of preemptions from the engine.",
+            )?,
+            spec_decode_num_drafts_total: counter(
+                "spec_decode_num_drafts_total",
+                "Number of spec decoding drafts.",
+            )?,
+            spec_decode_num_draft_tokens_total: counter(
+                "spec_decode_num_draft_tokens_total",
+                "Number of draft tokens.",
+            )?,
+            spec_decode_num_accepted_tokens_total: counter(
+                "spec_decode_num_accepted_tokens_total",
+                "Number of accepted tokens.",
             )?,
             registry,
         })
@@ -331,6 +362,9 @@ mod tests {
             "candela:prefix_cache_queries_total 0",
             "candela:prefix_cache_hits_total 0",
             "candela:num_preemptions_total 0",
+            "candela:spec_decode_num_drafts_total 0",
+            "candela:spec_decode_num_draft_tokens_total 0",
+            "candela:spec_decode_num_accepted_tokens_total 0",
             "# TYPE candela:time_to_first_token_seconds histogram",
             "# TYPE candela:prompt_tokens_total counter",
         ] {

@@ -11,6 +11,13 @@
 //! any processing, as the OpenAI API reports them); then logit bias; repetition penalty (prompt
 //! and output tokens); frequency and presence penalties (output tokens); then greedy argmax when
 //! the temperature is 0, else temperature, top-k, top-p, min-p and a draw.
+//!
+//! Speculative decoding verifies a proposed token with [`ChoiceSampler::verify_draft`]: the
+//! same processing and distribution p, then the rejection rule for a deterministic proposal
+//! (accept with probability p(draft), else draw from p without the draft), so every emitted
+//! token is distributed exactly as [`ChoiceSampler::sample`] would draw it. A verification
+//! takes one or two numbers from the RNG, so a speculative run is not the same sample as a
+//! plain one with the same seed (greedy output is the same token for token).
 
 use std::collections::HashMap;
 
@@ -152,6 +159,30 @@ impl ChoiceSampler {
         (token, logprob)
     }
 
+    /// Verifies the speculative `draft` against one row of raw logits, which it overwrites with
+    /// the processed logits: returns the token this row emits and whether it is the draft.
+    /// Greedy: the argmax, so the draft is accepted exactly when plain sampling would pick it.
+    /// Otherwise the draft is accepted with probability p(draft), p the distribution
+    /// [`Self::sample`] draws from (after bias, penalties, temperature, top-k, top-p, min-p),
+    /// and on rejection the token is drawn from p with the draft removed and renormalised
+    /// (the residual (p - q)+ of a one-hot proposal q): the token is distributed exactly as p.
+    /// No logprobs: the engine does not speculate for choices that want them.
+    pub fn verify_draft(
+        &mut self,
+        logits: &mut [f32],
+        draft: TokenId,
+        scratch: &mut SamplerScratch,
+    ) -> (TokenId, bool) {
+        assert!(!logits.is_empty(), "an empty logits row");
+        self.apply_processors(logits, None);
+        if self.is_greedy() {
+            let token = argmax(logits);
+            (token, token == draft)
+        } else {
+            self.draw_verified(logits, scratch, Some(draft))
+        }
+    }
+
     /// Logit bias, then the repetition, frequency and presence penalties, in place. When
     /// `changed` is given, the first raw value of every modified logit is pushed to it.
     fn apply_processors(&self, logits: &mut [f32], mut changed: Option<&mut Vec<(TokenId, f32)>>) {
@@ -204,12 +235,24 @@ impl ChoiceSampler {
 
     /// Temperature, top-k, top-p and min-p, then one draw from the RNG.
     fn draw(&mut self, logits: &[f32], scratch: &mut SamplerScratch) -> TokenId {
+        self.draw_verified(logits, scratch, None).0
+    }
+
+    /// [`Self::draw`], or with a `draft` its verification (see [`Self::verify_draft`]): the
+    /// token and whether it is the accepted draft.
+    fn draw_verified(
+        &mut self,
+        logits: &[f32],
+        scratch: &mut SamplerScratch,
+        draft: Option<TokenId>,
+    ) -> (TokenId, bool) {
         let inv_temperature = 1.0 / self.params.temperature;
         let max = row_max(logits);
         if !max.is_finite() {
             // Every token masked (or NaN logits): nothing to draw from; fall back to argmax so
             // the choice still ends (on length) rather than failing the batch.
-            return argmax(logits);
+            let token = argmax(logits);
+            return (token, Some(token) == draft);
         }
         let probs = &mut scratch.probs;
         // Masked (-inf) and NaN logits weigh exactly 0: they can never be drawn.
@@ -229,7 +272,10 @@ impl ChoiceSampler {
         let u: f32 = self.rng.random::<f32>();
 
         if !(top_k.is_some_and(|k| k < probs.len()) || top_p < 1.0) {
-            return draw_weighted(probs, u).map_or_else(|| argmax(logits), |i| i as TokenId);
+            let x = draft.map(|d| d as usize).filter(|&d| d < probs.len());
+            let (index, accepted) = accept_or_residual(probs, x, u, &mut self.rng);
+            let token = index.map_or_else(|| argmax(logits), |i| i as TokenId);
+            return (token, accepted);
         }
 
         // Rank-based truncation over the candidates ordered by weight (descending, then by id,
@@ -278,10 +324,35 @@ impl ChoiceSampler {
         let weights = &mut scratch.weights;
         weights.clear();
         weights.extend(candidates.iter().map(|c| c.weight()));
-        draw_weighted(weights, u)
+        // A draft that is not a candidate has probability 0: always rejected.
+        let x = draft.and_then(|d| candidates.iter().position(|c| c.id() == d));
+        let (index, accepted) = accept_or_residual(weights, x, u, &mut self.rng);
+        let token = index
             .and_then(|j| candidates.get(j).map(|c| c.id()))
-            .unwrap_or_else(|| argmax(logits))
+            .unwrap_or_else(|| argmax(logits));
+        (token, accepted)
     }
+}
+
+/// One draw from `weights` with the uniform `u`; with a draft at index `x` (a candidate),
+/// its verification instead: accepted when `u < w[x] / total` (probability p(x)), else `w[x]`
+/// is zeroed and the token drawn from the rest with a second uniform from `rng`. Returns the
+/// index (`None` when nothing can be drawn) and whether it is the accepted draft.
+fn accept_or_residual(
+    weights: &mut [f32],
+    x: Option<usize>,
+    u: f32,
+    rng: &mut ChaCha12Rng,
+) -> (Option<usize>, bool) {
+    let Some(x) = x else {
+        return (draw_weighted(weights, u), false);
+    };
+    let total = slice_sum(weights);
+    if u * total < weights[x] {
+        return (Some(x), true);
+    }
+    weights[x] = 0.0;
+    (draw_weighted(weights, rng.random::<f32>()), false)
 }
 
 /// Elements in a block of [`draw_weighted`]'s scan, [`argmax`]'s search and of the part of a
@@ -711,5 +782,92 @@ mod tests {
         assert!((150..400).contains(&counts[0]), "{counts:?}");
         assert!((550..900).contains(&counts[1]), "{counts:?}");
         assert!((1800..2250).contains(&counts[2]), "{counts:?}");
+    }
+
+    /// The exact distribution `sample` draws from for a row of 5 logits (temperature 0.8),
+    /// with an optional top-k that leaves token 4 out.
+    fn target(top_k: Option<u32>) -> Vec<f64> {
+        let logits = [1.0f64, 2.0, 0.5, 1.5, -1.0];
+        let mut w: Vec<f64> = logits.iter().map(|l| (l / 0.8).exp()).collect();
+        if top_k == Some(4) {
+            w[4] = 0.0;
+        }
+        let total: f64 = w.iter().sum();
+        w.iter().map(|x| x / total).collect()
+    }
+
+    /// Total variation distance between counts and a distribution.
+    fn total_variation(counts: &[usize], p: &[f64]) -> f64 {
+        let n: usize = counts.iter().sum();
+        counts
+            .iter()
+            .zip(p)
+            .map(|(&c, &q)| (c as f64 / n as f64 - q).abs())
+            .sum::<f64>()
+            / 2.0
+    }
+
+    #[test]
+    fn verified_drafts_keep_the_sampling_distribution() {
+        // For every draft (one outside top-k included), the emitted token must follow p: the
+        // rejection rule accepts x with p(x) and otherwise draws from p without x. 40k draws
+        // of a 5-token distribution put the empirical TV distance near 0.005; a wrong residual
+        // (drawing from p itself on rejection, say) moves it by more than 0.05.
+        let logits = [1.0f32, 2.0, 0.5, 1.5, -1.0];
+        for top_k in [None, Some(4)] {
+            let p = target(top_k);
+            for draft in 0..5u32 {
+                let mut params = params(0.8);
+                params.top_k = top_k.and_then(NonZeroU32::new);
+                let mut sampler = ChoiceSampler::new(params, 1234 + u64::from(draft), &[]);
+                let mut scratch = SamplerScratch::default();
+                let (mut counts, mut accepted) = (vec![0usize; 5], 0usize);
+                let draws = 40_000;
+                for _ in 0..draws {
+                    let mut row = logits.to_vec();
+                    let (token, ok) = sampler.verify_draft(&mut row, draft, &mut scratch);
+                    assert_eq!(ok, token == draft, "accepted means the draft is emitted");
+                    counts[token as usize] += 1;
+                    accepted += usize::from(ok);
+                }
+                let tv = total_variation(&counts, &p);
+                assert!(
+                    tv < 0.015,
+                    "top_k {top_k:?} draft {draft}: TV {tv} {counts:?}"
+                );
+                // Acceptance happens with probability p(draft).
+                let rate = accepted as f64 / draws as f64;
+                let expected = p[draft as usize];
+                assert!((rate - expected).abs() < 0.015, "{rate} vs {expected}");
+            }
+            // Plain sampling from the same sampler settings meets the same bound.
+            let mut params = params(0.8);
+            params.top_k = top_k.and_then(NonZeroU32::new);
+            let counts = histogram(&mut ChoiceSampler::new(params, 99, &[]), &logits, 40_000);
+            assert!(total_variation(&counts, &p) < 0.015, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_verification_accepts_exactly_the_argmax() {
+        let mut sampler = ChoiceSampler::new(params(0.0), 7, &[]);
+        let mut scratch = SamplerScratch::default();
+        let row = [0.5f32, 2.0, -1.0, 1.9];
+        assert_eq!(
+            sampler.verify_draft(&mut row.to_vec(), 1, &mut scratch),
+            (1, true)
+        );
+        assert_eq!(
+            sampler.verify_draft(&mut row.to_vec(), 3, &mut scratch),
+            (1, false)
+        );
+        // Processing applies: a bias moves the argmax onto the draft.
+        let mut p = params(0.0);
+        p.logit_bias = vec![(3, 1.0)];
+        let mut biased = ChoiceSampler::new(p, 7, &[]);
+        assert_eq!(
+            biased.verify_draft(&mut row.to_vec(), 3, &mut scratch),
+            (3, true)
+        );
     }
 }

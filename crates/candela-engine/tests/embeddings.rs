@@ -87,6 +87,7 @@ fn reference(prompt: &[TokenId]) -> (Vec<f32>, Vec<f32>) {
         block_table: &table,
         window_block_table: None,
         sample: false,
+        extra_logit_rows: 0,
     };
     let pools: Vec<PoolChunk> = (0..prompt.len())
         .map(|i| PoolChunk {

@@ -16,6 +16,9 @@
 //! sample_rows   [2, 3, 5]                  (last new token of each sequence that samples)
 //! ```
 //!
+//! A chunk with `extra_logit_rows = 1` (seq 2 verifying one draft, c5) would give
+//! `sample_rows [2, 3, 4, 5]`: the logits of every row whose next token is checked.
+//!
 //! A sequence whose chunk does not reach the end of its prompt is not sampled,
 //! so `sample_rows` can be shorter than the number of sequences.
 //!
@@ -55,6 +58,10 @@ pub struct SeqChunk<'a> {
     pub window_block_table: Option<&'a [u32]>,
     /// Whether the logits of the last token are wanted (false for a non-final prefill chunk).
     pub sample: bool,
+    /// With `sample`, how many rows before the last also want logits (speculative decoding
+    /// verifies one draft token with each): the chunk's last `extra_logit_rows + 1` rows are
+    /// returned, in order. Must be less than the chunk's length; 0 without drafts.
+    pub extra_logit_rows: usize,
 }
 
 /// Rows of one chunk whose final hidden states the forward returns, summed into one row: all
@@ -207,7 +214,20 @@ impl BatchBuilder {
                 }
             }
             if s.sample {
-                sample_rows.push(to_u32(token_ids.len() - 1)?);
+                if s.extra_logit_rows >= n {
+                    return Err(Error::InvalidBatch(format!(
+                        "sequence {i}: {} extra logit rows of a chunk of {n} tokens",
+                        s.extra_logit_rows
+                    )));
+                }
+                let last = token_ids.len() - 1;
+                for row in last - s.extra_logit_rows..=last {
+                    sample_rows.push(to_u32(row)?);
+                }
+            } else if s.extra_logit_rows > 0 {
+                return Err(Error::InvalidBatch(format!(
+                    "sequence {i}: extra logit rows without sampling"
+                )));
             }
             cu.push(to_u32(token_ids.len())?);
             context_lens.push(to_u32(end)?);
@@ -333,6 +353,7 @@ mod tests {
                 block_table: &[3, 8],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             },
             SeqChunk {
                 token_ids: &[6],
@@ -340,6 +361,7 @@ mod tests {
                 block_table: &[0, 1, 2],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             },
         ];
         let small = [SeqChunk {
@@ -348,6 +370,7 @@ mod tests {
             block_table: &[5],
             window_block_table: None,
             sample: false,
+            extra_logit_rows: 0,
         }];
         let mut builder = BatchBuilder::default();
         let dev = Device::Cpu;
@@ -383,6 +406,7 @@ mod tests {
                 block_table: &[7],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             },
             SeqChunk {
                 token_ids: &[20],
@@ -390,6 +414,7 @@ mod tests {
                 block_table: &[2, 9],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             },
             SeqChunk {
                 token_ids: &[30, 31],
@@ -397,6 +422,7 @@ mod tests {
                 block_table: &[4, 1],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             },
         ];
         let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
@@ -418,6 +444,36 @@ mod tests {
     }
 
     #[test]
+    fn extra_logit_rows_return_the_chunk_tail() -> Result<()> {
+        let mut seqs = [
+            SeqChunk {
+                token_ids: &[10, 11, 12],
+                tokens_cached: 0,
+                block_table: &[7],
+                window_block_table: None,
+                sample: true,
+                extra_logit_rows: 0,
+            },
+            SeqChunk {
+                token_ids: &[30, 31],
+                tokens_cached: 4,
+                block_table: &[4, 1],
+                window_block_table: None,
+                sample: true,
+                extra_logit_rows: 1,
+            },
+        ];
+        let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
+        assert_eq!(b.sample_rows.to_vec1::<u32>()?, [2, 3, 4]);
+        seqs[1].extra_logit_rows = 2;
+        assert!(BatchInputs::from_seqs(&seqs, 4, &Device::Cpu).is_err());
+        seqs[1].extra_logit_rows = 1;
+        seqs[1].sample = false;
+        assert!(BatchInputs::from_seqs(&seqs, 4, &Device::Cpu).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn module_doc_pooling_example() -> Result<()> {
         let seqs = [
             SeqChunk {
@@ -426,6 +482,7 @@ mod tests {
                 block_table: &[7],
                 window_block_table: None,
                 sample: false,
+                extra_logit_rows: 0,
             },
             SeqChunk {
                 token_ids: &[20],
@@ -433,6 +490,7 @@ mod tests {
                 block_table: &[2, 9],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             },
             SeqChunk {
                 token_ids: &[30, 31],
@@ -440,6 +498,7 @@ mod tests {
                 block_table: &[4, 1],
                 window_block_table: None,
                 sample: false,
+                extra_logit_rows: 0,
             },
         ];
         let pools = [
@@ -494,6 +553,7 @@ mod tests {
                 block_table: &[7, 3, 5],
                 window_block_table: Some(&[released, 2, 6]),
                 sample: true,
+                extra_logit_rows: 0,
             },
             SeqChunk {
                 token_ids: &[20],
@@ -501,6 +561,7 @@ mod tests {
                 block_table: &[1],
                 window_block_table: Some(&[4]),
                 sample: true,
+                extra_logit_rows: 0,
             },
         ];
         let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
@@ -540,6 +601,7 @@ mod tests {
             block_table: &[0],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         }];
         assert!(matches!(
             BatchInputs::from_seqs(&short, 4, &Device::Cpu),
@@ -551,6 +613,7 @@ mod tests {
             block_table: &[0],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         }];
         assert!(matches!(
             BatchInputs::from_seqs(&empty, 4, &Device::Cpu),

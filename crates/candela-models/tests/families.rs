@@ -211,6 +211,7 @@ fn ours(model: &dyn Model, seqs: &[Seq]) -> Vec<Vec<Vec<f32>>> {
                 block_table: &tables[i],
                 window_block_table: None,
                 sample,
+                extra_logit_rows: 0,
             });
             if sample {
                 owners.push(i);

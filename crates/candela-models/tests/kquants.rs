@@ -114,6 +114,7 @@ fn forward(model: &dyn Model) -> Vec<Vec<f32>> {
             block_table: &[2],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         },
         SeqChunk {
             token_ids: &b,
@@ -121,6 +122,7 @@ fn forward(model: &dyn Model) -> Vec<Vec<f32>> {
             block_table: &[5],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         },
     ];
     let input = BatchInputs::from_seqs(&seqs, 16, model.device()).expect("batch");

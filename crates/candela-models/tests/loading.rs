@@ -235,6 +235,7 @@ fn tiny_forward(model: &dyn Model) -> Vec<Vec<f32>> {
             block_table: &[3, 0, 9],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         },
         SeqChunk {
             token_ids: &b,
@@ -242,6 +243,7 @@ fn tiny_forward(model: &dyn Model) -> Vec<Vec<f32>> {
             block_table: &[6],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         },
     ];
     let input = BatchInputs::from_seqs(&seqs, 4, model.device()).expect("batch");

@@ -84,6 +84,7 @@ fn run_and_compare(plans: &[Plan], block_size: usize) {
                 block_table: &tables[i],
                 window_block_table: None,
                 sample: true,
+                extra_logit_rows: 0,
             })
             .collect();
         let input = BatchInputs::from_seqs(&chunks, block_size, &Device::Cpu).expect("batch");

@@ -39,6 +39,7 @@ fn chunk<'a>(ids: &'a [u32], table: &'a [u32], sample: bool) -> SeqChunk<'a> {
         block_table: table,
         window_block_table: None,
         sample,
+        extra_logit_rows: 0,
     }
 }
 

@@ -109,6 +109,7 @@ fn forced_logprobs(model: &dyn Model, prompt: &[u32], output: &[u32]) -> Vec<Vec
         block_table: &table,
         window_block_table: None,
         sample: true,
+        extra_logit_rows: 0,
     };
     let mut input = BatchInputs::from_seqs(&[chunk], BLOCK_SIZE, model.device()).expect("batch");
     // Row p - 1 predicts token p: the rows that predicted each generated token.

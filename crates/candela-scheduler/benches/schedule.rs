@@ -92,6 +92,7 @@ impl Sim {
                 seq_id: q.seq_id,
                 new_token: Some(token),
                 finished: done,
+                accepted_drafts: 0,
             });
         }
         self.s

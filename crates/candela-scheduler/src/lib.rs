@@ -240,6 +240,9 @@ pub enum Error {
     /// A sampled sequence got no [`StepOutput`].
     #[error("sequence {0:?} was sampled in the last step but got no output")]
     MissingOutput(SeqId),
+    /// A [`StepOutput`] that accepts more drafts than its sequence's step verified.
+    #[error("output for sequence {0:?} accepts more drafts than were scheduled")]
+    AcceptedPastDrafts(SeqId),
     /// A [`StepOutput`] that neither finishes the sequence nor carries a token.
     #[error("output for sequence {0:?} has no token and does not finish it")]
     MissingToken(SeqId),

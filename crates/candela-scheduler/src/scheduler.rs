@@ -25,6 +25,23 @@
 //! Blocks become shareable (registered in the prefix cache) only in `update_after_step`, once
 //! the step that computed them has run: a block is never offered to another sequence before its
 //! KV is written.
+//!
+//! Speculative decoding: the engine may propose draft tokens for a decoding sequence
+//! ([`Scheduler::set_draft_tokens`]). If the budget and the free blocks allow (drafts never
+//! preempt anyone: they are cut to what fits, possibly to none), the step computes the last
+//! token and the drafts like a small prefill chunk, with logits at every one of those rows:
+//!
+//! ```text
+//!   tokens:   ... t5 t6 |            num_computed = 6 before the step
+//!   computes:       t6 d1 d2 d3      positions 6..10, num_computed = 10 while in flight
+//!   engine:   accepts d1 (1 draft), samples the bonus b from row 1 (d1's logits)
+//!   rollback: tokens ... t6 d1 b, num_computed = 8 (KV of d2, d3 is garbage past the end),
+//!             blocks wholly past position 8 released before registration
+//! ```
+//!
+//! Registration then sees only accepted tokens' KV: the rolled-back end is the end, the
+//! garbage slots of the last partial block are rewritten before that block is full, and the
+//! blocks released were fresh (never registered).
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
@@ -45,6 +62,10 @@ pub struct StepOutput {
     pub new_token: Option<TokenId>,
     /// The engine ended this sequence (EOS, stop, length): its blocks are freed at once.
     pub finished: bool,
+    /// Of the step's draft tokens ([`ScheduledSeq::num_draft_tokens`]), how many were accepted:
+    /// the leading ones, appended before `new_token` (which is then the bonus token sampled
+    /// after them). 0 without drafts.
+    pub accepted_drafts: u32,
 }
 
 /// One sequence's share of a step.
@@ -59,6 +80,10 @@ pub struct ScheduledSeq {
     /// This step computes the sequence's last token: sample from its last row's logits, then
     /// report a [`StepOutput`].
     pub sample: bool,
+    /// Speculative tokens at the end of this step's tokens (`positions` includes them), each
+    /// verified with the logits of the row before it; then `sample` is true and the sequence
+    /// has `num_draft_tokens + 1` logit rows, the last `num_draft_tokens + 1` of its chunk.
+    pub num_draft_tokens: u32,
     /// Row of the first new token in [`ScheduledBatch::all_input_ids`].
     input_offset: u32,
     /// Its block table within the batch's concatenated tables.
@@ -81,10 +106,20 @@ impl ScheduledSeq {
         self.input_offset
     }
 
-    /// Row of the flattened batch whose logits are sampled, if this sequence is sampled.
+    /// First row of the flattened batch whose logits are sampled, if this sequence is sampled
+    /// (the only one without drafts).
     pub fn sample_row(&self) -> Option<u32> {
         self.sample
-            .then(|| self.input_offset + self.num_new_tokens() - 1)
+            .then(|| self.input_offset + self.num_new_tokens() - 1 - self.num_draft_tokens)
+    }
+
+    /// Rows of logits this sequence needs: 0 unless sampled, else one per draft plus one.
+    pub fn num_logit_rows(&self) -> u32 {
+        if self.sample {
+            self.num_draft_tokens + 1
+        } else {
+            0
+        }
     }
 }
 
@@ -229,6 +264,8 @@ struct Pick {
     seq_id: SeqId,
     start: u32,
     num_new: u32,
+    /// Of `num_new`, the trailing draft tokens.
+    drafts: u32,
 }
 
 /// Continuous batching over the paged KV cache. See the module docs.
@@ -247,8 +284,8 @@ pub struct Scheduler {
     next_arrival: u64,
     /// Next `WaitKey::order` for a sequence put back at the front; decreasing.
     next_front: i64,
-    /// The last batch, between `schedule()` and `update_after_step()`: (id, sample).
-    in_flight: Option<Vec<(SeqId, bool)>>,
+    /// The last batch, between `schedule()` and `update_after_step()`: (id, sample, drafts).
+    in_flight: Option<Vec<(SeqId, bool, u32)>>,
     prefix_cache_queries_tokens: u64,
     prefix_cache_hits_tokens: u64,
     preemptions_total: u64,
@@ -416,6 +453,25 @@ impl Scheduler {
         self.remove(id).is_some()
     }
 
+    /// Proposes `drafts` as speculative tokens after the sequence's last token for the next
+    /// [`Self::schedule`] (replacing earlier ones). They are used only if the sequence is
+    /// running and decoding (exactly one token to compute), cut to the token budget, to the
+    /// blocks free without preempting anyone and to `max_tokens` (the step emits at most
+    /// drafts + 1 tokens); the scheduled count is [`ScheduledSeq::num_draft_tokens`]. The
+    /// engine reports how many it accepted in [`StepOutput::accepted_drafts`]; the rest never
+    /// become part of the sequence. False (nothing stored) if the sequence is unknown or not
+    /// running.
+    pub fn set_draft_tokens(&mut self, id: SeqId, drafts: &[TokenId]) -> bool {
+        match self.seqs.get_mut(&id) {
+            Some(seq) if seq.status == SeqStatus::Running && self.in_flight.is_none() => {
+                seq.draft_tokens.clear();
+                seq.draft_tokens.extend_from_slice(drafts);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Plans one step. Must be followed by [`Self::update_after_step`] before the next call.
     pub fn schedule(&mut self) -> ScheduledBatch {
         assert!(
@@ -435,7 +491,16 @@ impl Scheduler {
             let id = self.running[i];
             let seq = &self.seqs[&id];
             let start = seq.num_computed_tokens;
-            let num_new = (seq.num_tokens() - start).min(budget);
+            let drafts = self.drafts_that_fit(seq, budget);
+            let num_new = (seq.num_tokens() - start).min(budget) + drafts;
+            if drafts == 0 && !seq.draft_tokens.is_empty() {
+                self.seqs
+                    .get_mut(&id)
+                    .expect("running sequences exist")
+                    .draft_tokens
+                    .clear();
+            }
+            let seq = &self.seqs[&id];
             if num_new == 0 {
                 // Sampled last step and not given a token: nothing to compute.
                 i += 1;
@@ -495,13 +560,22 @@ impl Scheduler {
                 }
             }
             seq.num_computed_tokens = end;
+            seq.draft_tokens.truncate(drafts as usize);
             picks.push(Pick {
                 seq_id: id,
                 start,
                 num_new,
+                drafts,
             });
             budget -= num_new;
             i += 1;
+        }
+
+        // Drafts of running sequences the budgets did not reach were for this step only.
+        for id in &self.running[i.min(self.running.len())..] {
+            if let Some(seq) = self.seqs.get_mut(id) {
+                seq.draft_tokens.clear();
+            }
         }
 
         // 2. Waiting sequences, in queue order, while blocks and budgets last.
@@ -542,7 +616,8 @@ impl Scheduler {
             let end = p.start + p.num_new;
             debug_assert_eq!(seq.num_computed_tokens, end);
             debug_assert_eq!(seq.block_table.len() as u32, end.div_ceil(bs));
-            let sample = end == seq.num_tokens();
+            debug_assert_eq!(seq.draft_tokens.len() as u32, p.drafts);
+            let sample = end == seq.num_tokens() + p.drafts;
             let table_start = batch.block_ids.len() as u32;
             batch.block_ids.extend_from_slice(&seq.block_table);
             if let Some(ids) = &mut batch.window_block_ids {
@@ -551,16 +626,18 @@ impl Scheduler {
             let input_offset = batch.input_ids.len() as u32;
             batch
                 .input_ids
-                .extend_from_slice(seq.tokens_in(p.start..end));
+                .extend_from_slice(seq.tokens_in(p.start..end - p.drafts));
+            batch.input_ids.extend_from_slice(&seq.draft_tokens);
             batch.seqs.push(ScheduledSeq {
                 seq_id: p.seq_id,
                 positions: p.start..end,
                 num_cached_tokens: seq.num_cached_tokens,
                 sample,
+                num_draft_tokens: p.drafts,
                 input_offset,
                 table: table_start..batch.block_ids.len() as u32,
             });
-            in_flight.push((p.seq_id, sample));
+            in_flight.push((p.seq_id, sample, p.drafts));
         }
         self.in_flight = Some(in_flight);
         self.preemptions_last_step = batch.preempted.len() as u32;
@@ -589,8 +666,8 @@ impl Scheduler {
         let last = self.in_flight.as_ref().ok_or(Error::NoStepInFlight)?;
         let mut sampled: Vec<SeqId> = last
             .iter()
-            .filter(|(id, sample)| *sample && self.seqs.contains_key(id))
-            .map(|(id, _)| *id)
+            .filter(|(id, sample, _)| *sample && self.seqs.contains_key(id))
+            .map(|(id, _, _)| *id)
             .collect();
         sampled.sort_unstable();
         let mut reported: Vec<SeqId> = Vec::with_capacity(outputs.len());
@@ -603,6 +680,15 @@ impl Scheduler {
             }
             if out.new_token.is_none() && !out.finished {
                 return Err(Error::MissingToken(out.seq_id));
+            }
+            if out.accepted_drafts > 0 {
+                let drafts = last
+                    .iter()
+                    .find(|(id, _, _)| *id == out.seq_id)
+                    .map_or(0, |(_, _, d)| *d);
+                if out.accepted_drafts > drafts {
+                    return Err(Error::AcceptedPastDrafts(out.seq_id));
+                }
             }
             reported.push(out.seq_id);
         }
@@ -620,10 +706,19 @@ impl Scheduler {
         }
 
         let last = self.in_flight.take().expect("checked above");
-        for &(id, _) in &last {
+        for &(id, _, drafts) in &last {
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
+            if drafts > 0 {
+                // Before registration: only accepted tokens' KV may become visible.
+                let accepted = outputs
+                    .iter()
+                    .find(|o| o.seq_id == id)
+                    .map_or(0, |o| o.accepted_drafts);
+                let caching = self.cfg.enable_prefix_caching;
+                roll_back_drafts(&mut self.bm, self.window.as_mut(), seq, accepted, caching);
+            }
             if self.cfg.enable_prefix_caching {
                 register_computed_blocks(&mut self.bm, self.window.as_mut(), seq);
             }
@@ -680,10 +775,14 @@ impl Scheduler {
         let (mut running, mut queued, mut held) = (0usize, 0usize, 0u32);
         for (id, seq) in &self.seqs {
             assert_eq!(seq.id(), *id);
+            // Drafts are computed, not yet tokens, while their step is in flight.
             assert!(
-                seq.num_computed_tokens <= seq.num_tokens(),
+                seq.num_computed_tokens <= seq.num_tokens() + seq.draft_tokens.len() as u32,
                 "{id:?} computed past its end"
             );
+            if self.in_flight.is_none() {
+                assert!(seq.draft_tokens.is_empty() || seq.status == SeqStatus::Running);
+            }
             match seq.status {
                 SeqStatus::Running => {
                     running += 1;
@@ -844,11 +943,38 @@ impl Scheduler {
         pos
     }
 
+    /// How many of `seq`'s proposed drafts the step being planned can verify: only when it
+    /// decodes (one token left to compute), within the token budget left, within `max_tokens`
+    /// (the step emits up to drafts + 1 tokens) and within the blocks held or free now, so
+    /// drafts never cause a preemption.
+    fn drafts_that_fit(&self, seq: &Sequence, budget: u32) -> u32 {
+        if seq.draft_tokens.is_empty() || seq.num_tokens() - seq.num_computed_tokens != 1 {
+            return 0;
+        }
+        let bs = self.cfg.block_size;
+        let mut drafts = (seq.draft_tokens.len() as u32)
+            .min(budget.saturating_sub(1))
+            .min(
+                seq.max_tokens()
+                    .saturating_sub(seq.num_output_tokens())
+                    .saturating_sub(1),
+            );
+        let mut free = self.bm.num_free();
+        if let Some(pool) = &self.window {
+            free = free.min(pool.num_free());
+        }
+        let held_or_free = (seq.block_table.len() as u64 + u64::from(free)) * u64::from(bs);
+        let fits = held_or_free.saturating_sub(u64::from(seq.num_tokens()));
+        drafts = drafts.min(u32::try_from(fits).unwrap_or(u32::MAX));
+        drafts
+    }
+
     /// Preempts `running[pos]` by recompute: frees its blocks (full computed ones stay in the
     /// prefix cache), keeps its tokens, and queues it at the front.
     fn preempt(&mut self, pos: usize) {
         let id = self.running.remove(pos);
         let mut seq = self.seqs.remove(&id).expect("running sequences exist");
+        seq.draft_tokens.clear();
         free_blocks(&mut self.bm, self.window.as_mut(), &mut seq);
         seq.num_preemptions += 1;
         seq.num_cached_tokens = 0;
@@ -968,6 +1094,7 @@ impl Scheduler {
             seq_id: id,
             start: cached,
             num_new,
+            drafts: 0,
         })
     }
 
@@ -1050,6 +1177,34 @@ fn free_blocks(bm: &mut BlockManager, window: Option<&mut WindowPool>, seq: &mut
     seq.last_registered = None;
 }
 
+/// After a step that verified `seq`'s drafts: appends the `accepted` leading ones to its tokens
+/// (hashing completed blocks when `caching`), moves its computed end back to just after them
+/// and releases the blocks (of both pools) that now hold only rejected positions. Those blocks
+/// were allocated fresh for this step, so they were never registered.
+fn roll_back_drafts(
+    bm: &mut BlockManager,
+    window: Option<&mut WindowPool>,
+    seq: &mut Sequence,
+    accepted: u32,
+    caching: bool,
+) {
+    let drafts = std::mem::take(&mut seq.draft_tokens);
+    let accepted = accepted.min(drafts.len() as u32);
+    for &token in &drafts[..accepted as usize] {
+        seq.push_token(token, caching.then_some(&*bm));
+    }
+    seq.num_computed_tokens -= drafts.len() as u32 - accepted;
+    debug_assert_eq!(seq.num_computed_tokens, seq.num_tokens());
+    let keep = seq.num_computed_tokens.div_ceil(bm.block_size()) as usize;
+    for block in seq.block_table.drain(keep..).rev() {
+        bm.release(block);
+    }
+    if let Some(pool) = window {
+        let mut tail: Vec<BlockId> = seq.window_table.drain(keep..).collect();
+        pool.release_all(&mut tail);
+    }
+}
+
 /// Offers the sequence's newly computed full blocks to the prefix cache, in order, and their
 /// window blocks (still held: release comes after) to the window pool's cache under the link of
 /// the canonical global block.
@@ -1114,6 +1269,7 @@ mod tests {
                 seq_id: q.seq_id,
                 new_token: Some(token),
                 finished,
+                accepted_drafts: 0,
             })
             .collect();
         s.update_after_step(&outputs).expect("valid outputs");
@@ -1215,6 +1371,7 @@ mod tests {
                     seq_id: q.seq_id,
                     new_token: Some(1),
                     finished: true,
+                    accepted_drafts: 0,
                 };
                 s.update_after_step(&[out]).expect("valid");
             }
@@ -1270,6 +1427,7 @@ mod tests {
             seq_id: SeqId(2),
             new_token: None,
             finished: true,
+            accepted_drafts: 0,
         };
         s.update_after_step(&[out]).expect("valid");
         assert_eq!(s.block_manager().num_free(), 16, "its blocks are freed");
@@ -1333,6 +1491,7 @@ mod tests {
             seq_id: SeqId(1),
             new_token: Some(1),
             finished: true,
+            accepted_drafts: 0,
         };
         s.update_after_step(&[out]).expect("valid");
         assert_eq!(s.stats().blocks_used, 0);
@@ -1384,6 +1543,7 @@ mod tests {
             seq_id: SeqId(1),
             new_token: Some(12),
             finished: true,
+            accepted_drafts: 0,
         };
         assert!(
             find(&b, 2).is_none(),
@@ -1478,6 +1638,7 @@ mod tests {
             seq_id: SeqId(1),
             new_token: Some(1),
             finished: false,
+            accepted_drafts: 0,
         };
         s.update_after_step(&[out]).expect("ignored");
         assert_eq!(s.stats().blocks_used, 0);
@@ -1533,16 +1694,19 @@ mod tests {
             seq_id: SeqId(1),
             new_token: Some(3),
             finished: false,
+            accepted_drafts: 0,
         };
         let not_sampled = StepOutput {
             seq_id: SeqId(2),
             new_token: Some(3),
             finished: false,
+            accepted_drafts: 0,
         };
         let no_token = StepOutput {
             seq_id: SeqId(1),
             new_token: None,
             finished: false,
+            accepted_drafts: 0,
         };
         assert_eq!(
             s.update_after_step(&[]),
@@ -1802,5 +1966,104 @@ mod tests {
                 Err(Error::InvalidConfig { .. })
             ));
         }
+    }
+
+    #[test]
+    fn drafts_are_verified_then_rolled_back_to_the_accepted_ones() {
+        // Blocks of 4, 5 blocks; a 6-token prompt.
+        let mut s = scheduler(config(4, 5, 4, 64));
+        s.add(SeqId(1), vec![1, 2, 3, 4, 5, 6], 14, 0)
+            .expect("fits");
+        step(&mut s, 7); // prefill; tokens 1..7, computed 6
+        assert!(s.set_draft_tokens(SeqId(1), &[8, 9, 10, 11, 12]));
+        let batch = s.schedule();
+        let q = &batch.seqs[0];
+        assert_eq!((q.positions.clone(), q.num_draft_tokens), (6..12, 5));
+        assert_eq!(batch.input_ids(q), [7, 8, 9, 10, 11, 12]);
+        assert_eq!((q.num_logit_rows(), q.sample_row()), (6, Some(0)));
+        assert_eq!(s.block_manager().num_free(), 2, "3 blocks for 12 positions");
+        // Two accepted, then the bonus 20: tokens ..7 8 9 20, computed 9 (3 blocks kept).
+        s.update_after_step(&[StepOutput {
+            seq_id: SeqId(1),
+            new_token: Some(20),
+            finished: false,
+            accepted_drafts: 2,
+        }])
+        .expect("valid outputs");
+        let seq = s.sequence(SeqId(1)).expect("running");
+        assert_eq!(seq.tokens(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 20]);
+        assert_eq!(seq.num_computed_tokens(), 9);
+        assert_eq!(seq.block_table().len(), 3);
+        // Only the two full blocks of accepted tokens are in the prefix cache.
+        let table = seq.block_table().to_vec();
+        assert_eq!(
+            s.block_manager().cached_tokens(table[0]),
+            Some(&[1, 2, 3, 4][..])
+        );
+        assert_eq!(
+            s.block_manager().cached_tokens(table[1]),
+            Some(&[5, 6, 7, 8][..])
+        );
+        assert_eq!(s.block_manager().cached_tokens(table[2]), None);
+
+        // None accepted: back to one block past the end, the freshly allocated ones released.
+        assert!(s.set_draft_tokens(SeqId(1), &[1, 1, 1, 1, 1, 1, 1]));
+        let batch = s.schedule();
+        assert_eq!(
+            batch.seqs[0].num_draft_tokens, 7,
+            "fills the 5 blocks exactly"
+        );
+        assert_eq!(s.block_manager().num_free(), 0);
+        s.update_after_step(&[StepOutput {
+            seq_id: SeqId(1),
+            new_token: Some(21),
+            finished: false,
+            accepted_drafts: 0,
+        }])
+        .expect("valid outputs");
+        assert_eq!(s.block_manager().num_free(), 2);
+        assert_eq!(s.sequence(SeqId(1)).map(|q| q.num_tokens()), Some(11));
+
+        // Drafts never preempt: with one block free, only what fits in it is verified.
+        s.add(SeqId(2), vec![5; 5], 3, 0).expect("fits");
+        step(&mut s, 3); // seq 2 takes 2 blocks; seq 1 decodes in its own
+        assert_eq!(s.block_manager().num_free(), 0);
+        assert!(s.set_draft_tokens(SeqId(1), &[4; 8]));
+        let batch = s.schedule();
+        let q = batch
+            .seqs
+            .iter()
+            .find(|q| q.seq_id == SeqId(1))
+            .expect("scheduled");
+        assert_eq!(q.num_draft_tokens, 0, "{q:?}");
+        assert!(batch.preempted.is_empty());
+        let outputs: Vec<StepOutput> = batch
+            .seqs
+            .iter()
+            .map(|q| StepOutput {
+                seq_id: q.seq_id,
+                new_token: Some(1),
+                finished: false,
+                accepted_drafts: 0,
+            })
+            .collect();
+        s.update_after_step(&outputs).expect("valid outputs");
+        // Accepting more than was scheduled is refused.
+        assert!(s.set_draft_tokens(SeqId(1), &[4]));
+        let batch = s.schedule();
+        let outputs: Vec<StepOutput> = batch
+            .seqs
+            .iter()
+            .map(|q| StepOutput {
+                seq_id: q.seq_id,
+                new_token: Some(1),
+                finished: false,
+                accepted_drafts: q.num_draft_tokens + 1,
+            })
+            .collect();
+        assert!(matches!(
+            s.update_after_step(&outputs),
+            Err(Error::AcceptedPastDrafts(_))
+        ));
     }
 }

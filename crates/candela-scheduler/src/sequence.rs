@@ -73,6 +73,9 @@ pub struct Sequence {
     pub(crate) followers: Vec<SeqId>,
     /// May start from blocks in the prefix cache (false: always computes its whole prompt).
     pub(crate) prefix_hits: bool,
+    /// Speculative tokens proposed for the next step ([`crate::Scheduler::set_draft_tokens`]);
+    /// while a step is in flight, the ones it verifies. Never part of `tokens` until accepted.
+    pub(crate) draft_tokens: Vec<TokenId>,
 }
 
 impl Sequence {
@@ -105,6 +108,7 @@ impl Sequence {
             leader: None,
             followers: Vec::new(),
             prefix_hits: true,
+            draft_tokens: Vec::new(),
         }
     }
 

@@ -1,10 +1,11 @@
 //! Property tests: random workloads (arrivals, prompt and output lengths, shared prefixes,
 //! sibling groups, sequences that may not use the prefix cache, aborts, tiny caches that force
-//! preemption) driven through the scheduler by a simulated engine that keeps a shadow KV cache.
-//! After every step it checks that budgets hold, no slot is written by two sequences, every
-//! sequence attends only to KV computed from exactly its own tokens (so prefix hits and resumed
-//! preemptions are correct), tokens survive preemption, and in the end every admitted request
-//! finished and no block leaked.
+//! preemption, speculative drafts partly rejected) driven through the scheduler by a simulated
+//! engine that keeps a shadow KV cache. After every step it checks that budgets hold, no slot is
+//! written by two sequences, every sequence attends only to KV computed from exactly its own
+//! tokens (so prefix hits, resumed preemptions and rolled-back drafts are correct: a rejected
+//! draft's KV is never visible, to the sequence or through the prefix cache), tokens survive
+//! preemption, and in the end every admitted request finished and no block leaked.
 
 use std::collections::{HashMap, HashSet};
 
@@ -35,6 +36,8 @@ struct Req {
     /// Added with `add_without_prefix_hits` (only when `n == 1`): it must never start from a
     /// cached block, whoever computed the prompt before.
     no_prefix_hits: bool,
+    /// Draft tokens proposed before every step (0: no speculation); some are wrong.
+    draft_k: u32,
 }
 
 fn req() -> impl Strategy<Value = Req> {
@@ -49,6 +52,7 @@ fn req() -> impl Strategy<Value = Req> {
         1u32..4,
         prop::option::weighted(0.15, 0u32..12),
         prop::bool::weighted(0.2),
+        0u32..5,
     )
         .prop_map(
             |(
@@ -62,6 +66,7 @@ fn req() -> impl Strategy<Value = Req> {
                 n,
                 abort,
                 no_prefix_hits,
+                draft_k,
             )| Req {
                 arrive_step,
                 prefix,
@@ -73,6 +78,7 @@ fn req() -> impl Strategy<Value = Req> {
                 n,
                 abort_after_steps: abort,
                 no_prefix_hits: no_prefix_hits && n == 1,
+                draft_k,
             },
         )
 }
@@ -123,12 +129,35 @@ struct Live {
     outputs: u32,
     stop_after: u32,
     abort_at_step: Option<u32>,
+    draft_k: u32,
+}
+
+/// The simulated model's output number `j` of sequence `id`.
+fn model_token(id: SeqId, j: u32) -> TokenId {
+    ((id.0 as u32) * 3 + j * 5) % VOCAB
+}
+
+/// Drafts for the next outputs of `id`: the model's own tokens, one of them wrong now and then
+/// (on a hash of the step), so that some steps accept all, some part, some none.
+fn drafts_for(id: SeqId, l: &Live, step: u32) -> Vec<TokenId> {
+    let wrong = (step.wrapping_mul(7) + id.0 as u32 * 13) % (l.draft_k + 2);
+    (0..l.draft_k)
+        .map(|i| {
+            let t = model_token(id, l.outputs + i);
+            if i == wrong {
+                (t + 1) % VOCAB
+            } else {
+                t
+            }
+        })
+        .collect()
 }
 
 /// The simulated engine: a shadow KV cache mapping each slot to the exact token prefix whose
 /// last position was computed into it, one for the global layers and one for the windowed
 /// layers' pool (when there is one).
-fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseError> {
+/// Returns the scheduler's final counters and how many drafts were accepted.
+fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<(SchedulerStats, u64), TestCaseError> {
     let mut s = Scheduler::new(cfg.clone()).expect("valid config");
     let bs = cfg.block_size;
     let capacity = cfg.capacity_tokens();
@@ -137,6 +166,7 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
     let mut live: HashMap<SeqId, Live> = HashMap::new();
     let mut next_id = 0u64;
     let (mut admitted, mut finished, mut aborted) = (0u32, 0u32, 0u32);
+    let mut accepted_total = 0u64;
 
     for step in 0..STEPS_MAX {
         for r in reqs.iter().filter(|r| r.arrive_step == step) {
@@ -160,6 +190,7 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
                             outputs: 0,
                             stop_after: r.stop_after,
                             abort_at_step,
+                            draft_k: r.draft_k,
                         };
                         live.insert(id, l);
                     }
@@ -179,8 +210,17 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
             aborted += 1;
         }
 
+        let mut proposed: HashMap<SeqId, Vec<TokenId>> = HashMap::new();
+        for (&id, l) in &live {
+            if l.draft_k > 0 {
+                let drafts = drafts_for(id, l, step);
+                let running = s.sequence(id).map(|q| q.status()) == Some(SeqStatus::Running);
+                prop_assert_eq!(s.set_draft_tokens(id, &drafts), running);
+                proposed.insert(id, drafts);
+            }
+        }
         let batch = s.schedule();
-        check_batch(&s, &cfg, &batch, &kv)?;
+        check_batch(&s, &cfg, &batch, &kv, &proposed)?;
         check_window_batch(&s, &cfg, &batch, &window_kv)?;
         prop_assert!(batch.failed.is_empty(), "failed: {:?}", batch.failed);
         for id in &batch.preempted {
@@ -189,9 +229,12 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
             prop_assert!(seq.block_table().is_empty());
         }
 
-        // "Run the model": write this step's KV.
+        // "Run the model": write this step's KV, drafts included.
         for q in &batch.seqs {
-            let tokens = &live[&q.seq_id].tokens;
+            let mut tokens = live[&q.seq_id].tokens.clone();
+            tokens.extend_from_slice(
+                &batch.input_ids(q)[(q.num_new_tokens() - q.num_draft_tokens) as usize..],
+            );
             for pos in q.positions.clone() {
                 kv.insert(batch.slot(q, pos), tokens[..=pos as usize].to_vec());
                 if let Some(slot) = batch.window_slot(q, pos) {
@@ -204,14 +247,26 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
             let l = live
                 .get_mut(&q.seq_id)
                 .expect("scheduled sequences are live");
-            let token = ((q.seq_id.0 as u32) * 3 + l.outputs * 5) % VOCAB;
-            l.outputs += 1;
-            l.tokens.push(token);
-            let done = l.outputs >= l.stop_after;
+            let drafts =
+                &proposed.get(&q.seq_id).map_or(&[][..], |d| &d[..])[..q.num_draft_tokens as usize];
+            // Emit the model's tokens while they match the drafts, plus one (the bonus).
+            let (mut accepted, mut token, mut done) = (0u32, 0, false);
+            for i in 0..=drafts.len() {
+                token = model_token(q.seq_id, l.outputs);
+                l.outputs += 1;
+                l.tokens.push(token);
+                done = l.outputs >= l.stop_after;
+                if done || drafts.get(i) != Some(&token) {
+                    break;
+                }
+                accepted += 1;
+            }
+            accepted_total += u64::from(accepted);
             outputs.push(StepOutput {
                 seq_id: q.seq_id,
                 new_token: Some(token),
                 finished: done,
+                accepted_drafts: accepted,
             });
             if done {
                 live.remove(&q.seq_id);
@@ -245,7 +300,7 @@ fn run(cfg: SchedulerConfig, reqs: Vec<Req>) -> Result<SchedulerStats, TestCaseE
             );
             prop_assert_eq!(stats.blocks_used, 0);
             prop_assert_eq!(stats.window_blocks_used, 0, "window blocks leaked");
-            return Ok(stats);
+            return Ok((stats, accepted_total));
         }
     }
     Err(TestCaseError::fail(format!(
@@ -259,6 +314,7 @@ fn check_batch(
     cfg: &SchedulerConfig,
     batch: &ScheduledBatch,
     kv: &HashMap<u32, Vec<TokenId>>,
+    proposed: &HashMap<SeqId, Vec<TokenId>>,
 ) -> Result<(), TestCaseError> {
     let bs = cfg.block_size;
     let bm = s.block_manager();
@@ -271,8 +327,20 @@ fn check_batch(
         prop_assert!(q.num_new_tokens() > 0);
         prop_assert_eq!(seq.status(), SeqStatus::Running);
         prop_assert_eq!(seq.num_computed_tokens(), q.positions.end);
-        prop_assert_eq!(q.sample, q.positions.end == seq.num_tokens());
-        prop_assert_eq!(batch.input_ids(q), seq.tokens_in(q.positions.clone()));
+        let d = q.num_draft_tokens;
+        prop_assert_eq!(q.sample, q.positions.end == seq.num_tokens() + d);
+        if d > 0 {
+            // A decode step: the last token, then a prefix of what was proposed, within
+            // max_tokens (drafts + 1 tokens are emitted at most).
+            prop_assert_eq!(q.positions.start + 1, seq.num_tokens());
+            prop_assert!(seq.num_output_tokens() + d < seq.max_tokens());
+            let (head, tail) = batch.input_ids(q).split_at(1);
+            prop_assert_eq!(head, seq.tokens_in(q.positions.start..seq.num_tokens()));
+            prop_assert_eq!(tail, &proposed[&q.seq_id][..d as usize]);
+            prop_assert!(batch.preempted.is_empty() || !batch.preempted.contains(&q.seq_id));
+        } else {
+            prop_assert_eq!(batch.input_ids(q), seq.tokens_in(q.positions.clone()));
+        }
         let table = batch.block_table(q);
         prop_assert_eq!(table, seq.block_table());
         prop_assert_eq!(table.len() as u32, q.positions.end.div_ceil(bs));
@@ -398,9 +466,11 @@ fn tiny_cache_with_one_shared_prompt_finishes_everything() {
             abort_after_steps: None,
             // Every fourth (always a single sequence) recomputes its prompt from scratch.
             no_prefix_hits: i % 4 == 0,
+            draft_k: i % 3,
         })
         .collect();
-    let stats = run(cfg, reqs).expect("all invariants hold");
+    let (stats, accepted) = run(cfg, reqs).expect("all invariants hold");
+    assert!(accepted > 0, "no draft was ever accepted");
     // The workload is built to exercise both; a change that stops them must fail here.
     assert!(stats.preemptions_total > 0, "{stats:?}");
     assert!(stats.prefix_cache_hits_tokens > 0, "{stats:?}");

@@ -23,6 +23,21 @@ pub(super) struct Choice {
     pub(super) first_token: Option<Instant>,
     pub(super) last_token: Option<Instant>,
     pub(super) finished: bool,
+    /// Recent acceptance of this choice's speculative drafts, and its back-off.
+    pub(super) acceptance: Acceptance,
+}
+
+impl Choice {
+    /// Whether this choice may verify speculative drafts. Not with a structured-output or
+    /// tool-call constraint (each draft would need the grammar advanced and rolled back), nor
+    /// with logprobs (a verified token would need its raw logprob row): those decode one token
+    /// a step as before.
+    pub(super) fn may_speculate(&self) -> bool {
+        !self.finished
+            && self.constraint.is_none()
+            && self.tools.is_none()
+            && self.sampler.params().logprobs.is_none()
+    }
 }
 
 /// Per-request state on the engine thread.

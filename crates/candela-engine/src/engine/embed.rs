@@ -335,6 +335,7 @@ impl EngineCore {
                 seq_id,
                 new_token: None,
                 finished: true,
+                accepted_drafts: 0,
             });
             let Some((request_id, index)) = self.embeddings.owner.remove(&seq_id) else {
                 continue;

@@ -155,6 +155,8 @@ impl EngineCore {
             window_tables_host: Vec::new(),
             batch_builder: BatchBuilder::default(),
             step_outputs: Vec::new(),
+            speculative: config.speculative,
+            drafts: Vec::new(),
             #[cfg(feature = "fault-injection")]
             faults: crate::fault::FaultCounter::new(config.fault),
         })
@@ -201,6 +203,7 @@ impl EngineCore {
                 // Same ids in the window pool: both pools are empty.
                 window_block_table: windowed.then_some(table),
                 sample: true,
+                extra_logit_rows: 0,
             }
         }
         let steps: [Vec<SeqChunk<'_>>; 2] = [
@@ -292,6 +295,7 @@ pub(super) fn gpu_kv_cache_bytes(
             block_table: &[0],
             window_block_table: None,
             sample: true,
+            extra_logit_rows: 0,
         };
         let inputs = BatchInputs::from_seqs(&[chunk], block_size, device).map_err(|e| probe(&e))?;
         let logits = model.forward(&inputs, &mut kv).map_err(|e| probe(&e))?;

@@ -47,6 +47,7 @@ use crate::error::EngineError;
 use crate::handle::{AdmittedRequest, EngineCommand, ModelInfo, SharedState};
 use crate::kv_layout::{kv_layout, KvBudget};
 use crate::sampler::{argmax, ChoiceSampler, SamplerScratch};
+use crate::speculative::{propose_ngram, Acceptance, SpeculativeConfig};
 use crate::stop::{StopMatcher, StopOutcome};
 use crate::structured::{Advance, ChoiceConstraint, TokenMask};
 use crate::text::TextTools;
@@ -56,6 +57,7 @@ use candela_models::chat_template::ToolFormat;
 mod choice;
 mod embed;
 mod load;
+mod speculate;
 mod step;
 
 use choice::{finish_all, finish_choice, Choice, RequestState};
@@ -192,6 +194,10 @@ struct EngineCore {
     /// Host buffers of the step's inputs, reused from step to step.
     batch_builder: BatchBuilder,
     step_outputs: Vec<StepOutput>,
+    /// Speculative decoding (`EngineConfig::speculative`).
+    speculative: Option<SpeculativeConfig>,
+    /// The drafts being proposed for one sequence.
+    drafts: Vec<TokenId>,
     #[cfg(feature = "fault-injection")]
     faults: crate::fault::FaultCounter,
 }
@@ -412,6 +418,7 @@ impl EngineCore {
                 first_token: None,
                 last_token: None,
                 finished: false,
+                acceptance: Acceptance::default(),
             })
             .collect();
         let mut state = RequestState {

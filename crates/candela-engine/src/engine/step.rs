@@ -1,6 +1,15 @@
-//! One engine step: schedule, build the inputs, run the model, bring the sampled rows (and the
-//! pooled rows of embeddings) to the host, sample every choice, finish embeddings, update the
-//! scheduler.
+//! One engine step: propose speculative drafts, schedule, build the inputs, run the model,
+//! bring the sampled rows (and the pooled rows of embeddings) to the host, sample every choice
+//! (verifying its drafts), finish embeddings, update the scheduler.
+//!
+//! Verification of a sequence with k drafts d1..dk (fed as `last d1 .. dk`, logits rows
+//! r0..rk): row ri decides the token after d1..di. For i = 0.. the sampler verifies d(i+1)
+//! against ri ([`ChoiceSampler::verify_draft`]); an accepted draft is emitted as a token and
+//! the next row is tried; the first rejection emits the sampler's correction instead and ends
+//! the step, and if all k are accepted rk gives a bonus token. Each emitted token goes through
+//! the choice's usual stop checks, so EOS, stop strings and max_tokens end the choice at the
+//! exact token, and tokens after it are dropped. The scheduler is told how many drafts were
+//! accepted and rolls the rest back (their KV is never visible).
 
 use super::choice::{step_choice, Pick};
 use super::*;
@@ -10,6 +19,7 @@ impl EngineCore {
     /// pass: the engine cannot trust its device or cache any more (vLLM's EngineDeadError).
     pub(super) fn step(&mut self) -> Result<(), String> {
         let start = Instant::now();
+        self.propose_drafts();
         let mut batch = self.scheduler.schedule();
         let now = Instant::now();
         for (seq_id, error) in &batch.failed {
@@ -39,6 +49,7 @@ impl EngineCore {
             for output in outputs.iter_mut() {
                 output.new_token = None;
                 output.finished = true;
+                output.accepted_drafts = 0;
             }
             let _ = self.scheduler.update_after_step(&outputs);
             for output in &outputs {
@@ -114,6 +125,7 @@ impl EngineCore {
                 block_table: &self.block_tables_host[range.clone()],
                 window_block_table: windowed.then(|| &self.window_tables_host[range.clone()]),
                 sample: seq.sample,
+                extra_logit_rows: seq.num_draft_tokens as usize,
             })
             .collect();
         let inputs = self
@@ -182,7 +194,9 @@ impl EngineCore {
                     // Aborted after scheduling: its output is dropped, any token will do.
                     None => true,
                 };
-                self.rows_on_device.push(plain);
+                for _ in 0..seq.num_logit_rows() {
+                    self.rows_on_device.push(plain);
+                }
             }
         }
         let copied = logits_to_host(
@@ -200,10 +214,22 @@ impl EngineCore {
     pub(super) fn sample_batch(&mut self, batch: &ScheduledBatch, outputs: &mut Vec<StepOutput>) {
         let vocab_size = self.info.vocab_size;
         let mut masks = self.constraint_masks(batch);
-        // Sampled rows follow the sampled sequences in batch order; host logit rows follow the
-        // rows the device did not reduce, in the same order.
+        // Sampled rows follow the sampled sequences in batch order (one per draft plus one
+        // each); host logit rows follow the rows the device did not reduce, in the same order.
         let mut host_row = 0;
-        for (row, seq) in batch.seqs.iter().filter(|s| s.sample).enumerate() {
+        let mut row = 0;
+        for seq in batch.seqs.iter().filter(|s| s.sample) {
+            if seq.num_draft_tokens > 0 {
+                let rows = seq.num_logit_rows() as usize;
+                let host_rows = (row..row + rows)
+                    .filter(|&r| self.device_tokens.get(r).copied().flatten().is_none())
+                    .count();
+                let output = self.verify_drafts(batch, seq, row, host_row);
+                row += rows;
+                host_row += host_rows;
+                outputs.extend(output);
+                continue;
+            }
             let pick = match self.device_tokens.get(row).copied().flatten() {
                 Some(token) => Pick::Token(token),
                 None => {
@@ -213,6 +239,7 @@ impl EngineCore {
                     )
                 }
             };
+            row += 1;
             let Some(&(request_id, index)) = self.seq_owner.get(&seq.seq_id) else {
                 // Aborted after scheduling: the scheduler ignores outputs of unknown sequences.
                 continue;
@@ -235,6 +262,7 @@ impl EngineCore {
                 seq_id: seq.seq_id,
                 new_token: Some(decision.token),
                 finished: decision.finished.is_some(),
+                accepted_drafts: 0,
             });
             if let Some(reason) = decision.finished {
                 finish_choice(state, index, &reason, &self.shared);

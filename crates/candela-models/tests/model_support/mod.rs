@@ -104,6 +104,7 @@ pub fn greedy(
                 block_table: &seqs[*i].table,
                 window_block_table: None,
                 sample: *sample,
+                extra_logit_rows: 0,
             })
             .collect();
         let input = BatchInputs::from_seqs(&chunks, block_size, model.device())?;
