@@ -5,7 +5,6 @@
 //! pooling); they have unit norm, mean and last pooling differ, and every block is freed.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use candle_core::Device;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, wait_until_idle};
+use support::{metric, model_path, start, wait_until_idle};
 
 /// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
 /// 64, f16 (the default cache dtype on the CPU).
@@ -29,22 +28,6 @@ const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 2;
 /// a unit vector. Measured: at most 3e-7 (rounding in the normalisation); a row pooled twice
 /// after a preemption moves components by 2e-2.
 const TOLERANCE: f32 = 5e-6;
-
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn start(config: EngineConfig) -> EngineHandle {
-    let engine = EngineHandle::start(EngineConfig {
-        model: model_path().to_string_lossy().into_owned(),
-        ..config
-    })
-    .expect("the default model loads");
-    engine
-        .wait_ready(Duration::from_secs(120))
-        .expect("the engine warms up");
-    engine
-}
 
 /// A prompt of `len` ordinary tokens, different for each `seed`.
 fn prompt(len: usize, seed: u32) -> Vec<TokenId> {

@@ -19,30 +19,14 @@ use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, wait_until_idle};
+use support::{metric, start, wait_until_idle};
 
 /// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
 /// 64, f16 (the default cache dtype on the CPU).
 const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 2;
 
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 fn reference_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/reference/smollm2-greedy.jsonl")
-}
-
-fn start(config: EngineConfig) -> EngineHandle {
-    let engine = EngineHandle::start(EngineConfig {
-        model: model_path().to_string_lossy().into_owned(),
-        ..config
-    })
-    .expect("the default model loads");
-    engine
-        .wait_ready(Duration::from_secs(120))
-        .expect("the engine warms up");
-    engine
 }
 
 /// One engine with the default configuration, shared by the tests that do not look at

@@ -6,7 +6,6 @@
 //! logprobs or a structured output.
 
 use std::num::NonZeroU32;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use candela_engine::{EngineConfig, EngineHandle, SpeculativeConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, wait_until_idle};
+use support::{metric, start, wait_until_idle};
 
 /// Bytes of one KV block of the default model (see tests/engine.rs).
 const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 2;
@@ -33,22 +32,6 @@ const PROMPTS: [&str; 4] = [
     "Rewrite this list with one item per line: apple, banana, cherry, date, elderberry, fig, \
      grape, apple, banana, cherry.",
 ];
-
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn start(config: EngineConfig) -> EngineHandle {
-    let engine = EngineHandle::start(EngineConfig {
-        model: model_path().to_string_lossy().into_owned(),
-        ..config
-    })
-    .expect("the default model loads");
-    engine
-        .wait_ready(Duration::from_secs(120))
-        .expect("the engine warms up");
-    engine
-}
 
 fn speculative(k: u32, ngram_min: u32) -> Option<SpeculativeConfig> {
     Some(SpeculativeConfig {

@@ -1,9 +1,31 @@
-//! What the engine's integration tests share: reading the engine's metrics and waiting
-//! (bounded) for it to go idle.
+//! What the engine's integration tests share: starting an engine on the default model,
+//! reading the engine's metrics and waiting (bounded) for it to go idle.
 
+// Each test crate compiles this module and uses a part of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use candela_engine::EngineHandle;
+use candela_engine::{EngineConfig, EngineHandle};
+
+/// The default model (`scripts/fetch-default-model`).
+pub fn model_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// An engine on the default model with `config`'s other settings, warmed up.
+pub fn start(config: EngineConfig) -> EngineHandle {
+    let engine = EngineHandle::start(EngineConfig {
+        model: model_path().to_string_lossy().into_owned(),
+        ..config
+    })
+    .expect("the default model loads");
+    engine
+        .wait_ready(Duration::from_secs(120))
+        .expect("the engine warms up");
+    engine
+}
 
 /// Reads one sample of a metric from the Prometheus text.
 pub fn metric(engine: &EngineHandle, name: &str) -> f64 {
