@@ -255,7 +255,8 @@ impl Linear {
                     ScaleDType::F16 => "",
                     ScaleDType::F32 => " f32-scales",
                 };
-                // AMX runs only batches of AMX_ROWS_MIN rows or more; fewer go to AVX-512 VNNI.
+                // AMX (only when forced) runs batches of AMX_ROWS_MIN rows or more; fewer go to
+                // AVX-512 VNNI.
                 let kernel = match Kernel::detect() {
                     Kernel::Amx => format!(
                         "amx from {} rows, avx512vnni below",

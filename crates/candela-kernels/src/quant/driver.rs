@@ -2,6 +2,7 @@
 //! splits the output tiles over rayon's current pool and runs the chosen kernel on each range.
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
@@ -79,12 +80,15 @@ thread_local! {
     static SCRATCH: RefCell<ActBuf> = RefCell::new(ActBuf::default());
 }
 
+/// `y` may be uninitialized: every kernel writes each of its `m * n` elements exactly once
+/// (tests fill it with NaN first and compare against the portable kernel), so callers can
+/// skip zeroing a buffer that is about to be overwritten.
 pub(crate) fn matmul(
     w: &PackedWeight,
     kernel: Kernel,
     x: &[f32],
     m: usize,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
 ) -> Result<()> {
     if !kernel.is_available() {
         return Err(QuantError::KernelUnavailable { kernel });
@@ -123,7 +127,7 @@ pub(crate) fn matmul(
             sumx: &buf.sumx[..m * l.groups],
             sumq: &buf.sumq[..m * l.groups],
             y: OutPtr {
-                ptr: y.as_mut_ptr(),
+                ptr: y.as_mut_ptr().cast::<f32>(),
                 len: y.len(),
             },
         };

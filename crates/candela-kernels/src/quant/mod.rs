@@ -23,8 +23,9 @@
 //! `sx * d * sum(xq * q) + m * sx * sum(xq)`.
 //!
 //! The kernels, fastest first ([`Kernel::ALL`]; [`Kernel::detect`] picks the first this CPU
-//! runs, `CANDELA_CPU_KERNEL` another): `amx` (AMX int8 tiles, from [`AMX_ROWS_MIN`] rows, AVX-512
-//! VNNI below), `avx512vnni`, `avxvnni`, `avx512vl-vnni256`, `avx2`, `portable`. See `pack.rs`
+//! runs, except AMX, which only `CANDELA_CPU_KERNEL=amx` selects since it lost end to end where
+//! measured; `CANDELA_CPU_KERNEL` picks any other): `amx` (AMX int8 tiles, from
+//! [`AMX_ROWS_MIN`] rows, AVX-512 VNNI below), `avx512vnni`, `avxvnni`, `avx512vl-vnni256`, `avx2`, `portable`. See `pack.rs`
 //! for the byte layout, `x86.rs` for the SIMD kernels, `amx.rs` for the tile kernel and
 //! `portable.rs` for the fallback that every SIMD kernel is tested against.
 
@@ -36,6 +37,8 @@ mod pack;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+use std::mem::MaybeUninit;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -163,10 +166,23 @@ impl Kernel {
             named.unwrap_or_else(|| {
                 Kernel::ALL
                     .into_iter()
-                    .find(|k| k.is_available())
+                    .find(|k| k.is_picked_by_default() && k.is_available())
                     .unwrap_or(Kernel::Portable)
             })
         })
+    }
+
+    /// Whether [`Self::detect`] may pick the kernel without `CANDELA_CPU_KERNEL` naming it.
+    ///
+    /// Not AMX: alone it beats AVX-512 VNNI by 1.0-1.25x from 32 rows (bench/results/
+    /// amx-qmatmul.md), but inside the server it made whole steps slower on the one AMX
+    /// machine measured (Sapphire Rapids VM, SmolLM2-135M Q4_1, 2 threads, decode steps from
+    /// the step trace, 2026-12-04): 48.1 ms vs 40.2 ms at 32 sequences, 82 ms vs 69 ms at 64,
+    /// and prefill of 512 tokens 935 vs 1,115 tok/s. The matmul share did not shrink while the
+    /// rest of the step (attention, norms) slowed, which is what a lower core clock while tiles
+    /// are in use would do; bench/results/amx-qmatmul.md has the runs.
+    fn is_picked_by_default(self) -> bool {
+        self != Kernel::Amx
     }
 
     /// The kernel [`PackedWeight::matmul_f32`] runs for `m` rows when `self` is the detected
@@ -357,6 +373,12 @@ impl PackedWeight {
     /// `y[m, n] = x[m, k] W^T` with the fastest kernel of this CPU for `m` rows, parallel over
     /// output columns on rayon's current pool. `x` and `y` are row-major.
     pub fn matmul_f32(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        driver::matmul(self, Kernel::detect().for_rows(m), x, m, as_uninit(y))
+    }
+
+    /// [`Self::matmul_f32`] into memory that need not be initialized: on `Ok` every element
+    /// of `y` has been written.
+    pub fn matmul_f32_uninit(&self, x: &[f32], m: usize, y: &mut [MaybeUninit<f32>]) -> Result<()> {
         driver::matmul(self, Kernel::detect().for_rows(m), x, m, y)
     }
 
@@ -369,7 +391,7 @@ impl PackedWeight {
         m: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        driver::matmul(self, kernel, x, m, y)
+        driver::matmul(self, kernel, x, m, as_uninit(y))
     }
 
     /// `x: [.., k]` f32 on the CPU (any rank >= 1) -> `[.., n]` f32. With the `cuda` feature,
@@ -423,13 +445,24 @@ impl CustomOp1 for PackedMatMulOp<'_> {
         }
         let x = &xs[start..end];
         let m = x.len() / k;
-        let mut y = vec![0f32; m * n];
+        // Not zeroed: the kernels write every element (zeroing the outputs was ~2% of a
+        // 64-sequence decode step, as `memset`).
+        let mut y = Vec::with_capacity(m * n);
         self.weight
-            .matmul_f32(x, m, &mut y)
+            .matmul_f32_uninit(x, m, &mut y.spare_capacity_mut()[..m * n])
             .map_err(candle_core::Error::wrap)?;
+        // SAFETY: on `Ok` the matmul wrote all `m * n` elements.
+        unsafe { y.set_len(m * n) };
         let mut out_dims = dims.to_vec();
         out_dims.pop();
         out_dims.push(n);
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
+}
+
+/// `y` as possibly-uninitialized memory, for the driver, which only writes it.
+fn as_uninit(y: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and the driver stores only initialized
+    // `f32`s through it, so `y` stays valid.
+    unsafe { &mut *(y as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
