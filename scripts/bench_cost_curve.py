@@ -5,7 +5,7 @@ threads), measured the same way:
 - decode: `candela bench` at concurrency 1 / 16 / 64 (chat prompts, `ignore_eos`, so every reply
   is `max_tokens` long even from a random-weight model): output tok/s and ITL p99;
 - prefill: one request at a time whose prompt is exactly N token ids (512, 2048, 8000), one
-  output token, streamed: prompt tokens / time to first token;
+  output token, streamed: prompt tokens / time to first token (scripts/bench_prefill.py);
 and, in the same run, `candela roofline`: the read bandwidth and our int8 matmul ceiling with
 the same threads, so each figure also reads as a fraction of its limit (batch-1 decode reads
 every weight once a token: weight bytes x tok/s against the bandwidth).
@@ -22,8 +22,9 @@ import time
 
 import httpx
 
+from bench_prefill import prefill
+
 READY_TIMEOUT_S = 600
-PREFILL_TIMEOUT_S = 900
 
 
 def log(msg):
@@ -86,34 +87,6 @@ def decode_levels(args, server, label, out_dir):
              "errors": lv["errors"]} for lv in levels]
 
 
-def prefill(server, n_tokens, repeats):
-    """Best prompt tok/s over `repeats` requests of `n_tokens` token ids (a different prompt
-    each time, so no prefix cache helps), one output token."""
-    rates = []
-    for r in range(repeats):
-        # Ids from the middle of the vocabulary (ordinary tokens in every tokenizer here).
-        prompt = [1000 + (i * 7 + r * 131) % 20000 for i in range(n_tokens)]
-        body = {"model": "m", "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                "stream": True}
-        start = time.monotonic()
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
-                          timeout=PREFILL_TIMEOUT_S) as resp:
-            if resp.status_code != 200:
-                resp.read()
-                raise RuntimeError(f"{server.kind} prefill {n_tokens}: HTTP {resp.status_code} "
-                                   f"{resp.text[:200]}")
-            ttft = None
-            for line in resp.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]" and ttft is None:
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices"):
-                        ttft = time.monotonic() - start
-        if ttft is None:
-            raise RuntimeError(f"{server.kind} prefill {n_tokens}: no token streamed")
-        rates.append(n_tokens / ttft)
-    return max(rates)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--candela", required=True)
@@ -150,9 +123,10 @@ def main():
             try:
                 load = open("/proc/loadavg").read().split()[:3]
                 # A short warm-up: the first forward passes page the weights in.
-                prefill(server, 64, 1)
+                prefill(server.url, 64, 1, "m", server.kind)
                 decode = decode_levels(args, server, label, args.out)
-                pre = {n: prefill(server, n, args.prefill_repeats) for n in prefill_sizes}
+                pre = {n: prefill(server.url, n, args.prefill_repeats, "m", server.kind)
+                       for n in prefill_sizes}
             finally:
                 server.stop()
             entry["servers"][kind] = {"decode": decode, "prefill_tok_s": pre,
