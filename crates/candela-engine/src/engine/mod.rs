@@ -83,7 +83,6 @@ pub(crate) fn spawn(
         .name("candela-engine".into())
         .spawn(move || {
             let _exit = ExitGuard(Arc::clone(&shared));
-            let _pool = compute_pool();
             let mut core = match EngineCore::load(&config, Arc::clone(&shared)) {
                 Ok(core) => {
                     // The receiver waits in `spawn`; it cannot be gone.
@@ -123,26 +122,6 @@ pub(crate) fn spawn(
             Err(EngineError::Stopped(
                 "the engine thread died while loading".into(),
             ))
-        }
-    }
-}
-
-/// Makes the engine thread worker 0 of its own rayon pool (`RAYON_NUM_THREADS` threads, else
-/// one per core), kept for the thread's life. Each parallel region of a step (every matmul,
-/// attention, norm) then starts on this thread and only wakes the others, instead of injecting
-/// its jobs into the global pool and sleeping until they finish: with 2 cores that was two
-/// futex wake-ups per region, about a tenth of a batched decode step in `perf`. The global
-/// pool stays for other callers (the tokenizer). `None` (logged) leaves the global pool.
-fn compute_pool() -> Option<rayon::ThreadPool> {
-    match rayon::ThreadPoolBuilder::new()
-        .thread_name(|i| format!("candela-compute-{i}"))
-        .use_current_thread()
-        .build()
-    {
-        Ok(pool) => Some(pool),
-        Err(error) => {
-            tracing::warn!(%error, "no dedicated compute pool; using rayon's global pool");
-            None
         }
     }
 }
