@@ -2,8 +2,9 @@
 
 For each model, `candela serve` and llama.cpp's `llama-server` in turn (same GGUF, same
 threads), measured the same way:
-- decode: `candela bench` at concurrency 1 / 16 / 64 (chat prompts, `ignore_eos`, so every reply
-  is `max_tokens` long even from a random-weight model): output tok/s and ITL p99;
+- decode: `candela bench` at concurrency 1 / 16 / 64 (chat prompts, or completion ones for a
+  model without a chat template; `ignore_eos`, so every reply is `max_tokens` long even from a
+  random-weight model): output tok/s and ITL p99;
 - prefill: one request at a time whose prompt is exactly N token ids (512, 2048, 8000), one
   output token, streamed: prompt tokens / time to first token (scripts/bench_prefill.py);
 and, in the same run, `candela roofline`: the read bandwidth and our int8 matmul ceiling with
@@ -73,15 +74,28 @@ class Server:
         self.log.close()
 
 
-def decode_levels(args, server, label, out_dir):
+def prompt_set(model):
+    """`short-chat` when the GGUF carries a chat template, else `completion` (a base model such
+    as gemma-3-270m: candela refuses chat requests without a template, while llama-server would
+    quietly apply a default one, so neither would be measured on what the model is for)."""
+    from gguf import GGUFReader  # scripts/bench-cost-curve installs it into .venv
+    fields = GGUFReader(model).fields
+    return "short-chat" if "tokenizer.chat_template" in fields else "completion"
+
+
+def decode_levels(args, server, label, out_dir, prompts):
     path = os.path.join(out_dir, f"{label}.json")
     subprocess.run([args.candela, "bench", "--url", server.url, "--label", label,
                     "--concurrency", args.concurrency, "--requests", args.requests,
-                    "--max-tokens", str(args.max_tokens), "--prompts", "short-chat",
+                    "--max-tokens", str(args.max_tokens), "--prompts", prompts,
                     "--ignore-eos", "--json-out", path],
                    check=True, stdout=subprocess.DEVNULL)
     with open(path) as f:
         levels = json.load(f)["levels"]
+    failed = [lv for lv in levels if lv["errors"]]
+    if failed:
+        raise RuntimeError(f"{label}: {failed[0]['errors']} failed requests at concurrency "
+                           f"{failed[0]['concurrency']} (see {path})")
     return [{"concurrency": lv["concurrency"], "output_tok_s": lv["output_tokens_per_s"],
              "itl_p99_ms": lv["itl_ms"]["p99"], "ttft_p99_ms": lv["ttft_ms"]["p99"],
              "errors": lv["errors"]} for lv in levels]
@@ -114,7 +128,7 @@ def main():
     results = {"roofline": roof, "threads": args.threads, "models": {}}
     for model in args.models.split(","):
         name = os.path.basename(model)
-        entry = {"bytes": os.path.getsize(model), "servers": {}}
+        entry = {"bytes": os.path.getsize(model), "prompts": prompt_set(model), "servers": {}}
         for kind in args.servers.split(","):
             log(f"{name}: {kind}")
             label = f"{os.path.splitext(name)[0]}-{kind}"
@@ -124,7 +138,7 @@ def main():
                 load = open("/proc/loadavg").read().split()[:3]
                 # A short warm-up: the first forward passes page the weights in.
                 prefill(server.url, 64, 1, "m", server.kind)
-                decode = decode_levels(args, server, label, args.out)
+                decode = decode_levels(args, server, label, args.out, entry["prompts"])
                 pre = {n: prefill(server.url, n, args.prefill_repeats, "m", server.kind)
                        for n in prefill_sizes}
             finally:
@@ -150,6 +164,8 @@ def report(results):
         servers = entry["servers"]
         gb = entry["bytes"] / 1e9
         print(f"### {name} ({gb:.2f} GB)")
+        print()
+        print(f"Decode prompts: `{entry.get('prompts', 'short-chat')}`.")
         print()
         print("| server | " + " | ".join(
             f"out tok/s @{lv['concurrency']}" for lv in next(iter(servers.values()))["decode"])

@@ -960,6 +960,49 @@ struct CpuArgs<'a, Q, C> {
     window: Option<NonZeroUsize>,
 }
 
+/// Sizes and positions of one task, as both CPU kernels read them.
+struct TaskGeometry {
+    /// Head dimension.
+    d: usize,
+    /// Query heads per KV head.
+    g: usize,
+    /// Cache block size.
+    bs: usize,
+    /// Elements from one cache slot's row to the next (all KV heads).
+    kv_row: usize,
+    /// The sequence's first query token in the step.
+    q_begin: usize,
+    /// Query tokens of the task, and rows (tokens x heads of the KV head).
+    n_tok: usize,
+    rows: usize,
+    /// Positions of the task's first and last query tokens.
+    first_pos: usize,
+    last_pos: usize,
+}
+
+impl<Q, C> CpuArgs<'_, Q, C> {
+    fn geometry(&self, task: &Task) -> TaskGeometry {
+        let d = self.dims.head_dim;
+        let q_begin = self.meta.cu_seqlens_q[task.seq] as usize;
+        let n_q = self.meta.cu_seqlens_q[task.seq + 1] as usize - q_begin;
+        let context_len = self.meta.context_lens[task.seq] as usize;
+        let n_tok = task.tok_end - task.tok_begin;
+        // Checked up front: n_q <= context_len, so positions are non-negative.
+        let first_pos = context_len - n_q + task.tok_begin;
+        TaskGeometry {
+            d,
+            g: self.group,
+            bs: self.dims.cache.block_size,
+            kv_row: self.dims.cache.num_kv_heads * d,
+            q_begin,
+            n_tok,
+            rows: n_tok * self.group,
+            first_pos,
+            last_pos: first_pos + n_tok - 1,
+        }
+    }
+}
+
 /// Where the tasks write their disjoint pieces of the output.
 #[derive(Clone, Copy)]
 struct OutPtr<T> {
@@ -1298,18 +1341,17 @@ fn attend<Q: KvElem, C: KvElem, const FMA: bool, const WINDOWED: bool>(
 ) {
     debug_assert_eq!(WINDOWED, args.window.is_some());
     let window = if WINDOWED { args.window } else { None };
-    let d = args.dims.head_dim;
-    let g = args.group;
-    let bs = args.dims.cache.block_size;
-    let kv_row = args.dims.cache.num_kv_heads * d;
-    let q_begin = args.meta.cu_seqlens_q[task.seq] as usize;
-    let n_q = args.meta.cu_seqlens_q[task.seq + 1] as usize - q_begin;
-    let context_len = args.meta.context_lens[task.seq] as usize;
-    let n_tok = task.tok_end - task.tok_begin;
-    let rows = n_tok * g;
-    // Checked up front: n_q <= context_len, so positions are non-negative.
-    let first_pos = context_len - n_q + task.tok_begin;
-    let last_pos = first_pos + n_tok - 1;
+    let TaskGeometry {
+        d,
+        g,
+        bs,
+        kv_row,
+        q_begin,
+        n_tok,
+        rows,
+        first_pos,
+        last_pos,
+    } = args.geometry(task);
 
     scratch.prepare(rows, d, bs);
     let Scratch {
@@ -2000,19 +2042,28 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (6, 6, d), &dev).unwrap();
         // f16/bf16 caches: the AVX2 kernel reads them in place (F16C), the baseline converts
         // rows; both compute in f32 and round the output once to the dtype.
+        for_each_dtype(&q, &kc, &vc, |q, kc, vc, tolerance| {
+            for window in [None, NonZeroUsize::new(1), NonZeroUsize::new(6)] {
+                baseline_and_avx2_agree_on(q, kc, vc, &m, window, tolerance);
+            }
+        });
+    }
+
+    /// `f(q, kc, vc, tolerance)` with all three in f32, f16 and bf16, and the tolerance of the
+    /// baseline comparison in that precision.
+    fn for_each_dtype(
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        mut f: impl FnMut(&Tensor, &Tensor, &Tensor, f32),
+    ) {
         for (dtype, tolerance) in [
             (DType::F32, 1e-5),
             (DType::F16, 2e-3),
             (DType::BF16, 1.6e-2),
         ] {
-            let (q, kc, vc) = (
-                q.to_dtype(dtype).unwrap(),
-                kc.to_dtype(dtype).unwrap(),
-                vc.to_dtype(dtype).unwrap(),
-            );
-            for window in [None, NonZeroUsize::new(1), NonZeroUsize::new(6)] {
-                baseline_and_avx2_agree_on(&q, &kc, &vc, &m, window, tolerance);
-            }
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            f(&cast(q), &cast(kc), &cast(vc), tolerance);
         }
     }
 
@@ -2033,24 +2084,16 @@ mod tests {
             let kc = Tensor::randn(0f32, 1.0, (num_blocks, bs, hkv, d), &dev).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (num_blocks, bs, hkv, d), &dev).unwrap();
             let q = Tensor::randn(0f32, 1.0, (50, 6, d), &dev).unwrap();
-            for (dtype, tolerance) in [
-                (DType::F32, 1e-5),
-                (DType::F16, 2e-3),
-                (DType::BF16, 1.6e-2),
-            ] {
-                let (q, kc, vc) = (
-                    q.to_dtype(dtype).unwrap(),
-                    kc.to_dtype(dtype).unwrap(),
-                    vc.to_dtype(dtype).unwrap(),
-                );
-                baseline_and_avx2_agree_on(&q, &kc, &vc, &m, None, tolerance);
+            for_each_dtype(&q, &kc, &vc, |q, kc, vc, tolerance| {
+                let dtype = q.dtype();
+                baseline_and_avx2_agree_on(q, kc, vc, &m, None, tolerance);
                 // A row's output must not depend on which kernel its task took (the engine's
                 // outputs must not depend on how a step's rows were split into tasks), so the
                 // many-row kernel matches the row-major AVX2 kernel bit for bit.
                 #[cfg(target_arch = "x86_64")]
                 if matches!(Simd::detect(), Simd::Avx512) {
-                    let wide = run_attention(Simd::Avx512, &q, &kc, &vc, &m, None);
-                    let narrow = run_attention(Simd::Avx2Fma, &q, &kc, &vc, &m, None);
+                    let wide = run_attention(Simd::Avx512, q, kc, vc, &m, None);
+                    let narrow = run_attention(Simd::Avx2Fma, q, kc, vc, &m, None);
                     for (i, (a, b)) in wide.iter().zip(&narrow).enumerate() {
                         assert_eq!(
                             a.to_bits(),
@@ -2059,7 +2102,7 @@ mod tests {
                         );
                     }
                 }
-            }
+            });
         }
     }
 

@@ -21,7 +21,7 @@ use std::arch::x86_64::*;
 
 use candle_core::DType;
 
-use super::{CpuArgs, KvElem, OutPtr, Task};
+use super::{CpuArgs, KvElem, OutPtr, Task, TaskGeometry};
 
 /// Fewest rows (query tokens x heads of one KV head) for which this kernel runs: below it the
 /// 16-lane row vectors are mostly padding and the row-major kernel is cheaper.
@@ -133,19 +133,19 @@ pub(super) unsafe fn attend<Q: KvElem, C: KvElem>(
     s: &mut Scratch,
     out: OutPtr<Q>,
 ) {
-    let d = args.dims.head_dim;
-    let g = args.group;
-    let bs = args.dims.cache.block_size;
-    let kv_row = args.dims.cache.num_kv_heads * d;
-    let q_begin = args.meta.cu_seqlens_q[task.seq] as usize;
-    let n_q = args.meta.cu_seqlens_q[task.seq + 1] as usize - q_begin;
-    let context_len = args.meta.context_lens[task.seq] as usize;
-    let n_tok = task.tok_end - task.tok_begin;
-    let rows = n_tok * g;
+    let TaskGeometry {
+        d,
+        g,
+        bs,
+        kv_row,
+        q_begin,
+        rows,
+        first_pos,
+        last_pos,
+        ..
+    } = args.geometry(task);
     let rows_pad = rows.next_multiple_of(LANES);
     let chunks = rows_pad / LANES;
-    let first_pos = context_len - n_q + task.tok_begin;
-    let last_pos = first_pos + n_tok - 1;
 
     // Queries as the row-major kernel prepares them (cache precision, then scaled), stored
     // transposed; padding rows stay zero (their scores are 0, finite, and never written out).
