@@ -41,6 +41,9 @@ pub(crate) unsafe fn run_tiles(
 /// Rows per kernel call.
 const MR_512: usize = 4;
 
+/// How many groups ahead the one-row kernel prefetches its weight blocks.
+const PREFETCH_GROUPS: usize = 4;
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn run_avx512(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
     let int4 = a.layout.bits == QuantBits::Int4;
@@ -100,6 +103,18 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
     for g in 0..l.groups {
         let blk = w0.add(g * l.block_bytes);
         let xg = xq0.add(g * gs);
+        if MR == 1 {
+            // Decode streams each weight once: ask for the tiles' blocks a few groups ahead
+            // (the NC tile streams are a tile apart, more than the hardware prefetcher follows
+            // at once). `wrapping_add`: the address may lie past the weights; prefetch never
+            // faults.
+            for t in 0..NC {
+                let ahead = blk.wrapping_add(t * l.tile_bytes + PREFETCH_GROUPS * l.block_bytes);
+                for line in (0..l.block_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                }
+            }
+        }
         let mut ia = [[[_mm512_setzero_si512(); 2]; NC]; MR];
         if INT4 {
             for c in 0..gs / 8 {
