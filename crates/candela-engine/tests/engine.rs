@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use candela_engine::api::{
     FinishReason, GenerateEvent, GenerateRequest, OutputConstraint, SamplingParams, StopCause,
-    SubmitError, TokenId, Usage,
+    SubmitError, TokenId,
 };
 use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, start, wait_until_idle};
+use support::{chat_prompt, collect, metric, start, wait_until_idle, ChoiceOutput};
 
 /// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
 /// 64, f16 (the default cache dtype on the CPU).
@@ -52,64 +52,6 @@ fn request(prompt: &[TokenId], sampling: SamplingParams) -> GenerateRequest {
         priority: 0,
         arrival: Instant::now(),
     }
-}
-
-/// Everything one choice produced.
-#[derive(Debug, Clone, PartialEq)]
-struct ChoiceOutput {
-    token_ids: Vec<TokenId>,
-    text: String,
-    reason: FinishReason,
-    usage: Usage,
-}
-
-/// A choice's tokens and text so far, and its end once finished.
-type PartialOutput = (Vec<TokenId>, String, Option<(FinishReason, Usage)>);
-
-/// Reads events until every one of `n` choices has finished.
-fn collect(mut events: UnboundedReceiver<GenerateEvent>, n: usize) -> Vec<ChoiceOutput> {
-    let mut outputs: Vec<PartialOutput> = vec![(Vec::new(), String::new(), None); n];
-    while outputs.iter().any(|o| o.2.is_none()) {
-        match events
-            .blocking_recv()
-            .expect("the engine finishes every choice")
-        {
-            GenerateEvent::Delta {
-                index,
-                token_ids,
-                text,
-                ..
-            } => {
-                let output = &mut outputs[index as usize];
-                assert!(output.2.is_none(), "a delta after Finished");
-                output.0.extend(token_ids);
-                output.1.push_str(&text);
-            }
-            GenerateEvent::Finished {
-                index,
-                reason,
-                usage,
-                ..
-            } => {
-                let output = &mut outputs[index as usize];
-                assert!(output.2.is_none(), "finished twice");
-                assert_eq!(usage.completion_tokens as usize, output.0.len());
-                output.2 = Some((reason, usage));
-            }
-        }
-    }
-    outputs
-        .into_iter()
-        .map(|(token_ids, text, finished)| {
-            let (reason, usage) = finished.expect("loop ends when all finished");
-            ChoiceOutput {
-                token_ids,
-                text,
-                reason,
-                usage,
-            }
-        })
-        .collect()
 }
 
 fn generate(engine: &EngineHandle, request: GenerateRequest) -> Vec<ChoiceOutput> {
@@ -643,13 +585,6 @@ fn tokens_picked_on_the_device_equal_host_sampling() {
 }
 
 /// The chat prompt of one user message.
-fn chat_prompt(engine: &EngineHandle, user: &str) -> Vec<TokenId> {
-    let text = engine
-        .apply_chat_template(&[candela_engine::ChatMessage::new("user", user)], true)
-        .expect("the model has a chat template");
-    engine.tokenize(&text, false).expect("tokenizes")
-}
-
 fn constrained(constraint: OutputConstraint, sampling: SamplingParams) -> SamplingParams {
     SamplingParams {
         constraint: Some(constraint),

@@ -10,14 +10,12 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candela_engine::api::{
-    FinishReason, GenerateEvent, GenerateRequest, OutputConstraint, SamplingParams, StopCause,
-    TokenId, Usage,
+    FinishReason, GenerateRequest, OutputConstraint, SamplingParams, StopCause, TokenId,
 };
 use candela_engine::{EngineConfig, EngineHandle, SpeculativeConfig};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, start, wait_until_idle};
+use support::{chat_prompt, collect, metric, start, wait_until_idle, ChoiceOutput};
 
 /// Bytes of one KV block of the default model (see tests/engine.rs).
 const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 2;
@@ -65,68 +63,7 @@ fn request(prompt: &[TokenId], sampling: SamplingParams, n: u32) -> GenerateRequ
     }
 }
 
-fn chat_prompt(engine: &EngineHandle, user: &str) -> Vec<TokenId> {
-    let text = engine
-        .apply_chat_template(&[candela_engine::ChatMessage::new("user", user)], true)
-        .expect("the model has a chat template");
-    engine.tokenize(&text, false).expect("tokenizes")
-}
-
-/// Everything one choice produced.
-#[derive(Debug, Clone, PartialEq)]
-struct Output {
-    token_ids: Vec<TokenId>,
-    text: String,
-    reason: FinishReason,
-    usage: Usage,
-}
-
-/// Reads events until each of `n` choices has finished.
-fn collect(mut events: UnboundedReceiver<GenerateEvent>, n: usize) -> Vec<Output> {
-    type Partial = (Vec<TokenId>, String, Option<(FinishReason, Usage)>);
-    let mut outputs: Vec<Partial> = vec![(Vec::new(), String::new(), None); n];
-    while outputs.iter().any(|o| o.2.is_none()) {
-        match events.blocking_recv().expect("every choice finishes") {
-            GenerateEvent::Delta {
-                index,
-                token_ids,
-                text,
-                ..
-            } => {
-                let output = &mut outputs[index as usize];
-                assert!(output.2.is_none(), "a delta after Finished");
-                output.0.extend(token_ids);
-                output.1.push_str(&text);
-            }
-            GenerateEvent::Finished {
-                index,
-                reason,
-                usage,
-                ..
-            } => {
-                let output = &mut outputs[index as usize];
-                assert!(output.2.is_none(), "finished twice");
-                assert_eq!(usage.completion_tokens as usize, output.0.len());
-                output.2 = Some((reason, usage));
-            }
-        }
-    }
-    outputs
-        .into_iter()
-        .map(|(token_ids, text, end)| {
-            let (reason, usage) = end.expect("all finished");
-            Output {
-                token_ids,
-                text,
-                reason,
-                usage,
-            }
-        })
-        .collect()
-}
-
-/// Submits every request at once, then collects them in order.
-fn generate_all(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<Output>> {
+fn generate_all(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<ChoiceOutput>> {
     let receivers: Vec<_> = requests
         .into_iter()
         .map(|r| {
@@ -140,7 +77,7 @@ fn generate_all(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Ve
         .collect()
 }
 
-fn generate(engine: &EngineHandle, request: GenerateRequest) -> Vec<Output> {
+fn generate(engine: &EngineHandle, request: GenerateRequest) -> Vec<ChoiceOutput> {
     generate_all(engine, vec![request]).remove(0)
 }
 
@@ -149,7 +86,7 @@ fn accepted_tokens(engine: &EngineHandle) -> f64 {
 }
 
 /// Same tokens, text and finish reason (usage differs only in cached tokens).
-fn assert_same(got: &Output, want: &Output, what: &str) {
+fn assert_same(got: &ChoiceOutput, want: &ChoiceOutput, what: &str) {
     assert_eq!(got.token_ids, want.token_ids, "{what}");
     assert_eq!(got.text, want.text, "{what}");
     assert_eq!(got.reason, want.reason, "{what}");

@@ -980,7 +980,22 @@ struct TaskGeometry {
     last_pos: usize,
 }
 
-impl<Q, C> CpuArgs<'_, Q, C> {
+impl<Q: KvElem, C: KvElem> CpuArgs<'_, Q, C> {
+    /// Row `r` of the task's queries (token `r / g`, head `r % g` of its KV head) into `out`,
+    /// in f32, scaled. q meets a half-precision cache in the cache's precision, as it would had
+    /// it been cast to the cache's dtype (llama.cpp's flash attention does the same).
+    fn query_row(&self, task: &Task, r: usize, out: &mut [f32]) {
+        let (d, g) = (self.dims.head_dim, self.group);
+        let token = self.meta.cu_seqlens_q[task.seq] as usize + task.tok_begin + r / g;
+        let head = task.kv_head * g + r % g;
+        let from = self.q_offset + token * self.q_stride_token + head * self.q_stride_head;
+        Q::to_f32_into(&self.q[from..from + d], out);
+        C::round_f32(out);
+        for x in out.iter_mut() {
+            *x *= self.scale;
+        }
+    }
+
     fn geometry(&self, task: &Task) -> TaskGeometry {
         let d = self.dims.head_dim;
         let q_begin = self.meta.cu_seqlens_q[task.seq] as usize;
@@ -1368,16 +1383,7 @@ fn attend<Q: KvElem, C: KvElem, const FMA: bool, const WINDOWED: bool>(
     let row_buf = &mut row_buf[..d];
 
     for (r, q_row) in q.chunks_exact_mut(d).enumerate() {
-        let token = q_begin + task.tok_begin + r / g;
-        let head = task.kv_head * g + r % g;
-        let from = args.q_offset + token * args.q_stride_token + head * args.q_stride_head;
-        Q::to_f32_into(&args.q[from..from + d], q_row);
-        // q meets a half-precision cache in the cache's precision, as it would had it been
-        // cast to the cache's dtype (llama.cpp's flash attention does the same).
-        C::round_f32(q_row);
-        for x in q_row.iter_mut() {
-            *x *= args.scale;
-        }
+        args.query_row(task, r, q_row);
     }
 
     // Every key a row of this task sees lies in key_first..=last_pos.

@@ -344,33 +344,32 @@ fn to_u32(x: usize) -> Result<u32> {
 mod tests {
     use super::*;
 
+    /// A chunk of one sequence that samples its last token, without window blocks or drafts:
+    /// what most cases below vary from.
+    fn chunk<'a>(
+        token_ids: &'a [u32],
+        tokens_cached: usize,
+        block_table: &'a [u32],
+    ) -> SeqChunk<'a> {
+        SeqChunk {
+            token_ids,
+            tokens_cached,
+            block_table,
+            window_block_table: None,
+            sample: true,
+            extra_logit_rows: 0,
+        }
+    }
+
     #[test]
     fn a_reused_builder_gives_what_a_fresh_one_gives() -> Result<()> {
         let big = [
-            SeqChunk {
-                token_ids: &[1, 2, 3, 4, 5],
-                tokens_cached: 0,
-                block_table: &[3, 8],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
-            SeqChunk {
-                token_ids: &[6],
-                tokens_cached: 9,
-                block_table: &[0, 1, 2],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
+            chunk(&[1, 2, 3, 4, 5], 0, &[3, 8]),
+            chunk(&[6], 9, &[0, 1, 2]),
         ];
         let small = [SeqChunk {
-            token_ids: &[7],
-            tokens_cached: 2,
-            block_table: &[5],
-            window_block_table: None,
             sample: false,
-            extra_logit_rows: 0,
+            ..chunk(&[7], 2, &[5])
         }];
         let mut builder = BatchBuilder::default();
         let dev = Device::Cpu;
@@ -400,30 +399,9 @@ mod tests {
     #[test]
     fn module_doc_example() -> Result<()> {
         let seqs = [
-            SeqChunk {
-                token_ids: &[10, 11, 12],
-                tokens_cached: 0,
-                block_table: &[7],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
-            SeqChunk {
-                token_ids: &[20],
-                tokens_cached: 5,
-                block_table: &[2, 9],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
-            SeqChunk {
-                token_ids: &[30, 31],
-                tokens_cached: 4,
-                block_table: &[4, 1],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
+            chunk(&[10, 11, 12], 0, &[7]),
+            chunk(&[20], 5, &[2, 9]),
+            chunk(&[30, 31], 4, &[4, 1]),
         ];
         let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
         assert_eq!(b.num_tokens(), 6);
@@ -446,21 +424,10 @@ mod tests {
     #[test]
     fn extra_logit_rows_return_the_chunk_tail() -> Result<()> {
         let mut seqs = [
+            chunk(&[10, 11, 12], 0, &[7]),
             SeqChunk {
-                token_ids: &[10, 11, 12],
-                tokens_cached: 0,
-                block_table: &[7],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
-            SeqChunk {
-                token_ids: &[30, 31],
-                tokens_cached: 4,
-                block_table: &[4, 1],
-                window_block_table: None,
-                sample: true,
                 extra_logit_rows: 1,
+                ..chunk(&[30, 31], 4, &[4, 1])
             },
         ];
         let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
@@ -477,28 +444,13 @@ mod tests {
     fn module_doc_pooling_example() -> Result<()> {
         let seqs = [
             SeqChunk {
-                token_ids: &[10, 11, 12],
-                tokens_cached: 0,
-                block_table: &[7],
-                window_block_table: None,
                 sample: false,
-                extra_logit_rows: 0,
+                ..chunk(&[10, 11, 12], 0, &[7])
             },
+            chunk(&[20], 5, &[2, 9]),
             SeqChunk {
-                token_ids: &[20],
-                tokens_cached: 5,
-                block_table: &[2, 9],
-                window_block_table: None,
-                sample: true,
-                extra_logit_rows: 0,
-            },
-            SeqChunk {
-                token_ids: &[30, 31],
-                tokens_cached: 4,
-                block_table: &[4, 1],
-                window_block_table: None,
                 sample: false,
-                extra_logit_rows: 0,
+                ..chunk(&[30, 31], 4, &[4, 1])
             },
         ];
         let pools = [
@@ -548,20 +500,12 @@ mod tests {
         let released = u32::MAX;
         let seqs = [
             SeqChunk {
-                token_ids: &[10, 11],
-                tokens_cached: 9,
-                block_table: &[7, 3, 5],
                 window_block_table: Some(&[released, 2, 6]),
-                sample: true,
-                extra_logit_rows: 0,
+                ..chunk(&[10, 11], 9, &[7, 3, 5])
             },
             SeqChunk {
-                token_ids: &[20],
-                tokens_cached: 0,
-                block_table: &[1],
                 window_block_table: Some(&[4]),
-                sample: true,
-                extra_logit_rows: 0,
+                ..chunk(&[20], 0, &[1])
             },
         ];
         let b = BatchInputs::from_seqs(&seqs, 4, &Device::Cpu)?;
@@ -595,26 +539,12 @@ mod tests {
 
     #[test]
     fn rejects_short_block_table_and_empty_chunks() {
-        let short = [SeqChunk {
-            token_ids: &[1, 2, 3],
-            tokens_cached: 2,
-            block_table: &[0],
-            window_block_table: None,
-            sample: true,
-            extra_logit_rows: 0,
-        }];
+        let short = [chunk(&[1, 2, 3], 2, &[0])];
         assert!(matches!(
             BatchInputs::from_seqs(&short, 4, &Device::Cpu),
             Err(Error::InvalidBatch(_))
         ));
-        let empty = [SeqChunk {
-            token_ids: &[],
-            tokens_cached: 0,
-            block_table: &[0],
-            window_block_table: None,
-            sample: true,
-            extra_logit_rows: 0,
-        }];
+        let empty = [chunk(&[], 0, &[0])];
         assert!(matches!(
             BatchInputs::from_seqs(&empty, 4, &Device::Cpu),
             Err(Error::InvalidBatch(_))

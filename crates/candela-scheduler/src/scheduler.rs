@@ -1261,7 +1261,20 @@ mod tests {
     /// Schedules one step and answers every sampled sequence with `token`.
     fn answered_step(s: &mut Scheduler, token: TokenId, finished: bool) -> ScheduledBatch {
         let batch = s.schedule();
-        let outputs: Vec<StepOutput> = batch
+        let outputs = answers(&batch, token, finished, |_| 0);
+        s.update_after_step(&outputs).expect("valid outputs");
+        batch
+    }
+
+    /// The outputs that answer every sampled sequence of `batch` with `token`, each accepting
+    /// `accepted(seq)` of its drafts.
+    fn answers(
+        batch: &ScheduledBatch,
+        token: TokenId,
+        finished: bool,
+        accepted: impl Fn(&ScheduledSeq) -> u32,
+    ) -> Vec<StepOutput> {
+        batch
             .seqs
             .iter()
             .filter(|q| q.sample)
@@ -1269,11 +1282,9 @@ mod tests {
                 seq_id: q.seq_id,
                 new_token: Some(token),
                 finished,
-                accepted_drafts: 0,
+                accepted_drafts: accepted(q),
             })
-            .collect();
-        s.update_after_step(&outputs).expect("valid outputs");
-        batch
+            .collect()
     }
 
     /// Runs every sequence until it is sampled once, then finishes it.
@@ -2037,30 +2048,16 @@ mod tests {
             .expect("scheduled");
         assert_eq!(q.num_draft_tokens, 0, "{q:?}");
         assert!(batch.preempted.is_empty());
-        let outputs: Vec<StepOutput> = batch
-            .seqs
-            .iter()
-            .map(|q| StepOutput {
-                seq_id: q.seq_id,
-                new_token: Some(1),
-                finished: false,
-                accepted_drafts: 0,
-            })
-            .collect();
-        s.update_after_step(&outputs).expect("valid outputs");
+        assert!(
+            batch.seqs.iter().all(|q| q.sample),
+            "both decode: {batch:?}"
+        );
+        s.update_after_step(&answers(&batch, 1, false, |_| 0))
+            .expect("valid outputs");
         // Accepting more than was scheduled is refused.
         assert!(s.set_draft_tokens(SeqId(1), &[4]));
         let batch = s.schedule();
-        let outputs: Vec<StepOutput> = batch
-            .seqs
-            .iter()
-            .map(|q| StepOutput {
-                seq_id: q.seq_id,
-                new_token: Some(1),
-                finished: false,
-                accepted_drafts: q.num_draft_tokens + 1,
-            })
-            .collect();
+        let outputs = answers(&batch, 1, false, |q| q.num_draft_tokens + 1);
         assert!(matches!(
             s.update_after_step(&outputs),
             Err(Error::AcceptedPastDrafts(_))

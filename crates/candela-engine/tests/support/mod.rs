@@ -1,5 +1,6 @@
 //! What the engine's integration tests share: starting an engine on the default model,
-//! reading the engine's metrics and waiting (bounded) for it to go idle.
+//! chat prompts, collecting a request's events into per-choice outputs, reading the engine's
+//! metrics and waiting (bounded) for it to go idle.
 
 // Each test crate compiles this module and uses a part of it.
 #![allow(dead_code)]
@@ -7,7 +8,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use candela_engine::api::{FinishReason, GenerateEvent, TokenId, Usage};
 use candela_engine::{EngineConfig, EngineHandle};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The default model (`scripts/fetch-default-model`).
 pub fn model_path() -> PathBuf {
@@ -49,4 +52,70 @@ pub fn wait_until_idle(engine: &EngineHandle) {
         std::thread::sleep(Duration::from_millis(10));
     }
     panic!("blocks still in use:\n{}", engine.metrics_text());
+}
+
+/// The default chat template around one user message, tokenized.
+pub fn chat_prompt(engine: &EngineHandle, user: &str) -> Vec<TokenId> {
+    let text = engine
+        .apply_chat_template(&[candela_engine::ChatMessage::new("user", user)], true)
+        .expect("the model has a chat template");
+    engine.tokenize(&text, false).expect("tokenizes")
+}
+
+/// Everything one choice produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceOutput {
+    pub token_ids: Vec<TokenId>,
+    pub text: String,
+    pub reason: FinishReason,
+    pub usage: Usage,
+}
+
+/// A choice's tokens and text so far, and its end once finished.
+type PartialOutput = (Vec<TokenId>, String, Option<(FinishReason, Usage)>);
+
+/// Reads events until every one of `n` choices has finished.
+pub fn collect(mut events: UnboundedReceiver<GenerateEvent>, n: usize) -> Vec<ChoiceOutput> {
+    let mut outputs: Vec<PartialOutput> = vec![(Vec::new(), String::new(), None); n];
+    while outputs.iter().any(|o| o.2.is_none()) {
+        match events
+            .blocking_recv()
+            .expect("the engine finishes every choice")
+        {
+            GenerateEvent::Delta {
+                index,
+                token_ids,
+                text,
+                ..
+            } => {
+                let output = &mut outputs[index as usize];
+                assert!(output.2.is_none(), "a delta after Finished");
+                output.0.extend(token_ids);
+                output.1.push_str(&text);
+            }
+            GenerateEvent::Finished {
+                index,
+                reason,
+                usage,
+                ..
+            } => {
+                let output = &mut outputs[index as usize];
+                assert!(output.2.is_none(), "finished twice");
+                assert_eq!(usage.completion_tokens as usize, output.0.len());
+                output.2 = Some((reason, usage));
+            }
+        }
+    }
+    outputs
+        .into_iter()
+        .map(|(token_ids, text, finished)| {
+            let (reason, usage) = finished.expect("loop ends when all finished");
+            ChoiceOutput {
+                token_ids,
+                text,
+                reason,
+                usage,
+            }
+        })
+        .collect()
 }

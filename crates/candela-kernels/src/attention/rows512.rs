@@ -152,13 +152,9 @@ pub(super) unsafe fn attend<Q: KvElem, C: KvElem>(
     let qt = resized(&mut s.qt, d * rows_pad, 0.0);
     let q_row = resized(&mut s.q_row, d, 0.0);
     for r in 0..rows {
-        let token = q_begin + task.tok_begin + r / g;
-        let head = task.kv_head * g + r % g;
-        let from = args.q_offset + token * args.q_stride_token + head * args.q_stride_head;
-        Q::to_f32_into(&args.q[from..from + d], q_row);
-        C::round_f32(q_row);
+        args.query_row(task, r, q_row);
         for (dim, &x) in q_row.iter().enumerate() {
-            qt[dim * rows_pad + r] = x * args.scale;
+            qt[dim * rows_pad + r] = x;
         }
     }
     let st = resized(&mut s.st, bs * rows_pad, 0.0);
