@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod norm;
 pub mod quant;
 pub mod sampling;
+pub mod team;
 
 pub use attention::{paged_attention, paged_attention_windowed, write_kv, AttentionMetadata};
 pub use error::KernelError;

@@ -589,13 +589,16 @@ impl Decoder {
         kv: &mut PagedKvCache,
         pool: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        if self.device.is_cpu() && rayon::current_thread_index().is_none() {
+        if self.device.is_cpu() {
             // Called from outside the thread pool (the engine thread), every parallel op of
             // the step (about ten per layer) would inject its job into the pool and sleep on
             // a latch until a worker woke up and finished it: two thread wake-ups per op,
-            // hundreds per decode step. Run the whole step on a pool worker instead: nested
-            // ops then start on that worker at once and the other workers steal from it.
-            return rayon::scope(|_| self.forward_on_pool(input, kv, pool));
+            // hundreds per decode step. Run the whole step on a pool worker instead, with the
+            // other workers kept awake for it: nested ops then start on that worker at once
+            // and the others steal from it without being woken.
+            return candela_kernels::team::with_workers_awake(|| {
+                self.forward_on_pool(input, kv, pool)
+            });
         }
         self.forward_on_pool(input, kv, pool)
     }
