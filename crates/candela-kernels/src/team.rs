@@ -61,7 +61,7 @@ fn spin_until(done: &AtomicBool, owner: Option<usize>) {
                     idle_since = Instant::now();
                 }
                 idle += 1;
-                if idle % SPINS_PER_OS_YIELD == 0 {
+                if idle.is_multiple_of(SPINS_PER_OS_YIELD) {
                     if idle_since.elapsed() > IDLE_MAX {
                         return;
                     }
