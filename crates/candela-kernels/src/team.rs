@@ -18,7 +18,7 @@
 //! a spinner; so a spinner also returns after `IDLE_MAX` without finding work: what was a
 //! wait becomes a short delay, never a hang.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a spinner stays without finding work before it hands its worker back to rayon:
@@ -29,12 +29,23 @@ const IDLE_MAX: Duration = Duration::from_millis(2);
 /// core when they have work, without giving the core up to a futex sleep.
 const SPINS_PER_OS_YIELD: u32 = 64;
 
+/// Passes running under [`with_workers_awake`] now, process-wide.
+static PASSES_AWAKE: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether some pass keeps the pool's workers awake now: then a parallel region costs a steal
+/// (about a microsecond), not a wake-up, and much smaller work is worth splitting.
+pub fn workers_awake() -> bool {
+    PASSES_AWAKE.load(Ordering::Relaxed) > 0
+}
+
 /// Runs `f` on a worker of the current rayon pool with every other worker of the pool
 /// spinning (and stealing `f`'s parallel jobs) until `f` returns. Called from outside the
 /// pool, the caller blocks until `f` is done, as with `rayon::scope`.
 pub fn with_workers_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let others = rayon::current_num_threads().saturating_sub(1);
     let done = AtomicBool::new(false);
+    PASSES_AWAKE.fetch_add(1, Ordering::Relaxed);
+    let _awake = DecrementOnDrop(&PASSES_AWAKE);
     rayon::scope(|s| {
         let owner = rayon::current_thread_index();
         for _ in 0..others {
@@ -78,6 +89,14 @@ fn spin_until(done: &AtomicBool, owner: Option<usize>) {
 
 struct SetOnDrop<'a>(&'a AtomicBool);
 
+struct DecrementOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Release);
@@ -111,6 +130,12 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn inside_a_pass_the_workers_count_as_awake() {
+        // Only the positive side: other tests may run a pass concurrently in this process.
+        assert!(with_workers_awake(workers_awake));
     }
 
     #[test]

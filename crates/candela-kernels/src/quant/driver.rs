@@ -13,6 +13,10 @@ use super::{portable, Kernel, PackedWeight, QuantError, Result};
 /// Below this many multiply-adds a call runs on the calling thread: waking the pool costs a
 /// few microseconds, more than such a matmul takes.
 const PARALLEL_MACS_MIN: usize = 1 << 20;
+/// The same inside a pass that keeps the workers awake (`crate::team`), where going parallel
+/// costs a steal: SmolLM2's batch-1 q/k/v, o and down projections (0.3-0.9M multiply-adds)
+/// then split too.
+const PARALLEL_MACS_MIN_AWAKE: usize = 1 << 16;
 
 /// Fewest rows for which [`super::PackedWeight::matmul_f32`] runs the AMX kernel (when it is
 /// the detected one) rather than AVX-512 VNNI, whose output it matches bit for bit. Measured
@@ -160,7 +164,12 @@ fn run_parallel(a: &KernelArgs<'_>, kernel: Kernel) {
     let l = &a.layout;
     let threads = rayon::current_num_threads();
     let macs = a.m * l.n * l.k;
-    if threads <= 1 || macs < PARALLEL_MACS_MIN || l.tiles < 2 {
+    let macs_min = if crate::team::workers_awake() {
+        PARALLEL_MACS_MIN_AWAKE
+    } else {
+        PARALLEL_MACS_MIN
+    };
+    if threads <= 1 || macs < macs_min || l.tiles < 2 {
         run_tiles(a, kernel, 0, l.tiles);
         return;
     }
