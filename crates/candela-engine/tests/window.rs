@@ -1,14 +1,15 @@
 //! The hybrid KV cache on a real model with sliding-window layers (Gemma 3 270M Q4_K_M, window
 //! 512, every 6th layer global; fetched by `scripts/fetch-model gemma3-270m`): a sequence
 //! several windows long keeps only its last window in the windowed layers' pool, and greedy
-//! output equals the one-pool cache's with chunked prefill, prefix-cache hits and preemption.
+//! output equals the one-pool cache's with chunked prefill, prefix-cache hits, preemption and
+//! speculative decoding (drafts verified in windowed layers, rejected ones rolled back).
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candela_engine::api::{GenerateEvent, GenerateRequest, SamplingParams, TokenId};
-use candela_engine::{EngineConfig, EngineHandle};
+use candela_engine::{EngineConfig, EngineHandle, SpeculativeConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
@@ -22,6 +23,14 @@ const WINDOWED_LAYERS: u64 = 15;
 const CHUNK: usize = 256;
 
 fn start(hybrid: bool, kv_cache_memory_bytes: u64) -> EngineHandle {
+    start_with(hybrid, kv_cache_memory_bytes, None)
+}
+
+fn start_with(
+    hybrid: bool,
+    kv_cache_memory_bytes: u64,
+    speculative: Option<SpeculativeConfig>,
+) -> EngineHandle {
     let model =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
     let engine = EngineHandle::start(EngineConfig {
@@ -31,6 +40,7 @@ fn start(hybrid: bool, kv_cache_memory_bytes: u64) -> EngineHandle {
         // Prompts longer than a window are prefilled in chunks of 256.
         batch_tokens_max: CHUNK,
         seqs_running_max: 4,
+        speculative,
         ..EngineConfig::default()
     })
     .expect("Gemma 3 270M loads (scripts/fetch-model gemma3-270m)");
@@ -157,6 +167,43 @@ fn a_small_window_pool_preempts_and_keeps_every_output() {
     assert!(metric(&hybrid, "candela:num_preemptions_total") > 0.0);
     wait_until_idle(&hybrid);
     for engine in [one_pool, hybrid] {
+        engine.shutdown(Instant::now() + Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn speculative_decoding_keeps_the_output_across_the_window() {
+    // Repetitive notes, so n-gram lookup drafts. One prompt ends just before the window's
+    // length, so the reply's drafts are verified while the window starts to slide; the other
+    // is two and a half windows long. Rejected drafts' KV is written and overwritten in the
+    // windowed layers' pool.
+    let spec_config = SpeculativeConfig {
+        num_speculative_tokens: 6,
+        ngram_min: 1,
+        ..SpeculativeConfig::default()
+    };
+    let plain = start(true, 64 << 20);
+    let spec = start_with(true, 64 << 20, Some(spec_config));
+    for (seed, words) in [(4, 265), (5, 700)] {
+        let long = prompt(&spec, seed, words);
+        assert!(long.len() + 48 > WINDOW, "{} tokens", long.len());
+        let expected = generate(&plain, &long, 48);
+        assert_eq!(
+            generate(&spec, &long, 48),
+            expected,
+            "speculation changed the greedy output ({} prompt tokens)",
+            long.len()
+        );
+    }
+    let drafted = metric(&spec, "candela:spec_decode_num_draft_tokens_total");
+    let accepted = metric(&spec, "candela:spec_decode_num_accepted_tokens_total");
+    assert!(accepted > 0.0, "no draft accepted ({drafted} drafted)");
+    assert!(
+        accepted < drafted,
+        "every draft accepted: rollback not exercised"
+    );
+    wait_until_idle(&spec);
+    for engine in [plain, spec] {
         engine.shutdown(Instant::now() + Duration::from_secs(5));
     }
 }
