@@ -87,19 +87,21 @@ fn spin_until(done: &AtomicBool, owner: Option<usize>) {
     }
 }
 
+/// Sets the flag when dropped (the pass is over, however it ended).
 struct SetOnDrop<'a>(&'a AtomicBool);
 
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Counts a pass out of `PASSES_AWAKE` when dropped.
 struct DecrementOnDrop<'a>(&'a AtomicUsize);
 
 impl Drop for DecrementOnDrop<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
     }
 }
 
