@@ -331,6 +331,39 @@ fn every_kernel_matches_dequantized_f32_matmul() {
     }
 }
 
+/// A row's output does not depend on how many rows share the call (each kernel blocks rows
+/// differently by count: 1, 4 + 1, 5, 4 + 4 + 1, ...): what lets the engine promise the same
+/// tokens alone, amid traffic and under speculative verification.
+#[test]
+fn a_row_gives_the_same_bits_in_calls_of_any_row_count() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (n, k) = (70, 256);
+    for bits in [QuantBits::Int8, QuantBits::Int4] {
+        let w = random_weight(&mut rng, n, k);
+        let p = PackedWeight::quantize_f32(&w, n, k, bits, 32).unwrap();
+        let x = random_vec(&mut rng, 13 * k, 2.0);
+        for kernel in Kernel::available() {
+            let mut alone = vec![f32::NAN; 13 * n];
+            for (row, out) in x.chunks_exact(k).zip(alone.chunks_exact_mut(n)) {
+                p.matmul_f32_with(kernel, row, 1, out).unwrap();
+            }
+            for m in 2..=13 {
+                let mut y = vec![f32::NAN; m * n];
+                p.matmul_f32_with(kernel, &x[..m * k], m, &mut y).unwrap();
+                for (i, (a, b)) in y.iter().zip(&alone).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{kernel:?} {bits:?} m{m} row {} col {}",
+                        i / n,
+                        i % n
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Large enough to take the parallel path on a 2-thread pool; must equal the serial result.
 #[test]
 fn parallel_split_matches_single_thread() {
