@@ -590,12 +590,11 @@ impl Decoder {
         pool: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         if self.device.is_cpu() {
-            // Called from outside the thread pool (the engine thread), every parallel op of
-            // the step (about ten per layer) would inject its job into the pool and sleep on
-            // a latch until a worker woke up and finished it: two thread wake-ups per op,
-            // hundreds per decode step. Run the whole step on a pool worker instead, with the
-            // other workers kept awake for it: nested ops then start on that worker at once
-            // and the others steal from it without being woken.
+            // Run the whole step on a pool worker, with the other workers kept awake for it.
+            // From outside the pool (the engine thread), every parallel op of the step (about
+            // ten per layer) would inject its job and sleep on a latch until a worker finished
+            // it; on a worker with the others asleep, each op would wake one. Either way,
+            // hundreds of thread wake-ups per decode step.
             return candela_kernels::team::with_workers_awake(|| {
                 self.forward_on_pool(input, kv, pool)
             });
