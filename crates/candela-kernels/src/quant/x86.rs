@@ -61,7 +61,12 @@ unsafe fn run_avx512(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
         };
         let mut r = 0;
         while r < a.m {
-            let mr = (a.m - r).min(MR_512);
+            // Blocks of 4 rows, but 5 rather than 4 + 1: a one-row block unpacks the weights
+            // for a single row (a speculative verification of 4 drafts is 5 rows).
+            let mr = match a.m - r {
+                5 => 5,
+                left => left.min(MR_512),
+            };
             macro_rules! go {
                 ($($mr:literal, $nc:literal);*) => {
                     match (mr, nc, int4) {
@@ -73,7 +78,7 @@ unsafe fn run_avx512(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
                     }
                 };
             }
-            go!(1, 1; 1, 2; 1, 4; 2, 1; 2, 2; 3, 1; 3, 2; 4, 1; 4, 2);
+            go!(1, 1; 1, 2; 1, 4; 2, 1; 2, 2; 3, 1; 3, 2; 4, 1; 4, 2; 5, 1; 5, 2);
             r += mr;
         }
         t += nc;
@@ -103,11 +108,11 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
     for g in 0..l.groups {
         let blk = w0.add(g * l.block_bytes);
         let xg = xq0.add(g * gs);
-        if MR == 1 {
-            // Decode streams each weight once: ask for the tiles' blocks a few groups ahead
-            // (the NC tile streams are a tile apart, more than the hardware prefetcher follows
-            // at once). `wrapping_add`: the address may lie past the weights; prefetch never
-            // faults.
+        if r0 == 0 {
+            // The first row block of a tile is the one that reads it from memory (the others
+            // find it in cache): ask for the tiles' blocks a few groups ahead (the NC tile
+            // streams are a tile apart, more than the hardware prefetcher follows at once).
+            // `wrapping_add`: the address may lie past the weights; prefetch never faults.
             for t in 0..NC {
                 let ahead = blk.wrapping_add(t * l.tile_bytes + PREFETCH_GROUPS * l.block_bytes);
                 for line in (0..l.block_bytes).step_by(64) {
