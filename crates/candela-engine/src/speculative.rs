@@ -116,9 +116,16 @@ pub fn propose_ngram(
     }
 }
 
-/// Per-sequence acceptance over a window of drafts, and the back-off it decides: when fewer
-/// than [`Self::RATE_MIN`] of a window's draft tokens were accepted, the sequence proposes
-/// nothing for a number of steps that doubles with each bad window in a row.
+/// Per-sequence acceptance: the draft length, and the back-off over a window of drafts.
+///
+/// Length: a verification row costs about as much as a step's share of a one-row step's
+/// matmul work, so drafts past the first rejected one are paid for and wasted. After a
+/// rejection the next draft is one token longer than the run just accepted; after a fully
+/// accepted draft the length doubles (up to K), so a sequence that copies a long passage
+/// soon drafts K tokens a step, and one that copies in short bursts drafts short.
+///
+/// Back-off: when fewer than [`Self::RATE_MIN`] of a window's draft tokens were accepted, the
+/// sequence proposes nothing for a number of steps that doubles with each bad window in a row.
 #[derive(Debug, Clone)]
 pub struct Acceptance {
     drafted: u32,
@@ -127,6 +134,8 @@ pub struct Acceptance {
     backoff_left: u32,
     /// The next back-off's length.
     backoff_next: u32,
+    /// The most drafts to propose next (K caps it); `u32::MAX` until the first rejection.
+    len: u32,
 }
 
 impl Default for Acceptance {
@@ -136,6 +145,7 @@ impl Default for Acceptance {
             accepted: 0,
             backoff_left: 0,
             backoff_next: Self::BACKOFF_MIN_STEPS,
+            len: u32::MAX,
         }
     }
 }
@@ -159,8 +169,19 @@ impl Acceptance {
         true
     }
 
+    /// How many drafts to propose this step, at most `k`.
+    pub fn draft_len(&self, k: u32) -> u32 {
+        self.len.min(k)
+    }
+
     /// Records one step's verification: `drafted` tokens, of which `accepted` were accepted.
     pub fn record(&mut self, drafted: u32, accepted: u32) {
+        self.len = if accepted >= drafted {
+            // `max`: a lookup cut short by the end of the tokens does not shorten the next.
+            self.len.max(drafted.saturating_mul(2))
+        } else {
+            accepted + 1
+        };
         self.drafted += drafted;
         self.accepted += accepted;
         if self.drafted < Self::WINDOW_TOKENS {
@@ -240,6 +261,27 @@ mod tests {
             a.record(4, 3);
         }
         assert!(a.may_propose(), "a good window does not back off");
+    }
+
+    #[test]
+    fn draft_length_follows_the_accepted_runs() {
+        let mut a = Acceptance::default();
+        assert_eq!(a.draft_len(8), 8, "K until a rejection");
+        a.record(8, 8);
+        assert_eq!(a.draft_len(8), 8);
+        a.record(8, 2);
+        assert_eq!(a.draft_len(8), 3, "one past the accepted run");
+        a.record(3, 0);
+        assert_eq!(a.draft_len(8), 1);
+        a.record(1, 1);
+        assert_eq!(a.draft_len(8), 2, "doubles on a fully accepted draft");
+        a.record(2, 2);
+        a.record(4, 4);
+        assert_eq!(a.draft_len(8), 8);
+        a.record(8, 8);
+        assert_eq!(a.draft_len(8), 8, "capped at K");
+        a.record(2, 2);
+        assert_eq!(a.draft_len(8), 8, "a short lookup does not shorten it");
     }
 
     #[test]

@@ -26,7 +26,10 @@ impl EngineCore {
                     continue;
                 }
                 let left = choice.tokens_max.saturating_sub(choice.tokens_generated);
-                let k = cfg.num_speculative_tokens.min(left.saturating_sub(1));
+                let k = choice
+                    .acceptance
+                    .draft_len(cfg.num_speculative_tokens)
+                    .min(left.saturating_sub(1));
                 if k == 0 || !choice.acceptance.may_propose() {
                     continue;
                 }
