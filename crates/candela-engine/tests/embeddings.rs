@@ -4,13 +4,11 @@
 //! generation traffic, served from the prefix cache (last pooling) or preempted (mean
 //! pooling); they have unit norm, mean and last pooling differ, and every block is freed.
 
-use std::num::NonZeroU32;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use candela_engine::api::{
-    EmbedEvent, EmbedRequest, FinishReason, GenerateEvent, GenerateRequest, Pooling,
-    SamplingParams, SubmitError, TokenId, Usage,
+    EmbedEvent, EmbedRequest, FinishReason, GenerateEvent, Pooling, SubmitError, TokenId, Usage,
 };
 use candela_engine::{EngineConfig, EngineHandle, KvCacheDtype};
 use candela_models::{BatchBuilder, Model, PoolChunk, SeqChunk};
@@ -18,7 +16,7 @@ use candle_core::Device;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, model_path, start, wait_until_idle};
+use support::{greedy, metric, model_path, request, start, wait_until_idle};
 
 /// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
 /// 64, f16 (the default cache dtype on the CPU).
@@ -161,20 +159,6 @@ fn norm(v: &[f32]) -> f32 {
     v.iter().map(|x| x * x).sum::<f32>().sqrt()
 }
 
-fn greedy_request(prompt: &[TokenId], max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: NonZeroU32::new(max_tokens),
-            ..SamplingParams::default()
-        },
-        n: NonZeroU32::MIN,
-        priority: 0,
-        arrival: Instant::now(),
-    }
-}
-
 fn generated(mut events: UnboundedReceiver<GenerateEvent>) -> Vec<TokenId> {
     let mut tokens = Vec::new();
     loop {
@@ -219,13 +203,18 @@ fn embeddings_equal_the_model_alone_whether_alone_chunked_or_amid_generation() {
     let expected: Vec<Vec<TokenId>> = prompts
         .iter()
         .map(|p| {
-            let (_, events) = engine.submit(greedy_request(p, 24)).expect("accepted");
+            let (_, events) = engine.submit(request(p, greedy(24), 1)).expect("accepted");
             generated(events)
         })
         .collect();
     let generations: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(greedy_request(p, 24)).expect("accepted").1)
+        .map(|p| {
+            engine
+                .submit(request(p, greedy(24), 1))
+                .expect("accepted")
+                .1
+        })
         .collect();
     let embeds: Vec<_> = [Pooling::Last, Pooling::Mean]
         .into_iter()
@@ -259,7 +248,9 @@ fn only_last_pooling_starts_from_the_prefix_cache_and_blocks_are_freed() {
     let engine = start(EngineConfig::default());
     // A generation computes (and caches) a 64-token prefix: 4 blocks.
     let prefix = prompt(64, 20);
-    let (_, events) = engine.submit(greedy_request(&prefix, 2)).expect("accepted");
+    let (_, events) = engine
+        .submit(request(&prefix, greedy(2), 1))
+        .expect("accepted");
     generated(events);
     let mut input = prefix.clone();
     input.extend(prompt(26, 21));
@@ -319,7 +310,12 @@ fn a_tiny_cache_preempts_embeddings_and_they_still_equal_the_reference() {
     let inputs = vec![prompt(100, 33), prompt(104, 34)];
     let generations: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(greedy_request(p, 50)).expect("accepted").1)
+        .map(|p| {
+            engine
+                .submit(request(p, greedy(50), 1))
+                .expect("accepted")
+                .1
+        })
         .collect();
     let embeds: Vec<_> = [Pooling::Mean, Pooling::Last]
         .into_iter()

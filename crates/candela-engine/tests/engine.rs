@@ -19,7 +19,9 @@ use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{chat_prompt, collect, metric, start, wait_until_idle, ChoiceOutput};
+use support::{
+    chat_prompt, collect, greedy, metric, request, start, wait_until_idle, ChoiceOutput,
+};
 
 /// Bytes of one KV block of the default model: K and V, 30 layers, 16 tokens, 3 KV heads of
 /// 64, f16 (the default cache dtype on the CPU).
@@ -34,24 +36,6 @@ fn reference_path() -> PathBuf {
 fn shared_engine() -> &'static EngineHandle {
     static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
     ENGINE.get_or_init(|| start(EngineConfig::default()))
-}
-
-fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        max_tokens: NonZeroU32::new(max_tokens),
-        ..SamplingParams::default()
-    }
-}
-
-fn request(prompt: &[TokenId], sampling: SamplingParams) -> GenerateRequest {
-    GenerateRequest {
-        prompt_token_ids: prompt.to_vec(),
-        sampling,
-        n: NonZeroU32::MIN,
-        priority: 0,
-        arrival: Instant::now(),
-    }
 }
 
 fn generate(engine: &EngineHandle, request: GenerateRequest) -> Vec<ChoiceOutput> {
@@ -180,7 +164,7 @@ fn assert_reference_agreement(engine: &EngineHandle) {
     );
     let requests = records
         .iter()
-        .map(|r| request(&r.prompt_token_ids, greedy(48)))
+        .map(|r| request(&r.prompt_token_ids, greedy(48), 1))
         .collect();
     let outputs = generate_concurrently(engine, requests);
     let mut mismatches = Vec::new();
@@ -220,11 +204,11 @@ fn sixteen_concurrent_requests_equal_each_alone() {
         .collect();
     let alone: Vec<ChoiceOutput> = prompts
         .iter()
-        .map(|p| generate(engine, request(p, greedy(20))).remove(0))
+        .map(|p| generate(engine, request(p, greedy(20), 1)).remove(0))
         .collect();
     let together = generate_concurrently(
         engine,
-        prompts.iter().map(|p| request(p, greedy(20))).collect(),
+        prompts.iter().map(|p| request(p, greedy(20), 1)).collect(),
     );
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a.token_ids, b.token_ids, "prompt {i}");
@@ -248,18 +232,18 @@ fn a_seeded_request_gives_the_same_output_alone_and_amid_traffic() {
     let engine = shared_engine();
     let records = records();
     let prompt = records[2].prompt_token_ids.clone();
-    let alone = generate(engine, request(&prompt, sampled(1234, 24))).remove(0);
+    let alone = generate(engine, request(&prompt, sampled(1234, 24), 1)).remove(0);
     let mut requests: Vec<GenerateRequest> = records[5..10]
         .iter()
-        .map(|r| request(&r.prompt_token_ids, sampled(7, 24)))
+        .map(|r| request(&r.prompt_token_ids, sampled(7, 24), 1))
         .collect();
-    requests.insert(2, request(&prompt, sampled(1234, 24)));
+    requests.insert(2, request(&prompt, sampled(1234, 24), 1));
     let amid = generate_concurrently(engine, requests).remove(2);
     assert_eq!(alone.token_ids, amid.token_ids);
     assert_eq!(alone.token_ids.len(), 24);
     // Another seed gives another output (24 tokens at temperature 0.9: a collision would be
     // astronomically unlikely).
-    let other = generate(engine, request(&prompt, sampled(1235, 24))).remove(0);
+    let other = generate(engine, request(&prompt, sampled(1235, 24), 1)).remove(0);
     assert_ne!(alone.token_ids, other.token_ids);
 }
 
@@ -273,7 +257,7 @@ fn n_choices_share_the_prompt_and_follow_their_seeds() {
         .find(|r| r.prompt_token_ids.len() > 40)
         .expect("a long prompt");
     let prompt = &record.prompt_token_ids;
-    let mut both = request(prompt, sampled(99, 12));
+    let mut both = request(prompt, sampled(99, 12), 1);
     both.n = NonZeroU32::new(2).expect("2 > 0");
     let outputs = generate(engine, both);
     assert_eq!(outputs.len(), 2);
@@ -286,8 +270,8 @@ fn n_choices_share_the_prompt_and_follow_their_seeds() {
         prompt.len()
     );
     // Choice i samples with seed + i, like a lone request with that seed.
-    let first = generate(engine, request(prompt, sampled(99, 12))).remove(0);
-    let second = generate(engine, request(prompt, sampled(100, 12))).remove(0);
+    let first = generate(engine, request(prompt, sampled(99, 12), 1)).remove(0);
+    let second = generate(engine, request(prompt, sampled(100, 12), 1)).remove(0);
     assert_eq!(outputs[0].token_ids, first.token_ids);
     assert_eq!(outputs[1].token_ids, second.token_ids);
 }
@@ -296,11 +280,11 @@ fn n_choices_share_the_prompt_and_follow_their_seeds() {
 fn abort_and_dropped_receivers_free_every_block() {
     let engine = start(EngineConfig::default());
     let records = records();
-    let long = |i: usize| request(&records[i].prompt_token_ids, sampled(i as u64, 200));
+    let long = |i: usize| request(&records[i].prompt_token_ids, sampled(i as u64, 200), 1);
     let (aborted_id, mut aborted) = engine.submit(long(2)).expect("accepted");
     let (_, dropped) = engine.submit(long(5)).expect("accepted");
     let (_, finishing) = engine
-        .submit(request(&records[8].prompt_token_ids, greedy(4)))
+        .submit(request(&records[8].prompt_token_ids, greedy(4), 1))
         .expect("accepted");
     // Let the first request generate before aborting it. Metrics are exported after each
     // step, so once the second delta arrives the first step's usage is visible.
@@ -342,7 +326,7 @@ fn a_tiny_kv_cache_preempts_and_still_gives_the_same_greedy_output() {
     let expected: Vec<Vec<TokenId>> = prompts
         .iter()
         .map(|p| {
-            generate(reference, request(p, greedy(40)))
+            generate(reference, request(p, greedy(40), 1))
                 .remove(0)
                 .token_ids
         })
@@ -354,7 +338,7 @@ fn a_tiny_kv_cache_preempts_and_still_gives_the_same_greedy_output() {
     });
     let outputs = generate_concurrently(
         &engine,
-        prompts.iter().map(|p| request(p, greedy(40))).collect(),
+        prompts.iter().map(|p| request(p, greedy(40), 1)).collect(),
     );
     for (i, (output, expected)) in outputs.iter().zip(&expected).enumerate() {
         assert_eq!(&output.token_ids, expected, "prompt {i}");
@@ -372,13 +356,13 @@ fn a_request_that_can_never_fit_finishes_with_an_error() {
         ..EngineConfig::default()
     });
     let prompt: Vec<TokenId> = records()[2].prompt_token_ids.clone();
-    let output = generate(&engine, request(&prompt, greedy(100))).remove(0);
+    let output = generate(&engine, request(&prompt, greedy(100), 1)).remove(0);
     match &output.reason {
         FinishReason::Error(message) => assert!(message.contains("KV cache"), "{message}"),
         other => panic!("expected an error, got {other:?}"),
     }
     // The engine still serves requests that fit.
-    let small = generate(&engine, request(&prompt[..10], greedy(3))).remove(0);
+    let small = generate(&engine, request(&prompt[..10], greedy(3), 1)).remove(0);
     assert_eq!(small.reason, FinishReason::Length);
     engine.shutdown(Instant::now() + Duration::from_secs(5));
 }
@@ -390,7 +374,7 @@ fn stop_strings_end_generation_and_are_never_emitted() {
         .into_iter()
         .find(|r| r.id == "c01-chat")
         .expect("the c01-chat record");
-    let full = generate(engine, request(&record.prompt_token_ids, greedy(40))).remove(0);
+    let full = generate(engine, request(&record.prompt_token_ids, greedy(40), 1)).remove(0);
     // "return" appears in the factorial code; stop on it, even though it spans tokens
     // (" return" is one token here, so stop on a string that starts mid-token too).
     for stop in ["return", "eturn 1"] {
@@ -400,7 +384,7 @@ fn stop_strings_end_generation_and_are_never_emitted() {
             .expect("the stop string occurs in the output");
         let mut sampling = greedy(40);
         sampling.stop = vec!["never-appears".into(), stop.into()];
-        let output = generate(engine, request(&record.prompt_token_ids, sampling)).remove(0);
+        let output = generate(engine, request(&record.prompt_token_ids, sampling, 1)).remove(0);
         assert_eq!(output.text, full.text[..at], "stop {stop:?}");
         assert_eq!(
             output.reason,
@@ -423,14 +407,14 @@ fn stop_token_ids_and_max_tokens_end_generation() {
     full_sampling.ignore_eos = true;
     let full = generate(
         engine,
-        request(&record.prompt_token_ids, full_sampling.clone()),
+        request(&record.prompt_token_ids, full_sampling.clone(), 1),
     )
     .remove(0);
     assert_eq!(full.reason, FinishReason::Length);
     assert_eq!(full.token_ids.len(), 10);
     let mut sampling = full_sampling;
     sampling.stop_token_ids = vec![full.token_ids[3]];
-    let stopped = generate(engine, request(&record.prompt_token_ids, sampling)).remove(0);
+    let stopped = generate(engine, request(&record.prompt_token_ids, sampling, 1)).remove(0);
     let first = full
         .token_ids
         .iter()
@@ -448,29 +432,29 @@ fn submit_rejects_bad_requests() {
     let engine = shared_engine();
     let vocab = engine.vocab_size() as TokenId;
     assert!(matches!(
-        engine.submit(request(&[], greedy(4))),
+        engine.submit(request(&[], greedy(4), 1)),
         Err(SubmitError::Invalid(_))
     ));
     assert!(matches!(
-        engine.submit(request(&[1, vocab], greedy(4))),
+        engine.submit(request(&[1, vocab], greedy(4), 1)),
         Err(SubmitError::Invalid(_))
     ));
     let long = vec![1; engine.model_len_max() - 3];
     assert!(matches!(
-        engine.submit(request(&long, greedy(4))),
+        engine.submit(request(&long, greedy(4), 1)),
         Err(SubmitError::PromptTooLong { .. })
     ));
     let mut bad = greedy(4);
     bad.top_p = 0.0;
     assert!(matches!(
-        engine.submit(request(&[1, 2], bad)),
+        engine.submit(request(&[1, 2], bad, 1)),
         Err(SubmitError::InvalidParam(e)) if e.param == "top_p"
     ));
     // The same range as the server's: a bias of 101 is refused, not only a non-finite one.
     let mut bad = greedy(4);
     bad.logit_bias = vec![(1, 101.0)];
     assert!(matches!(
-        engine.submit(request(&[1, 2], bad)),
+        engine.submit(request(&[1, 2], bad, 1)),
         Err(SubmitError::InvalidParam(e)) if e.param == "logit_bias"
     ));
 }
@@ -488,7 +472,7 @@ fn logprobs_and_tokenizer_round_trip() {
     );
     let mut sampling = greedy(1);
     sampling.logprobs = Some(3);
-    let (_, mut events) = engine.submit(request(&ids, sampling)).expect("accepted");
+    let (_, mut events) = engine.submit(request(&ids, sampling, 1)).expect("accepted");
     match events.blocking_recv() {
         Some(GenerateEvent::Delta {
             token_ids,
@@ -553,7 +537,7 @@ fn tokens_picked_on_the_device_equal_host_sampling() {
         records
             .iter()
             .zip(&params)
-            .map(|(r, p)| request(&r.prompt_token_ids, p.clone()))
+            .map(|(r, p)| request(&r.prompt_token_ids, p.clone(), 1))
             .collect::<Vec<_>>()
     };
     // Tokens, text and finish reason; not usage (the prefix cache differs between the rounds).
@@ -568,14 +552,14 @@ fn tokens_picked_on_the_device_equal_host_sampling() {
         &on_device,
         records[..4]
             .iter()
-            .map(|r| request(&r.prompt_token_ids, greedy(12)))
+            .map(|r| request(&r.prompt_token_ids, greedy(12), 1))
             .collect(),
     );
     let host = generate_concurrently(
         &on_host,
         records[..4]
             .iter()
-            .map(|r| request(&r.prompt_token_ids, greedy(12)))
+            .map(|r| request(&r.prompt_token_ids, greedy(12), 1))
             .collect(),
     );
     assert_eq!(
@@ -621,7 +605,7 @@ fn a_json_schema_constrains_greedy_and_sampled_outputs() {
     let constraint = OutputConstraint::JsonSchema(schema.to_string());
     let greedy_out = generate(
         engine,
-        request(&prompt, constrained(constraint.clone(), greedy(96))),
+        request(&prompt, constrained(constraint.clone(), greedy(96)), 1),
     );
     let mut sampled_request = request(
         &prompt,
@@ -632,6 +616,7 @@ fn a_json_schema_constrains_greedy_and_sampled_outputs() {
                 ..sampled(11, 96)
             },
         ),
+        1,
     );
     sampled_request.n = NonZeroU32::new(4).expect("4 > 0");
     let outputs: Vec<ChoiceOutput> = greedy_out
@@ -659,7 +644,7 @@ fn json_object_choice_and_regex_constraints_hold() {
     let engine = shared_engine();
     let prompt = chat_prompt(engine, "Is the sky blue? Answer yes or no.");
     let choice = OutputConstraint::Choice(vec!["yes".into(), "no".into(), "maybe so".into()]);
-    let out = generate(engine, request(&prompt, constrained(choice, greedy(16)))).remove(0);
+    let out = generate(engine, request(&prompt, constrained(choice, greedy(16)), 1)).remove(0);
     assert!(completed(&out), "{out:?}");
     assert!(
         ["yes", "no", "maybe so"].contains(&out.text.as_str()),
@@ -669,7 +654,7 @@ fn json_object_choice_and_regex_constraints_hold() {
 
     let prompt = chat_prompt(engine, "Give me a phone number.");
     let regex = OutputConstraint::Regex("[0-9]{3}-[0-9]{4}".into());
-    let out = generate(engine, request(&prompt, constrained(regex, greedy(16)))).remove(0);
+    let out = generate(engine, request(&prompt, constrained(regex, greedy(16)), 1)).remove(0);
     assert!(completed(&out), "{out:?}");
     let digits: Vec<&str> = out.text.split('-').collect();
     assert_eq!(digits.len(), 2, "{:?}", out.text);
@@ -686,6 +671,7 @@ fn json_object_choice_and_regex_constraints_hold() {
         request(
             &prompt,
             constrained(OutputConstraint::JsonObject, greedy(200)),
+            1,
         ),
     )
     .remove(0);
@@ -702,7 +688,7 @@ fn json_object_choice_and_regex_constraints_hold() {
         "start: \"The answer is \" NUMBER \".\"\nNUMBER: /[1-9][0-9]?/".into(),
     );
     let prompt = chat_prompt(engine, "What is six times seven?");
-    let out = generate(engine, request(&prompt, constrained(lark, greedy(16)))).remove(0);
+    let out = generate(engine, request(&prompt, constrained(lark, greedy(16)), 1)).remove(0);
     assert!(completed(&out), "{out:?}");
     let number = out
         .text
@@ -727,10 +713,11 @@ fn a_constrained_row_reports_raw_logprobs_beside_unconstrained_ones() {
     let outputs = generate_concurrently(
         engine,
         vec![
-            request(&prompt, with_logprobs(None)),
+            request(&prompt, with_logprobs(None), 1),
             request(
                 &prompt,
                 with_logprobs(Some(OutputConstraint::Choice(vec!["no".into()]))),
+                1,
             ),
         ],
     );
@@ -743,6 +730,7 @@ fn a_constrained_row_reports_raw_logprobs_beside_unconstrained_ones() {
         .submit(request(
             &prompt,
             with_logprobs(Some(OutputConstraint::Choice(vec!["no".into()]))),
+            1,
         ))
         .expect("accepted");
     let logprob = first_logprob(events);
@@ -784,7 +772,11 @@ fn invalid_constraints_are_rejected_at_submit() {
             "undefined_rule",
         ),
     ] {
-        match engine.submit(request(&prompt, constrained(constraint.clone(), greedy(4)))) {
+        match engine.submit(request(
+            &prompt,
+            constrained(constraint.clone(), greedy(4)),
+            1,
+        )) {
             Err(SubmitError::Invalid(message)) => {
                 assert!(message.contains(words), "{constraint:?}: {message}");
                 assert!(

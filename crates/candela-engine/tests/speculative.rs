@@ -5,7 +5,6 @@
 //! copies, `max_tokens` and stop strings exact, and no speculation for choices that want
 //! logprobs or a structured output.
 
-use std::num::NonZeroU32;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,9 @@ use candela_engine::api::{
 use candela_engine::{EngineConfig, EngineHandle, SpeculativeConfig};
 
 mod support;
-use support::{chat_prompt, collect, metric, start, wait_until_idle, ChoiceOutput};
+use support::{
+    chat_prompt, collect, greedy, metric, request, start, wait_until_idle, ChoiceOutput,
+};
 
 /// Bytes of one KV block of the default model (see tests/engine.rs).
 const BLOCK_BYTES: u64 = 2 * 30 * 16 * 3 * 64 * 2;
@@ -43,24 +44,6 @@ fn speculative(k: u32, ngram_min: u32) -> Option<SpeculativeConfig> {
 fn plain_engine() -> &'static EngineHandle {
     static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
     ENGINE.get_or_init(|| start(EngineConfig::default()))
-}
-
-fn greedy(max_tokens: u32) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        max_tokens: NonZeroU32::new(max_tokens),
-        ..SamplingParams::default()
-    }
-}
-
-fn request(prompt: &[TokenId], sampling: SamplingParams, n: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt_token_ids: prompt.to_vec(),
-        sampling,
-        n: NonZeroU32::new(n).expect("n > 0"),
-        priority: 0,
-        arrival: Instant::now(),
-    }
 }
 
 fn generate_all(engine: &EngineHandle, requests: Vec<GenerateRequest>) -> Vec<Vec<ChoiceOutput>> {

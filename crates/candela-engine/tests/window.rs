@@ -4,16 +4,15 @@
 //! output equals the one-pool cache's with chunked prefill, prefix-cache hits, preemption and
 //! speculative decoding (drafts verified in windowed layers, rejected ones rolled back).
 
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candela_engine::api::{GenerateEvent, GenerateRequest, SamplingParams, TokenId};
+use candela_engine::api::{GenerateEvent, TokenId};
 use candela_engine::{EngineConfig, EngineHandle, SpeculativeConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 mod support;
-use support::{metric, wait_until_idle};
+use support::{greedy, metric, request, wait_until_idle};
 
 /// One block of one layer of Gemma 3 270M: K and V, 16 tokens, 1 KV head of 256, f16.
 const LAYER_BLOCK_BYTES: u64 = 2 * 16 * 256 * 2;
@@ -65,20 +64,6 @@ fn prompt(engine: &EngineHandle, seed: usize, words: usize) -> Vec<TokenId> {
     engine.tokenize(&text, true).expect("tokenizes")
 }
 
-fn request(prompt: &[TokenId], max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt_token_ids: prompt.to_vec(),
-        sampling: SamplingParams {
-            temperature: 0.0,
-            max_tokens: NonZeroU32::new(max_tokens),
-            ..SamplingParams::default()
-        },
-        n: NonZeroU32::MIN,
-        priority: 0,
-        arrival: Instant::now(),
-    }
-}
-
 /// The tokens of one choice; `during` runs once, after the first delta.
 fn tokens(mut events: UnboundedReceiver<GenerateEvent>, mut during: impl FnMut()) -> Vec<TokenId> {
     let mut out = Vec::new();
@@ -101,7 +86,7 @@ fn tokens(mut events: UnboundedReceiver<GenerateEvent>, mut during: impl FnMut()
 fn generate(engine: &EngineHandle, prompt: &[TokenId], max_tokens: u32) -> Vec<TokenId> {
     tokens(
         engine
-            .submit(request(prompt, max_tokens))
+            .submit(request(prompt, greedy(max_tokens), 1))
             .expect("accepted")
             .1,
         || {},
@@ -121,7 +106,10 @@ fn a_long_gemma_sequence_keeps_only_its_window_and_the_same_output() {
     let expected = generate(&one_pool, &long, 24);
     let mut window_used = 0.0;
     let got = tokens(
-        hybrid.submit(request(&long, 24)).expect("accepted").1,
+        hybrid
+            .submit(request(&long, greedy(24), 1))
+            .expect("accepted")
+            .1,
         || {
             window_used = metric(&hybrid, "candela:kv_window_blocks_used");
         },
@@ -159,7 +147,12 @@ fn a_small_window_pool_preempts_and_keeps_every_output() {
     let expected: Vec<Vec<TokenId>> = prompts.iter().map(|p| generate(&one_pool, p, 16)).collect();
     let receivers: Vec<_> = prompts
         .iter()
-        .map(|p| hybrid.submit(request(p, 16)).expect("accepted").1)
+        .map(|p| {
+            hybrid
+                .submit(request(p, greedy(16), 1))
+                .expect("accepted")
+                .1
+        })
         .collect();
     for (i, (events, expected)) in receivers.into_iter().zip(&expected).enumerate() {
         assert_eq!(&tokens(events, || {}), expected, "prompt {i}");

@@ -1,14 +1,17 @@
 //! What the engine's integration tests share: starting an engine on the default model,
-//! chat prompts, collecting a request's events into per-choice outputs, reading the engine's
+//! chat prompts, greedy requests, collecting a request's events into per-choice outputs, reading the engine's
 //! metrics and waiting (bounded) for it to go idle.
 
 // Each test crate compiles this module and uses a part of it.
 #![allow(dead_code)]
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use candela_engine::api::{FinishReason, GenerateEvent, TokenId, Usage};
+use candela_engine::api::{
+    FinishReason, GenerateEvent, GenerateRequest, SamplingParams, TokenId, Usage,
+};
 use candela_engine::{EngineConfig, EngineHandle};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -60,6 +63,26 @@ pub fn chat_prompt(engine: &EngineHandle, user: &str) -> Vec<TokenId> {
         .apply_chat_template(&[candela_engine::ChatMessage::new("user", user)], true)
         .expect("the model has a chat template");
     engine.tokenize(&text, false).expect("tokenizes")
+}
+
+/// Greedy decoding of at most `max_tokens` tokens.
+pub fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens: NonZeroU32::new(max_tokens),
+        ..SamplingParams::default()
+    }
+}
+
+/// A request for `n` choices of `prompt`, arriving now.
+pub fn request(prompt: &[TokenId], sampling: SamplingParams, n: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt_token_ids: prompt.to_vec(),
+        sampling,
+        n: NonZeroU32::new(n).expect("n > 0"),
+        priority: 0,
+        arrival: Instant::now(),
+    }
 }
 
 /// Everything one choice produced.
