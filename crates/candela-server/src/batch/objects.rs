@@ -17,83 +17,64 @@ pub enum ObjectKind {
     List,
 }
 
-/// A file id: `file-` and 32 hex digits. Ids from clients are checked before any use, so a
-/// path built from one cannot leave the data directory.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct FileId(String);
-
-/// A batch id: `batch_` and 32 hex digits (checked as [`FileId`] is).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BatchId(String);
-
 fn is_id(text: &str, prefix: &str) -> bool {
     text.strip_prefix(prefix)
         .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-impl FileId {
-    const PREFIX: &'static str = "file-";
+/// An id type: `prefix` and 32 hex digits, random when new, checked when parsed.
+macro_rules! prefixed_id {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
 
-    /// A new random id.
-    pub fn new() -> Self {
-        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::new_v4().simple()))
-    }
+        impl $name {
+            const PREFIX: &'static str = $prefix;
 
-    /// The id `text` names, if it is well-formed.
-    pub fn parse(text: &str) -> Option<Self> {
-        is_id(text, Self::PREFIX).then(|| Self(text.to_owned()))
-    }
+            /// A new random id.
+            pub fn new() -> Self {
+                Self(format!("{}{}", Self::PREFIX, uuid::Uuid::new_v4().simple()))
+            }
 
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            /// The id `text` names, if it is well-formed.
+            pub fn parse(text: &str) -> Option<Self> {
+                is_id(text, Self::PREFIX).then(|| Self(text.to_owned()))
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
 }
 
-impl Default for FileId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+prefixed_id!(
+    /// A file id: `file-` and 32 hex digits. Ids from clients are checked before any use, so a
+    /// path built from one cannot leave the data directory.
+    FileId,
+    "file-"
+);
 
-impl BatchId {
-    const PREFIX: &'static str = "batch_";
-
-    /// A new random id.
-    pub fn new() -> Self {
-        Self(format!("{}{}", Self::PREFIX, uuid::Uuid::new_v4().simple()))
-    }
-
-    /// The id `text` names, if it is well-formed.
-    pub fn parse(text: &str) -> Option<Self> {
-        is_id(text, Self::PREFIX).then(|| Self(text.to_owned()))
-    }
-
-    /// The id as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Default for BatchId {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl std::fmt::Display for FileId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::fmt::Display for BatchId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+prefixed_id!(
+    /// A batch id: `batch_` and 32 hex digits (checked as [`FileId`] is).
+    BatchId,
+    "batch_"
+);
 
 /// What a file is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
