@@ -18,8 +18,9 @@ pub struct SpeculativeArgs {
     /// or logprobs decode without it.
     #[arg(long, value_enum)]
     speculative: Option<MethodArg>,
-    /// Most draft tokens verified per sequence and step (1 to 16).
-    #[arg(long, default_value_t = 4, requires = "speculative",
+    /// Most draft tokens verified per sequence and step (1 to 16); each sequence drafts
+    /// fewer after rejections.
+    #[arg(long, default_value_t = SpeculativeConfig::default().num_speculative_tokens, requires = "speculative",
           value_parser = clap::value_parser!(u32).range(1..=i64::from(SpeculativeConfig::TOKENS_MAX)))]
     num_speculative_tokens: u32,
     /// Longest n-gram looked up (tried first).

@@ -35,12 +35,14 @@ pub struct SpeculativeConfig {
 }
 
 impl Default for SpeculativeConfig {
-    /// K = 4, n-grams of 4 down to 2 tokens: a single recurring token proposes too often in
-    /// chat, where most such drafts are rejected.
+    /// K = 8, n-grams of 4 down to 2 tokens: a single recurring token proposes too often in
+    /// chat, where most such drafts are rejected. K = 8 rather than 4: with the draft length
+    /// following the accepted runs ([`Acceptance`]), long copies gain (1.94x against 1.71x
+    /// over plain decoding on the copy-heavy set, SmolLM2) and chat does not lose.
     fn default() -> Self {
         Self {
             method: SpeculativeMethod::Ngram,
-            num_speculative_tokens: 4,
+            num_speculative_tokens: 8,
             ngram_min: 2,
             ngram_max: 4,
         }
