@@ -2114,13 +2114,23 @@ mod tests {
         }
         let dev = Device::Cpu;
         let (num_blocks, bs, hkv) = (8, 16, 2);
-        // A 40-token chunk at the end of a 70-token context, a whole 9-token prompt, a decode.
-        let tables = [0, 3, 5, 7, 1, 2, 0, 0, 0, 0, 4, 6, 0, 0, 0];
-        let m = meta(&dev, &[0, 40, 49, 50], &[70, 9, 20], &tables, 5);
+        // A 40-token chunk at the end of a 70-token context, a whole 9-token prompt, a decode,
+        // and whole 5- and 15-token prompts: with 3 query heads per KV head, tasks of 10, 2, 1
+        // and 3 chunks of 16 rows (every tile width of the many-row kernel's scores).
+        let tables = [
+            0, 3, 5, 7, 1, 2, 0, 0, 0, 0, 4, 6, 0, 0, 0, 3, 0, 0, 0, 0, 6, 0, 0, 0, 0,
+        ];
+        let m = meta(
+            &dev,
+            &[0, 40, 49, 50, 55, 70],
+            &[70, 9, 20, 5, 15],
+            &tables,
+            5,
+        );
         for d in [64, 128] {
             let kc = Tensor::randn(0f32, 1.0, (num_blocks, bs, hkv, d), &dev).unwrap();
             let vc = Tensor::randn(0f32, 1.0, (num_blocks, bs, hkv, d), &dev).unwrap();
-            let q = Tensor::randn(0f32, 1.0, (50, 6, d), &dev).unwrap();
+            let q = Tensor::randn(0f32, 1.0, (70, 6, d), &dev).unwrap();
             for_each_dtype(&q, &kc, &vc, |q, kc, vc, tolerance| {
                 baseline_and_avx2_agree_on(q, kc, vc, &m, None, tolerance);
                 // A row's output must not depend on which kernel its task took (the engine's

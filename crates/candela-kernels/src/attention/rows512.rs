@@ -18,6 +18,7 @@
 //! kernel only by summation order (the tests hold both to the baseline within tolerance).
 
 use std::arch::x86_64::*;
+use std::array::from_fn;
 
 use candle_core::DType;
 
@@ -28,6 +29,8 @@ use super::{CpuArgs, KvElem, OutPtr, Task, TaskGeometry};
 pub(super) const ROWS_MIN: usize = 8;
 
 const LANES: usize = 16;
+/// Keys whose scores one tile computes (see [`score_tile`]).
+const KEYS: usize = 4;
 /// Rows whose V accumulators (4 registers of 16 dims each) stay in registers across a block.
 const PV_ROWS: usize = 6;
 
@@ -43,7 +46,7 @@ pub(super) struct Scratch {
     qt: Vec<f32>,
     /// `[block_size, rows_pad]`: one block's scores, then its softmax weights.
     st: Vec<f32>,
-    /// `[head_dim]`: one K row in f32.
+    /// `[block_size rounded up to KEYS, head_dim]`: one block's K rows in f32.
     k: Vec<f32>,
     /// `[rows_pad]`: each row's token position.
     pos: Vec<i32>,
@@ -120,6 +123,75 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_mul_ps(e_r, _mm512_castsi512_ps(scale))
 }
 
+/// The scores of keys `i..i + KEYS` of a block (those below `len`; their f32 K rows at `k`)
+/// for `C` 16-row chunks of transposed queries at `q` (`d` rows of `rows_pad`), stored to `st`
+/// (`[key][rows_pad]`).
+struct ScoreTile {
+    k: *const f32,
+    q: *const f32,
+    st: *mut f32,
+    d: usize,
+    rows_pad: usize,
+    i: usize,
+    len: usize,
+}
+
+impl ScoreTile {
+    /// Computes and stores the tile's scores, -inf in the lanes whose row does not see the key
+    /// (`ends`: per lane of each chunk, how many of the block's keys the row sees).
+    ///
+    /// Each dot product is the row-major kernel's, bit for bit: 8 partial sums over dimensions
+    /// `l, l + 8, ...`, each one FMA chain in dimension order from zero, then its `hadd` tree.
+    /// Partial `l` of all KEYS x C (key, chunk) pairs is finished before partial `l + 1`
+    /// begins, so the pairs' independent chains share every load (the old order, all 8
+    /// partials of one key at a time, needed three loads per two FMAs and was load-bound).
+    ///
+    /// # Safety
+    /// `k` holds `KEYS * d` readable floats, each of `q`'s rows `C * 16`, `st`'s rows `i..len`
+    /// are writable; the CPU has AVX-512F.
+    // `kk` and `h` index the accumulators, the partials and the chunk masks at once.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn run<const C: usize>(&self, ends: &[__m512i; C]) {
+        let Self {
+            k,
+            q,
+            st,
+            d,
+            rows_pad,
+            i,
+            len,
+        } = *self;
+        let mut parts = [[[_mm512_setzero_ps(); C]; KEYS]; 8];
+        for (l, part) in parts.iter_mut().enumerate() {
+            let mut acc = [[_mm512_setzero_ps(); C]; KEYS];
+            for dim in (l..d).step_by(8) {
+                let qs: [__m512; C] =
+                    from_fn(|h| _mm512_loadu_ps(q.add(dim * rows_pad + h * LANES)));
+                for kk in 0..KEYS {
+                    let kv = _mm512_set1_ps(*k.add(kk * d + dim));
+                    for h in 0..C {
+                        acc[kk][h] = _mm512_fmadd_ps(kv, qs[h], acc[kk][h]);
+                    }
+                }
+            }
+            *part = acc;
+        }
+        for kk in 0..KEYS.min(len - i) {
+            for h in 0..C {
+                let p = |l: usize| parts[l][kk][h];
+                let dot = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_add_ps(p(0), p(1)), _mm512_add_ps(p(2), p(3))),
+                    _mm512_add_ps(_mm512_add_ps(p(4), p(5)), _mm512_add_ps(p(6), p(7))),
+                );
+                let sees = _mm512_cmpgt_epi32_mask(ends[h], _mm512_set1_epi32((i + kk) as i32));
+                let v = _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), sees, dot);
+                _mm512_storeu_ps(st.add((i + kk) * rows_pad + h * LANES), v);
+            }
+        }
+    }
+}
+
 /// One task through the transposed kernel (see the module doc); `applies` was true for it.
 ///
 /// # Safety
@@ -158,7 +230,7 @@ pub(super) unsafe fn attend<Q: KvElem, C: KvElem>(
         }
     }
     let st = resized(&mut s.st, bs * rows_pad, 0.0);
-    let kbuf = resized(&mut s.k, d, 0.0);
+    let kbuf = resized(&mut s.k, bs.next_multiple_of(KEYS) * d, 0.0);
     let acc = resized(&mut s.acc, rows * d, 0.0);
     let max = resized(&mut s.max, rows_pad, f32::NEG_INFINITY);
     let sum = resized(&mut s.sum, rows_pad, 0.0);
@@ -194,43 +266,45 @@ pub(super) unsafe fn attend<Q: KvElem, C: KvElem>(
             }
         }
 
-        // Scores, one key x up to two 16-row chunks at a time, in the row-major kernel's
-        // order: 8 partial sums over dimensions `l, l + 8, ...`, then its `hadd` tree. A row
-        // sees the block's keys `i < i_end` (its position + 1 - p0); the others get -inf.
+        // The block's K rows in f32, converted once for all row chunks.
         for i in 0..len {
             let k_row = &args.k_cache[block_base + i * kv_row..][..d];
             for c in (0..d).step_by(LANES) {
-                _mm512_storeu_ps(kbuf.as_mut_ptr().add(c), load16(k_row.as_ptr().add(c)));
+                _mm512_storeu_ps(
+                    kbuf.as_mut_ptr().add(i * d + c),
+                    load16(k_row.as_ptr().add(c)),
+                );
             }
-            let mut c = 0;
-            while c < chunks {
-                let pair = c + 1 < chunks;
-                let mut part = [[_mm512_setzero_ps(); 8]; 2];
-                for base in (0..d).step_by(8) {
-                    for l in 0..8 {
-                        let dim = base + l;
-                        let kv = _mm512_set1_ps(*kbuf.get_unchecked(dim));
-                        let q0 = _mm512_loadu_ps(pq.add(dim * rows_pad + c * LANES));
-                        part[0][l] = _mm512_fmadd_ps(kv, q0, part[0][l]);
-                        if pair {
-                            let q1 = _mm512_loadu_ps(pq.add(dim * rows_pad + (c + 1) * LANES));
-                            part[1][l] = _mm512_fmadd_ps(kv, q1, part[1][l]);
-                        }
-                    }
+        }
+        // Scores, KEYS keys x up to 4 16-row chunks at a time: a tile's queries (16 KiB at
+        // head_dim 64) stay in L1 across the block's keys, and each vector loaded feeds KEYS
+        // (or 4) FMAs. A row sees the block's keys `i < i_end` (its position + 1 - p0); the
+        // others get -inf.
+        let mut c = 0;
+        while c < chunks {
+            let n = match chunks - c {
+                1 => 1,
+                2 | 3 => 2,
+                _ => 4,
+            };
+            for i in (0..len).step_by(KEYS) {
+                let tile = ScoreTile {
+                    k: kbuf.as_ptr().add(i * d),
+                    q: pq.add(c * LANES),
+                    st: pst.add(c * LANES),
+                    d,
+                    rows_pad,
+                    i,
+                    len,
+                };
+                let ends = |h: usize| i_end(c + h, p0, len);
+                match n {
+                    4 => tile.run::<4>(&from_fn(ends)),
+                    2 => tile.run::<2>(&from_fn(ends)),
+                    _ => tile.run::<1>(&from_fn(ends)),
                 }
-                for (h, p) in part.iter().enumerate().take(1 + usize::from(pair)) {
-                    let cc = c + h;
-                    let dot = _mm512_add_ps(
-                        _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3])),
-                        _mm512_add_ps(_mm512_add_ps(p[4], p[5]), _mm512_add_ps(p[6], p[7])),
-                    );
-                    let sees =
-                        _mm512_cmpgt_epi32_mask(i_end(cc, p0, len), _mm512_set1_epi32(i as i32));
-                    let v = _mm512_mask_mov_ps(_mm512_set1_ps(f32::NEG_INFINITY), sees, dot);
-                    _mm512_storeu_ps(pst.add(i * rows_pad + cc * LANES), v);
-                }
-                c += 1 + usize::from(pair);
             }
+            c += n;
         }
 
         // Online softmax, 16 rows at a time, with the row-major kernel's arithmetic: the
