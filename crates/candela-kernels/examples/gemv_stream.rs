@@ -1,8 +1,9 @@
-//! Batch-1 decode's matmuls in isolation: one-row (or `rows`-row) products through a 1B-class Llama's Q4_0
-//! weights (16 layers of q, k, v, o, gate, up, down at hidden 2048, 512-wide k/v, 5632 FFN),
-//! about 0.6 GB, far past any last-level cache, so every pass streams them from DRAM as a
-//! decode step does. Prints the minimum and median pass over several and the packed bytes
-//! per second of the minimum: the number to hold against `candela roofline`'s read bandwidth.
+//! Batch-1 decode's matmuls in isolation: one-row (or `rows`-row) products through a
+//! 1B-class Llama's Q4_0 weights (16 layers of q, k, v, o, gate, up, down at hidden 2048,
+//! 512-wide k/v, 8192 FFN: the shapes of scripts/synth-gguf), about 0.55 GB, far past any
+//! last-level cache, so every pass streams them from DRAM as a decode step does. Prints the
+//! minimum and median pass over several and the packed bytes per second of the minimum: the
+//! number to hold against `candela roofline`'s read bandwidth.
 //!
 //! `RAYON_NUM_THREADS=2 cargo run --release -p candela-kernels --example gemv_stream [passes]
 //! [rows]`; `CANDELA_WEIGHT_PREFETCH=on|off` and `CANDELA_CPU_KERNEL` pick what runs.
@@ -17,7 +18,7 @@ use rand::{Rng, SeedableRng};
 
 const HIDDEN: usize = 2048;
 const KV: usize = 512;
-const FFN: usize = 5632;
+const FFN: usize = 8192;
 const LAYERS: usize = 16;
 
 /// Random Q4_0 blocks (an f16 scale, then 16 bytes of nibbles) for an `[n, k]` weight.

@@ -430,6 +430,57 @@ fn repacked_q4_1_matches_candle_qmatmul() {
     }
 }
 
+/// The symmetric types (Q4_0, Q5_0, Q8_0) are packed without a min row, their mins computed
+/// as `-z d`; stacked beside a type with real mins (Q4_1, Q5_1) the same weights get a stored
+/// min row. Every kernel must give the same bits from both, at row counts that take each
+/// kernel's row blocks, and the symmetric packing must be as small as the GGUF blocks.
+#[test]
+fn symmetric_packing_gives_the_bits_of_stored_mins() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let dev = Device::Cpu;
+    // k = 96: three groups, an odd count of 32-byte-aligned blocks (the tile ends mid-line).
+    let (n, k) = (19, 96);
+    let quantized = |rng: &mut StdRng, dtype| {
+        let w = random_weight(rng, n, k);
+        let qt = QTensor::quantize(&Tensor::from_vec(w, (n, k), &dev).unwrap(), dtype).unwrap();
+        PackedWeight::from_ggml(dtype, &qt.data().unwrap(), n, k).unwrap()
+    };
+    for (symmetric, with_mins, bytes_per_32) in [
+        (GgmlDType::Q4_0, GgmlDType::Q4_1, 18),
+        (GgmlDType::Q5_0, GgmlDType::Q5_1, 34),
+        (GgmlDType::Q8_0, GgmlDType::Q5_1, 34),
+    ] {
+        let sym = quantized(&mut rng, symmetric);
+        let other = quantized(&mut rng, with_mins);
+        let stacked = PackedWeight::concat_rows(&[&sym, &other]).unwrap();
+        let packed = (n.div_ceil(16) * 16 * k / 32 * bytes_per_32).next_multiple_of(64);
+        assert_eq!(sym.storage_bytes(), packed, "{symmetric:?}");
+        // Stacked, every block carries 16 f16 mins: 2 more bytes per 32 weights.
+        let with_mins = (2 * n).div_ceil(16) * 16 * k / 32 * (bytes_per_32 + 2);
+        assert_eq!(stacked.storage_bytes(), with_mins, "{symmetric:?} stacked");
+        assert_eq!(stacked.dequantize()[..n * k], sym.dequantize()[..]);
+        for m in [1, 2, 4, 5, 9] {
+            let x = random_vec(&mut rng, m * k, 2.0);
+            for kernel in Kernel::available() {
+                let mut y = vec![f32::NAN; m * n];
+                sym.matmul_f32_with(kernel, &x, m, &mut y).unwrap();
+                let mut ys = vec![f32::NAN; m * stacked.n()];
+                stacked.matmul_f32_with(kernel, &x, m, &mut ys).unwrap();
+                for r in 0..m {
+                    for c in 0..n {
+                        let (a, b) = (y[r * n + c], ys[r * stacked.n() + c]);
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{symmetric:?} {kernel:?} m{m} row {r} col {c}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn tensor_wrapper_flattens_leading_dims_and_checks_input() {
     let mut rng = StdRng::seed_from_u64(6);

@@ -101,6 +101,17 @@ impl CudaPackedWeight {
         if !device.is_cuda() {
             candle_core::bail!("{OP}: expected a CUDA device, got {:?}", device.location());
         }
+        // The device kernels read stored mins; a symmetric weight gets its min rows back here
+        // (once per weight, at upload), the same values the CPU computes.
+        let full;
+        let w = if w.stores_mins() {
+            w
+        } else {
+            full = w
+                .with_stored_mins()
+                .map_err(|e| candle_core::Error::Msg(format!("{OP}: {e}")))?;
+            &full
+        };
         let geometry = Geometry::of(w)?;
         let bytes = Tensor::from_slice(w.packed_bytes(), w.packed_bytes().len(), device)?;
         Ok(Self { bytes, geometry })

@@ -355,6 +355,7 @@ unsafe fn block(a: &KernelArgs<'_>, at: &Tiles) {
     let l = &a.layout;
     let rows = (a.m - at.r0).min(TILE_ROWS);
     let f32_scales = l.scales == ScaleDType::F32;
+    let min_per_scale = l.min_per_scale();
     // 16 registers' worth: they live on the stack, each touched once per group (unrolling
     // all 16 rows to keep them in registers measured slower).
     let mut facc = [_mm512_setzero_ps(); TILE_ROWS];
@@ -380,17 +381,7 @@ unsafe fn block(a: &KernelArgs<'_>, at: &Tiles) {
         let sp =
             a.w.as_ptr()
                 .add(at.t * l.tile_bytes + g * l.block_bytes + l.code_bytes);
-        let (d, mn) = if f32_scales {
-            (
-                _mm512_loadu_ps(sp.cast()),
-                _mm512_loadu_ps(sp.add(64).cast()),
-            )
-        } else {
-            (
-                _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast())),
-                _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast())),
-            )
-        };
+        let (d, mn) = super::x86::scales_512(sp, f32_scales, min_per_scale);
         for (rr, acc) in facc.iter_mut().enumerate().take(rows) {
             let gi = (at.r0 + rr) * l.groups + g;
             // SAFETY: row `rr` of the sums, written by the tile store above.

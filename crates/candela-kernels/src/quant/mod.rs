@@ -7,7 +7,9 @@
 //!
 //! Every weight value is stored as an unsigned code `q` with a per-group scale `d` and min `m`
 //! (both f16), so `w = q * d + m` whatever the source: Q4_1 keeps its own `d` and `m`, Q4_0
-//! becomes `m = -8 d`, Q8_0 becomes `q + 128` with `m = -128 d`.
+//! becomes `m = -8 d`, Q8_0 becomes `q + 128` with `m = -128 d`. Those symmetric types store
+//! no min: the kernels compute `-z d`, bit for bit the stored value, and read the GGUF's own
+//! 18 bytes per 32 Q4_0 weights rather than 20 (see `pack.rs`).
 //!
 //! GGUF k-quants (Q2_K .. Q6_K) repack losslessly too, with two extensions of the format: f32
 //! group scales and mins ([`ScaleDType::F32`]), since a k-quant sub-block's scale is an f16
@@ -359,7 +361,7 @@ impl PackedWeight {
         self.source
     }
 
-    /// Bytes of packed data (codes, scales and mins).
+    /// Bytes of packed data (codes, scales and, unless symmetric, mins).
     pub fn storage_bytes(&self) -> usize {
         self.data.len()
     }
@@ -368,6 +370,19 @@ impl PackedWeight {
     #[cfg(feature = "cuda")]
     pub(crate) fn packed_bytes(&self) -> &[u8] {
         self.data.as_slice()
+    }
+
+    /// The same weight with a stored min row in every block, the layout the CUDA kernels
+    /// read (symmetric types leave the row out on the CPU; see `pack.rs`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn with_stored_mins(&self) -> Result<Self> {
+        pack::with_stored_mins(self)
+    }
+
+    /// Whether every block stores its min row (false for the symmetric types).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn stores_mins(&self) -> bool {
+        self.layout.zero_point.is_none()
     }
 
     /// `y[m, n] = x[m, k] W^T` with the fastest kernel of this CPU for `m` rows, parallel over

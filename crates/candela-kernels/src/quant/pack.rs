@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! tile t: [ group 0 block ][ group 1 block ] ... [ group k/G-1 block ]
-//! block:  [ chunk 0 ][ chunk 1 ] ... [ 16 x d ][ 16 x m ]   (f16 or f32; 64-byte aligned)
+//! block:  [ chunk 0 ][ chunk 1 ] ... [ 16 x d ][ 16 x m ]   (f16 or f32)
 //! chunk:  64 bytes = 16 lanes (columns) x 4 bytes
 //!   int8: lane j, byte b  = code of w[col j, k0 + b]                      (k0 = g G + 4 c)
 //!   int4: lane j, byte b  = code of w[col j, k0 + b]       in the low nibble
@@ -18,8 +18,15 @@
 //! `vpdpbusd` lane sums, so the kernels broadcast 4 activation bytes and never reduce
 //! horizontally. Columns past `n` in the last tile are zero (code 0, d = m = 0).
 //!
-//! A group is at least 16 weights (two int4 chunks or four int8 ones), so blocks stay whole
-//! cache lines: codes are 128 or 256 bytes, the scale and min rows 32 (f16) or 64 (f32) each.
+//! A group is at least 16 weights (two int4 chunks or four int8 ones): codes are whole cache
+//! lines (128 bytes or more), the scale and min rows 32 (f16) or 64 (f32) bytes each.
+//!
+//! Symmetric types (Q4_0, Q5_0, Q8_0, `--quantize int8`) have `m = -z d` for a fixed zero
+//! point `z` (8, 16, 128), a power of two, so `d * -z` is exact in f32 and equals the stored
+//! min bit for bit. Their blocks leave out the min row ([`PackLayout::zero_point`]) and the
+//! kernels compute it: Q4_0 then reads 18 bytes per 32 weights, as in the GGUF file, not 20.
+//! Such blocks are 32-byte aligned rather than 64 (288 bytes for Q4_0); batch-1 decode,
+//! which streams every weight once a token, reads 10% fewer bytes for it.
 
 use half::f16;
 
@@ -46,6 +53,9 @@ pub(crate) struct PackLayout {
     /// The largest code stored (15 for int4). Below 128, int8 codes can go through AVX2's
     /// `vpmaddubsw` as they are: pairs of 127 x 127 do not saturate its i16 sums.
     pub code_max: u8,
+    /// `Some(z)`: every group's min is `-z d` and blocks store no min row (symmetric types;
+    /// `z` a power of two, so the product is exact). `None`: a min row follows the scales.
+    pub zero_point: Option<u8>,
     /// `k / group_size`.
     pub groups: usize,
     /// `ceil(n / TILE_COLS)`.
@@ -54,7 +64,7 @@ pub(crate) struct PackLayout {
     pub code_bytes: usize,
     /// Bytes of the scale row and of the min row at the end of a block (16 of each).
     pub scale_row_bytes: usize,
-    /// Bytes of one block: codes, then scales, then mins.
+    /// Bytes of one block: codes, then scales, then mins (when stored).
     pub block_bytes: usize,
     /// Bytes of one tile: `groups` blocks.
     pub tile_bytes: usize,
@@ -87,7 +97,6 @@ impl PackLayout {
         };
         let block_bytes = code_bytes + 2 * scale_row_bytes;
         debug_assert_eq!(code_bytes % CHUNK_BYTES, 0);
-        debug_assert_eq!(block_bytes % CHUNK_BYTES, 0);
         let groups = k / group_size;
         Ok(Self {
             n,
@@ -95,6 +104,7 @@ impl PackLayout {
             bits,
             group_size,
             scales,
+            zero_point: None,
             code_max: match bits {
                 QuantBits::Int8 => u8::MAX,
                 QuantBits::Int4 => 15,
@@ -114,8 +124,30 @@ impl PackLayout {
         Self { code_max, ..self }
     }
 
+    /// The same layout for a symmetric type: mins are `-z d`, not stored.
+    pub(crate) fn with_zero_point(self, z: u8) -> Self {
+        // A power of two keeps `d * -z` exact (it only moves the exponent).
+        debug_assert!(z.is_power_of_two());
+        let block_bytes = self.code_bytes + self.scale_row_bytes;
+        Self {
+            zero_point: Some(z),
+            block_bytes,
+            tile_bytes: self.groups * block_bytes,
+            ..self
+        }
+    }
+
+    /// `-z` of a symmetric layout (each group's min over its scale); `None` when mins are
+    /// stored.
+    #[inline]
+    pub(crate) fn min_per_scale(&self) -> Option<f32> {
+        self.zero_point.map(|z| -f32::from(z))
+    }
+
+    /// The packed size; whole cache lines, since [`AlignedBytes`] holds lines (a symmetric
+    /// layout with an odd count of 32-byte-aligned blocks leaves 32 bytes of padding).
     fn total_bytes(&self) -> usize {
-        self.tiles * self.tile_bytes
+        (self.tiles * self.tile_bytes).next_multiple_of(64)
     }
 
     fn block_offset(&self, col: usize, group: usize) -> usize {
@@ -187,7 +219,8 @@ impl Packer {
     }
 
     /// Stores one group of codes (`group_size` of them, each < 16 for int4) with its scale/min.
-    /// With f16 scales, `d` and `m` must be f16 values (callers check with [`exact_f16`]).
+    /// With f16 scales, `d` and `m` must be f16 values (callers check with [`exact_f16`]); in
+    /// a symmetric layout `m` must be `-z d` and is not stored.
     fn set_group(&mut self, col: usize, group: usize, codes: &[u8], d: f32, m: f32) {
         let l = self.layout;
         debug_assert_eq!(codes.len(), l.group_size);
@@ -202,17 +235,31 @@ impl Packer {
         let lane = col % TILE_COLS;
         let ds = l.code_bytes;
         let ms = l.code_bytes + l.scale_row_bytes;
+        if let Some(per_scale) = l.min_per_scale() {
+            debug_assert!(
+                (d * per_scale).to_bits() == m.to_bits() || m.is_nan(),
+                "min {m} is not {per_scale} x {d}"
+            );
+        }
+        let with_min = l.zero_point.is_none();
         match l.scales {
             ScaleDType::F16 => {
                 let (dh, mh) = (f16::from_f32(d), f16::from_f32(m));
                 // NaN too: a corrupt GGML block's NaN scale is carried as it is.
-                debug_assert!((dh.to_f32() == d || d.is_nan()) && (mh.to_f32() == m || m.is_nan()));
+                debug_assert!(
+                    (dh.to_f32() == d || d.is_nan())
+                        && (!with_min || mh.to_f32() == m || m.is_nan())
+                );
                 block[ds + 2 * lane..][..2].copy_from_slice(&dh.to_bits().to_le_bytes());
-                block[ms + 2 * lane..][..2].copy_from_slice(&mh.to_bits().to_le_bytes());
+                if with_min {
+                    block[ms + 2 * lane..][..2].copy_from_slice(&mh.to_bits().to_le_bytes());
+                }
             }
             ScaleDType::F32 => {
                 block[ds + 4 * lane..][..4].copy_from_slice(&d.to_le_bytes());
-                block[ms + 4 * lane..][..4].copy_from_slice(&m.to_le_bytes());
+                if with_min {
+                    block[ms + 4 * lane..][..4].copy_from_slice(&m.to_le_bytes());
+                }
             }
         }
     }
@@ -242,19 +289,33 @@ fn get_group(w: &PackedWeight, col: usize, group: usize, codes: &mut [u8]) -> (f
     }
     let lane = col % TILE_COLS;
     let (ds, ms) = (l.code_bytes, l.code_bytes + l.scale_row_bytes);
-    match l.scales {
-        ScaleDType::F16 => (
-            read_f16(block, ds + 2 * lane).to_f32(),
-            read_f16(block, ms + 2 * lane).to_f32(),
-        ),
-        ScaleDType::F32 => (
-            read_f32(block, ds + 4 * lane),
-            read_f32(block, ms + 4 * lane),
-        ),
-    }
+    let d = match l.scales {
+        ScaleDType::F16 => read_f16(block, ds + 2 * lane).to_f32(),
+        ScaleDType::F32 => read_f32(block, ds + 4 * lane),
+    };
+    let m = match (l.min_per_scale(), l.scales) {
+        (Some(per_scale), _) => d * per_scale,
+        (None, ScaleDType::F16) => read_f16(block, ms + 2 * lane).to_f32(),
+        (None, ScaleDType::F32) => read_f32(block, ms + 4 * lane),
+    };
+    (d, m)
 }
 
 pub(crate) fn concat_rows(parts: &[&PackedWeight]) -> Result<PackedWeight> {
+    stack_rows(parts, true)
+}
+
+/// `w` with a stored min row in every block, as the CUDA kernels read it (a symmetric layout
+/// leaves the row out). Fails with [`QuantError::Incompatible`] where a computed min is no f16
+/// (`-8 d` of a Q4_0 scale above 8188).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn with_stored_mins(w: &PackedWeight) -> Result<PackedWeight> {
+    stack_rows(&[w], false)
+}
+
+/// `parts` stacked along n; the result is symmetric when `symmetric_ok` and every part is,
+/// with the same zero point.
+fn stack_rows(parts: &[&PackedWeight], symmetric_ok: bool) -> Result<PackedWeight> {
     let first = parts.first().ok_or(QuantError::EmptyN)?.layout;
     let compatible = |l: &PackLayout| {
         (l.k, l.bits, l.group_size, l.scales)
@@ -269,16 +330,33 @@ pub(crate) fn concat_rows(parts: &[&PackedWeight]) -> Result<PackedWeight> {
         .map(|p| p.layout.code_max)
         .max()
         .unwrap_or(u8::MAX);
-    let mut packer = Packer::new(
-        PackLayout::new(n, first.k, first.bits, first.group_size, first.scales)?
-            .with_code_max(code_max),
-    );
+    let mut layout = PackLayout::new(n, first.k, first.bits, first.group_size, first.scales)?
+        .with_code_max(code_max);
+    // Parts of different zero points (Q4_0 beside Q4_1) stack with stored mins.
+    let zero_point = first.zero_point.filter(|_| {
+        symmetric_ok
+            && parts
+                .iter()
+                .all(|p| p.layout.zero_point == first.zero_point)
+    });
+    if let Some(z) = zero_point {
+        layout = layout.with_zero_point(z);
+    }
+    let mut packer = Packer::new(layout);
     let mut codes = vec![0u8; first.group_size];
     let mut base = 0;
     for part in parts {
         for col in 0..part.layout.n {
             for g in 0..first.groups {
                 let (d, m) = get_group(part, col, g, &mut codes);
+                // A computed min stored as f16 must be one (`-8 d` of a huge Q4_0 scale is not).
+                if zero_point.is_none()
+                    && layout.scales == ScaleDType::F16
+                    && !m.is_nan()
+                    && exact_f16(m).is_none()
+                {
+                    return Err(QuantError::Incompatible);
+                }
                 packer.set_group(base + col, g, &codes, d, m);
             }
         }
@@ -321,7 +399,11 @@ pub(crate) fn quantize_f32(
     bits: QuantBits,
     group_size: usize,
 ) -> Result<PackedWeight> {
-    let layout = PackLayout::new(n, k, bits, group_size, ScaleDType::F16)?;
+    let mut layout = PackLayout::new(n, k, bits, group_size, ScaleDType::F16)?;
+    if bits == QuantBits::Int8 {
+        // Symmetric: codes q + 128, so every min is -128 d.
+        layout = layout.with_zero_point(128);
+    }
     if w.len() != n * k {
         return Err(QuantError::Length {
             what: "weight",
@@ -351,7 +433,7 @@ pub(crate) fn quantize_f32(
                         let q = (v * inv).round().clamp(-127.0, 127.0) as i32;
                         *c = (q + 128) as u8;
                     }
-                    (d, exact_f16(-128.0 * df).ok_or(bad)?)
+                    (df, -128.0 * df)
                 }
                 QuantBits::Int4 => {
                     let lo = xs.iter().fold(f32::INFINITY, |a, &v| a.min(v));
@@ -366,10 +448,10 @@ pub(crate) fn quantize_f32(
                     for (c, &v) in codes.iter_mut().zip(xs) {
                         *c = ((v - mf) * inv).round().clamp(0.0, 15.0) as u8;
                     }
-                    (d, m)
+                    (df, mf)
                 }
             };
-            packer.set_group(col, g, &codes, d.to_f32(), m.to_f32());
+            packer.set_group(col, g, &codes, d, m);
         }
     }
     Ok(packer.finish(None))
@@ -390,16 +472,21 @@ pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Re
     if let Some(kq) = kquant::KQuant::of(dtype) {
         return kquant::repack(kq, data, n, k);
     }
-    let (bits, block_bytes, code_max) = match dtype {
-        GgmlDType::Q4_0 => (QuantBits::Int4, 18, 15),
-        GgmlDType::Q4_1 => (QuantBits::Int4, 20, 15),
-        GgmlDType::Q5_0 => (QuantBits::Int8, 22, 31),
-        GgmlDType::Q5_1 => (QuantBits::Int8, 24, 31),
-        GgmlDType::Q8_0 => (QuantBits::Int8, 34, 255),
+    // (codes, bytes per block, largest code, zero point of the symmetric types)
+    let (bits, block_bytes, code_max, zero_point) = match dtype {
+        GgmlDType::Q4_0 => (QuantBits::Int4, 18, 15, Some(8)),
+        GgmlDType::Q4_1 => (QuantBits::Int4, 20, 15, None),
+        GgmlDType::Q5_0 => (QuantBits::Int8, 22, 31, Some(16)),
+        GgmlDType::Q5_1 => (QuantBits::Int8, 24, 31, None),
+        GgmlDType::Q8_0 => (QuantBits::Int8, 34, 255, Some(128)),
         _ => return Err(QuantError::UnsupportedGgml { dtype }),
     };
     debug_assert_eq!(block_bytes, dtype.type_size());
-    let layout = PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?.with_code_max(code_max);
+    let mut layout =
+        PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?.with_code_max(code_max);
+    if let Some(z) = zero_point {
+        layout = layout.with_zero_point(z);
+    }
     let expected = n * (k / GGML_BLOCK) * block_bytes;
     if data.len() != expected {
         return Err(QuantError::Length {
@@ -412,40 +499,39 @@ pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Re
     let mut codes = [0u8; GGML_BLOCK];
     for (i, b) in data.chunks_exact(block_bytes).enumerate() {
         let (col, g) = (i / layout.groups, i % layout.groups);
-        let bad = QuantError::NotRepresentable { row: col, group: g };
         let d = read_f16(b, 0);
         // GGML stores element j in the low nibble of byte j and element j + 16 in the high
         // nibble; the 5-bit types keep bit 4 of element j in bit j of `qh`.
         let (dd, m) = match dtype {
             GgmlDType::Q4_0 => {
                 nibbles(&b[2..18], &mut codes);
-                (d, exact_f16(-8.0 * d.to_f32()).ok_or(bad)?)
+                (d, -8.0 * d.to_f32())
             }
             GgmlDType::Q4_1 => {
                 nibbles(&b[4..20], &mut codes);
-                (d, read_f16(b, 2))
+                (d, read_f16(b, 2).to_f32())
             }
             GgmlDType::Q5_0 => {
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 nibbles(&b[6..22], &mut codes);
                 high_bits(qh, &mut codes);
-                (d, exact_f16(-16.0 * d.to_f32()).ok_or(bad)?)
+                (d, -16.0 * d.to_f32())
             }
             GgmlDType::Q5_1 => {
                 let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
                 nibbles(&b[8..24], &mut codes);
                 high_bits(qh, &mut codes);
-                (d, read_f16(b, 2))
+                (d, read_f16(b, 2).to_f32())
             }
             GgmlDType::Q8_0 => {
                 for (c, &q) in codes.iter_mut().zip(&b[2..34]) {
                     *c = (q as i8 as i32 + 128) as u8;
                 }
-                (d, exact_f16(-128.0 * d.to_f32()).ok_or(bad)?)
+                (d, -128.0 * d.to_f32())
             }
             _ => return Err(QuantError::UnsupportedGgml { dtype }),
         };
-        packer.set_group(col, g, &codes, dd.to_f32(), m.to_f32());
+        packer.set_group(col, g, &codes, dd.to_f32(), m);
     }
     Ok(packer.finish(Some(dtype)))
 }
@@ -529,6 +615,35 @@ mod tests {
         let int8 = quantize_f32(&vec![0.5; 16 * k], 16, k, QuantBits::Int8, 32)?;
         assert!(matches!(
             concat_rows(&[&weights[0], &int8]),
+            Err(QuantError::Incompatible)
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn stored_mins_compute_the_same_bits() -> Result<()> {
+        let (n, k) = (21, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|j| ((j * 29) % 97) as f32 / 40.0 - 1.2)
+            .collect();
+        let sym = quantize_f32(&w, n, k, QuantBits::Int8, 32)?;
+        assert_eq!(sym.layout.zero_point, Some(128));
+        let full = with_stored_mins(&sym)?;
+        assert_eq!(full.layout.zero_point, None);
+        assert_eq!(full.layout.block_bytes, sym.layout.block_bytes + 32);
+        assert_eq!(full.dequantize(), sym.dequantize());
+        let m = 5;
+        let x: Vec<f32> = (0..m * k).map(|j| (j % 11) as f32 / 5.0 - 1.0).collect();
+        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        sym.matmul_f32(&x, m, &mut a)?;
+        full.matmul_f32(&x, m, &mut b)?;
+        assert_eq!(a, b);
+        // A Q4_0 scale whose `-8 d` overflows f16 has no stored-min form.
+        let mut block = vec![0u8; 18];
+        block[..2].copy_from_slice(&f16::from_f32(9000.0).to_bits().to_le_bytes());
+        let huge = from_ggml(GgmlDType::Q4_0, &block, 1, 32)?;
+        assert!(matches!(
+            with_stored_mins(&huge),
             Err(QuantError::Incompatible)
         ));
         Ok(())

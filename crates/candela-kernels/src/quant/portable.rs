@@ -9,6 +9,7 @@ use super::{QuantBits, ScaleDType};
 pub(crate) fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) {
     let l = &a.layout;
     let g_size = l.group_size;
+    let min_per_scale = l.min_per_scale();
     for t in tile_begin..tile_end {
         let tile = &a.w[t * l.tile_bytes..][..l.tile_bytes];
         let cols = TILE_COLS.min(l.n - t * TILE_COLS);
@@ -49,9 +50,15 @@ pub(crate) fn run_tiles(a: &KernelArgs<'_>, tile_begin: usize, tile_end: usize) 
                 let sumx = a.sumx[r * l.groups + g];
                 let scales = &block[l.code_bytes..];
                 for (j, f) in facc.iter_mut().enumerate() {
-                    let (d, m) = match l.scales {
-                        ScaleDType::F16 => (f16_at(scales, 2 * j), f16_at(scales, 32 + 2 * j)),
-                        ScaleDType::F32 => (f32_at(scales, 4 * j), f32_at(scales, 64 + 4 * j)),
+                    let d = match l.scales {
+                        ScaleDType::F16 => f16_at(scales, 2 * j),
+                        ScaleDType::F32 => f32_at(scales, 4 * j),
+                    };
+                    // A symmetric layout's min is `-z d`, exact (see pack.rs).
+                    let m = match (min_per_scale, l.scales) {
+                        (Some(z), _) => d * z,
+                        (None, ScaleDType::F16) => f16_at(scales, 32 + 2 * j),
+                        (None, ScaleDType::F32) => f32_at(scales, 64 + 4 * j),
                     };
                     *f += iacc[j] as f32 * (d * sx) + m * sumx;
                 }

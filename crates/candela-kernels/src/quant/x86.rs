@@ -138,6 +138,7 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
     let nib = _mm512_set1_epi8(0x0F);
     // A per-weight constant: the branch below always goes the same way.
     let f32_scales = l.scales == ScaleDType::F32;
+    let min_per_scale = l.min_per_scale();
     let mut facc = [[_mm512_setzero_ps(); NC]; MR];
     for g in 0..l.groups {
         let blk = w0.add(g * l.block_bytes);
@@ -188,17 +189,7 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
         }
         for t in 0..NC {
             let sp = blk.add(t * l.tile_bytes + l.code_bytes);
-            let (d, mn) = if f32_scales {
-                (
-                    _mm512_loadu_ps(sp.cast()),
-                    _mm512_loadu_ps(sp.add(64).cast()),
-                )
-            } else {
-                (
-                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast())),
-                    _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32).cast())),
-                )
-            };
+            let (d, mn) = scales_512(sp, f32_scales, min_per_scale);
             for r in 0..MR {
                 let gi = (r0 + r) * l.groups + g;
                 let isum = if split {
@@ -224,6 +215,29 @@ unsafe fn block_512<const MR: usize, const NC: usize, const INT4: bool>(
             }
         }
     }
+}
+
+/// A block's 16 scales and 16 mins as f32, from its scale row `sp`. A symmetric layout stores
+/// no mins: they are `d * -z` (`min_per_scale`), exactly what a stored row would hold, so the
+/// fold that follows gives the same bits either way.
+#[inline]
+#[target_feature(enable = "avx512f,f16c")]
+pub(crate) unsafe fn scales_512(
+    sp: *const u8,
+    f32_scales: bool,
+    min_per_scale: Option<f32>,
+) -> (__m512, __m512) {
+    let (d, row_bytes) = if f32_scales {
+        (_mm512_loadu_ps(sp.cast()), 64)
+    } else {
+        (_mm512_cvtph_ps(_mm256_loadu_si256(sp.cast())), 32)
+    };
+    let mn = match (min_per_scale, f32_scales) {
+        (Some(z), _) => _mm512_mul_ps(d, _mm512_set1_ps(z)),
+        (None, true) => _mm512_loadu_ps(sp.add(row_bytes).cast()),
+        (None, false) => _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(row_bytes).cast())),
+    };
+    (d, mn)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,6 +399,7 @@ unsafe fn block_256<
     let nib = _mm256_set1_epi8(0x0F);
     // A per-weight constant: the branch below always goes the same way.
     let f32_scales = l.scales == ScaleDType::F32;
+    let min_per_scale = l.min_per_scale();
     let mut facc = [[_mm256_setzero_ps(); 2]; MR];
     for g in 0..l.groups {
         let blk = w0.add(g * l.block_bytes);
@@ -450,16 +465,18 @@ unsafe fn block_256<
         for half in 0..2 {
             let (d, mn) = if f32_scales {
                 let sp = blk.add(l.code_bytes + half * 32);
-                (
-                    _mm256_loadu_ps(sp.cast()),
-                    _mm256_loadu_ps(sp.add(64).cast()),
-                )
+                let d = _mm256_loadu_ps(sp.cast());
+                match min_per_scale {
+                    Some(z) => (d, _mm256_mul_ps(d, _mm256_set1_ps(z))),
+                    None => (d, _mm256_loadu_ps(sp.add(64).cast())),
+                }
             } else {
                 let sp = blk.add(l.code_bytes + half * 16);
-                (
-                    _mm256_cvtph_ps(_mm_loadu_si128(sp.cast())),
-                    _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32).cast())),
-                )
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sp.cast()));
+                match min_per_scale {
+                    Some(z) => (d, _mm256_mul_ps(d, _mm256_set1_ps(z))),
+                    None => (d, _mm256_cvtph_ps(_mm_loadu_si128(sp.add(32).cast()))),
+                }
             };
             for r in 0..MR {
                 let gi = (r0 + r) * l.groups + g;
