@@ -52,7 +52,7 @@ fn main() {
         (HIDDEN, FFN),
     ];
     let weights: Vec<PackedWeight> = (0..LAYERS)
-        .flat_map(|_| shapes.iter().map(|&(n, k)| (n, k)).collect::<Vec<_>>())
+        .flat_map(|_| shapes)
         .map(|(n, k)| random_q4_0(&mut rng, n, k))
         .collect();
     let bytes: usize = weights.iter().map(PackedWeight::storage_bytes).sum();

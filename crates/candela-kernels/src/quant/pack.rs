@@ -124,8 +124,12 @@ impl PackLayout {
         Self { code_max, ..self }
     }
 
-    /// The same layout for a symmetric type: mins are `-z d`, not stored.
-    pub(crate) fn with_zero_point(self, z: u8) -> Self {
+    /// The same layout for a symmetric type (`Some(z)`): mins are `-z d`, not stored. `None`
+    /// leaves the layout as it is.
+    pub(crate) fn with_zero_point(self, zero_point: Option<u8>) -> Self {
+        let Some(z) = zero_point else {
+            return self;
+        };
         // A power of two keeps `d * -z` exact (it only moves the exponent).
         debug_assert!(z.is_power_of_two());
         let block_bytes = self.code_bytes + self.scale_row_bytes;
@@ -330,8 +334,6 @@ fn stack_rows(parts: &[&PackedWeight], symmetric_ok: bool) -> Result<PackedWeigh
         .map(|p| p.layout.code_max)
         .max()
         .unwrap_or(u8::MAX);
-    let mut layout = PackLayout::new(n, first.k, first.bits, first.group_size, first.scales)?
-        .with_code_max(code_max);
     // Parts of different zero points (Q4_0 beside Q4_1) stack with stored mins.
     let zero_point = first.zero_point.filter(|_| {
         symmetric_ok
@@ -339,22 +341,22 @@ fn stack_rows(parts: &[&PackedWeight], symmetric_ok: bool) -> Result<PackedWeigh
                 .iter()
                 .all(|p| p.layout.zero_point == first.zero_point)
     });
-    if let Some(z) = zero_point {
-        layout = layout.with_zero_point(z);
-    }
+    let layout = PackLayout::new(n, first.k, first.bits, first.group_size, first.scales)?
+        .with_code_max(code_max)
+        .with_zero_point(zero_point);
     let mut packer = Packer::new(layout);
     let mut codes = vec![0u8; first.group_size];
     let mut base = 0;
     for part in parts {
+        // A symmetric part's computed mins, stored as f16, must be f16 values (`-8 d` of a
+        // huge Q4_0 scale is not); stored mins are already.
+        let check_mins = zero_point.is_none()
+            && part.layout.zero_point.is_some()
+            && layout.scales == ScaleDType::F16;
         for col in 0..part.layout.n {
             for g in 0..first.groups {
                 let (d, m) = get_group(part, col, g, &mut codes);
-                // A computed min stored as f16 must be one (`-8 d` of a huge Q4_0 scale is not).
-                if zero_point.is_none()
-                    && layout.scales == ScaleDType::F16
-                    && !m.is_nan()
-                    && exact_f16(m).is_none()
-                {
+                if check_mins && !m.is_nan() && exact_f16(m).is_none() {
                     return Err(QuantError::Incompatible);
                 }
                 packer.set_group(base + col, g, &codes, d, m);
@@ -399,11 +401,9 @@ pub(crate) fn quantize_f32(
     bits: QuantBits,
     group_size: usize,
 ) -> Result<PackedWeight> {
-    let mut layout = PackLayout::new(n, k, bits, group_size, ScaleDType::F16)?;
-    if bits == QuantBits::Int8 {
-        // Symmetric: codes q + 128, so every min is -128 d.
-        layout = layout.with_zero_point(128);
-    }
+    // Int8 is symmetric: codes q + 128, so every min is -128 d.
+    let layout = PackLayout::new(n, k, bits, group_size, ScaleDType::F16)?
+        .with_zero_point((bits == QuantBits::Int8).then_some(128));
     if w.len() != n * k {
         return Err(QuantError::Length {
             what: "weight",
@@ -482,11 +482,9 @@ pub(crate) fn from_ggml(dtype: GgmlDType, data: &[u8], n: usize, k: usize) -> Re
         _ => return Err(QuantError::UnsupportedGgml { dtype }),
     };
     debug_assert_eq!(block_bytes, dtype.type_size());
-    let mut layout =
-        PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?.with_code_max(code_max);
-    if let Some(z) = zero_point {
-        layout = layout.with_zero_point(z);
-    }
+    let layout = PackLayout::new(n, k, bits, GGML_BLOCK, ScaleDType::F16)?
+        .with_code_max(code_max)
+        .with_zero_point(zero_point);
     let expected = n * (k / GGML_BLOCK) * block_bytes;
     if data.len() != expected {
         return Err(QuantError::Length {
