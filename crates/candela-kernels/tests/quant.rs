@@ -364,27 +364,40 @@ fn a_row_gives_the_same_bits_in_calls_of_any_row_count() {
     }
 }
 
-/// Large enough to take the parallel path on a 2-thread pool; must equal the serial result.
+/// Large enough to take the parallel paths (16 rows: split by output tiles; 200 rows: split by
+/// rows, into 2 or 3 chunks of uneven sizes) on 2- and 3-thread pools; every element must be
+/// written, with the serial result's bits.
 #[test]
 fn parallel_split_matches_single_thread() {
     let mut rng = StdRng::seed_from_u64(4);
-    let (m, n, k) = (16, 300, 576);
+    let (n, k) = (300, 576);
     let w = random_weight(&mut rng, n, k);
-    let x = random_vec(&mut rng, m * k, 1.0);
     let p = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int4, 32).unwrap();
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    let two = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    let mut y1 = vec![0f32; m * n];
-    let mut y2 = vec![0f32; m * n];
-    one.install(|| p.matmul_f32(&x, m, &mut y1)).unwrap();
-    two.install(|| p.matmul_f32(&x, m, &mut y2)).unwrap();
-    assert_eq!(y1, y2);
+    let pool = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    };
+    for m in [16, 200] {
+        let x = random_vec(&mut rng, m * k, 1.0);
+        let mut serial = vec![f32::NAN; m * n];
+        pool(1)
+            .install(|| p.matmul_f32(&x, m, &mut serial))
+            .unwrap();
+        assert!(serial.iter().all(|v| v.is_finite()));
+        for threads in [2, 3] {
+            let mut y = vec![f32::NAN; m * n];
+            pool(threads)
+                .install(|| p.matmul_f32(&x, m, &mut y))
+                .unwrap();
+            let same = serial
+                .iter()
+                .zip(&y)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{m} rows on {threads} threads differ from one thread");
+        }
+    }
 }
 
 /// Our int4 kernel on repacked Q4_1 bytes against candle's Q4_1 `QMatMul` (which quantizes

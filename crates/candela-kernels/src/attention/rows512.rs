@@ -192,6 +192,65 @@ impl ScoreTile {
     }
 }
 
+/// The weighted sum of one block's V rows into the output accumulators of `NR` rows.
+struct PvBlock<C> {
+    /// The block's first V row (of this KV head), rows `kv_row` apart.
+    v: *const C,
+    kv_row: usize,
+    /// The block's softmax weights, `[key][rows_pad]`.
+    st: *const f32,
+    rows_pad: usize,
+    /// Per row, the rescale of its accumulator.
+    corr: *const f32,
+    /// `[rows, d]` accumulators.
+    acc: *mut f32,
+    d: usize,
+    len: usize,
+}
+
+impl<C: KvElem> PvBlock<C> {
+    /// Rows `r0..r0 + NR`: `NR` a constant so that the row loops unroll without a branch per
+    /// row and key (with the count known only at run time, they cost a compare and jump each).
+    ///
+    /// # Safety
+    /// The pointers cover the rows, keys and dimensions named; the CPU has AVX-512F and F16C.
+    #[inline(always)]
+    unsafe fn run<const NR: usize>(&self, r0: usize) {
+        const { assert!(NR <= PV_ROWS) };
+        for c0 in (0..self.d).step_by(64) {
+            let mut a = [[_mm512_setzero_ps(); 4]; NR];
+            for (r, row) in a.iter_mut().enumerate() {
+                let cf = _mm512_set1_ps(*self.corr.add(r0 + r));
+                let pa = self.acc.add((r0 + r) * self.d + c0);
+                for (q, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_mul_ps(_mm512_loadu_ps(pa.add(q * LANES)), cf);
+                }
+            }
+            for i in 0..self.len {
+                let pv = self.v.add(i * self.kv_row + c0);
+                let vs = [
+                    load16(pv),
+                    load16(pv.add(LANES)),
+                    load16(pv.add(2 * LANES)),
+                    load16(pv.add(3 * LANES)),
+                ];
+                for (r, row) in a.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*self.st.add(i * self.rows_pad + r0 + r));
+                    for (v, &x) in row.iter_mut().zip(&vs) {
+                        *v = _mm512_fmadd_ps(w, x, *v);
+                    }
+                }
+            }
+            for (r, row) in a.iter().enumerate() {
+                let pa = self.acc.add((r0 + r) * self.d + c0);
+                for (q, &v) in row.iter().enumerate() {
+                    _mm512_storeu_ps(pa.add(q * LANES), v);
+                }
+            }
+        }
+    }
+}
+
 /// One task through the transposed kernel (see the module doc); `applies` was true for it.
 ///
 /// # Safety
@@ -366,39 +425,28 @@ pub(super) unsafe fn attend<Q: KvElem, C: KvElem>(
 
         // acc[r] = acc[r] * corr[r] + sum_i w[i][r] * V[i], PV_ROWS rows x 64 dims in
         // registers across the block's keys.
+        // The block's V rows are in the cache (checked once here; `PvBlock` reads them raw).
+        let v_block = &args.v_cache[block_base..][..(len - 1) * kv_row + d];
+        let pv = PvBlock {
+            v: v_block.as_ptr(),
+            kv_row,
+            st: pst,
+            rows_pad,
+            corr: corr.as_ptr(),
+            acc: acc.as_mut_ptr(),
+            d,
+            len,
+        };
         let mut r0 = 0;
         while r0 < rows {
             let nr = (rows - r0).min(PV_ROWS);
-            for c0 in (0..d).step_by(64) {
-                let mut a = [[_mm512_setzero_ps(); 4]; PV_ROWS];
-                for (r, row) in a.iter_mut().enumerate().take(nr) {
-                    let cf = _mm512_set1_ps(*corr.get_unchecked(r0 + r));
-                    let pa = acc.as_ptr().add((r0 + r) * d + c0);
-                    for (q, v) in row.iter_mut().enumerate() {
-                        *v = _mm512_mul_ps(_mm512_loadu_ps(pa.add(q * LANES)), cf);
-                    }
-                }
-                for i in 0..len {
-                    let pv = args.v_cache[block_base + i * kv_row + c0..][..64].as_ptr();
-                    let vs = [
-                        load16(pv),
-                        load16(pv.add(LANES)),
-                        load16(pv.add(2 * LANES)),
-                        load16(pv.add(3 * LANES)),
-                    ];
-                    for (r, row) in a.iter_mut().enumerate().take(nr) {
-                        let w = _mm512_set1_ps(*pst.add(i * rows_pad + r0 + r));
-                        for (v, &x) in row.iter_mut().zip(&vs) {
-                            *v = _mm512_fmadd_ps(w, x, *v);
-                        }
-                    }
-                }
-                for (r, row) in a.iter().enumerate().take(nr) {
-                    let pa = acc.as_mut_ptr().add((r0 + r) * d + c0);
-                    for (q, &v) in row.iter().enumerate() {
-                        _mm512_storeu_ps(pa.add(q * LANES), v);
-                    }
-                }
+            match nr {
+                6 => pv.run::<6>(r0),
+                5 => pv.run::<5>(r0),
+                4 => pv.run::<4>(r0),
+                3 => pv.run::<3>(r0),
+                2 => pv.run::<2>(r0),
+                _ => pv.run::<1>(r0),
             }
             r0 += nr;
         }
