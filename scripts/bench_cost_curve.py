@@ -160,7 +160,13 @@ def report(results):
     print(f"Machine ({roof['cpu']}, {roof['threads']} threads, `candela roofline`): read "
           f"bandwidth {bw:.1f} GB/s; int8 matmul ceiling in cache "
           + ", ".join(f"{k} {v:.0f}" for k, v in roof["int8_gmacs_per_s"])
-          + f" GMAC/s; the engine's kernel: {roof['kernel_selected']}.")
+          + " GMAC/s (64 rows)"
+          # Fields added later: results files written before them lack them.
+          + (f", {roof['int8_gmacs_per_s_512_rows']:.0f} at 512 rows"
+             if "int8_gmacs_per_s_512_rows" in roof else "")
+          + (f"; f32 FMA {roof['f32_gfmas_per_s']:.0f} G/s"
+             if roof.get("f32_gfmas_per_s") else "")
+          + f"; the engine's kernel: {roof['kernel_selected']}.")
     print()
     for name, entry in results["models"].items():
         servers = entry["servers"]

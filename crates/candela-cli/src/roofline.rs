@@ -33,8 +33,15 @@ struct Report {
     cpu: String,
     threads: usize,
     read_gb_per_s: f64,
-    /// Kernel name -> int8 multiply-adds per second, in units of 1e9.
+    /// Kernel name -> int8 multiply-adds per second, in units of 1e9 (64 activation rows, a
+    /// decode batch).
     int8_gmacs_per_s: Vec<(String, f64)>,
+    /// The selected kernel's rate on 512 activation rows (a prefill chunk, which the driver
+    /// splits by rows rather than by output tiles).
+    int8_gmacs_per_s_512_rows: f64,
+    /// f32 fused multiply-adds per second, 1e9, over all threads: what the CPU attention's
+    /// dot products are bound by (None where neither AVX-512F nor AVX2+FMA exists).
+    f32_gfmas_per_s: Option<f64>,
     /// The kernel the engine picks on this CPU (`CANDELA_CPU_KERNEL` honoured).
     kernel_selected: String,
 }
@@ -53,8 +60,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             read_gb_per_s: read_bandwidth(args.bandwidth_mib, repeats),
             int8_gmacs_per_s: Kernel::available()
                 .into_iter()
-                .map(|k| Ok((k.name().to_string(), int8_rate(k, repeats)?)))
+                .map(|k| Ok((k.name().to_string(), int8_rate(k, 64, repeats)?)))
                 .collect::<anyhow::Result<_>>()?,
+            int8_gmacs_per_s_512_rows: int8_rate(Kernel::detect(), 512, repeats)?,
+            f32_gfmas_per_s: fma_rate(repeats),
             kernel_selected: Kernel::detect().name().to_string(),
         })
     })?;
@@ -111,9 +120,9 @@ fn sum_lanes(c: &[u64]) -> u64 {
 }
 
 /// Best int8 multiply-adds per second (1e9) of `kernel` on a 512 KiB int8 weight (fits in L2)
-/// with 64 activation rows: the matmul's compute ceiling without the memory wall.
-fn int8_rate(kernel: Kernel, repeats: usize) -> anyhow::Result<f64> {
-    let (m, n, k) = (64usize, 512usize, 1024usize);
+/// with `m` activation rows: the matmul's compute ceiling without the memory wall.
+fn int8_rate(kernel: Kernel, m: usize, repeats: usize) -> anyhow::Result<f64> {
+    let (n, k) = (512usize, 1024usize);
     // Deterministic values in [-1, 1): the rate does not depend on them.
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
@@ -124,7 +133,7 @@ fn int8_rate(kernel: Kernel, repeats: usize) -> anyhow::Result<f64> {
     let packed = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int8, 32)?;
     let mut y = vec![0f32; m * n];
     packed.matmul_f32_with(kernel, &x, m, &mut y)?;
-    let calls = 50;
+    let calls = (50 * 64 / m).max(1);
     let mut best = f64::INFINITY;
     for _ in 0..repeats {
         // With the pool's workers kept awake, as the engine runs its forward passes: with
@@ -141,4 +150,93 @@ fn int8_rate(kernel: Kernel, repeats: usize) -> anyhow::Result<f64> {
         best = best.min(elapsed.as_secs_f64() / calls as f64);
     }
     Ok((m * n * k) as f64 / best / 1e9)
+}
+
+/// Best f32 fused multiply-adds per second (1e9) of every pool thread at once, each running
+/// independent chains of the widest FMA the CPU has (enough chains to cover its latency).
+fn fma_rate(repeats: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let wide = std::is_x86_feature_detected!("avx512f");
+        let narrow = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+        if !wide && !narrow {
+            return None;
+        }
+        const ITERS: usize = 2_000_000;
+        let threads = rayon::current_num_threads();
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats {
+            let start = Instant::now();
+            let sum: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| {
+                    // SAFETY: the features were detected above.
+                    unsafe {
+                        if wide {
+                            x86_fma::chains_512(ITERS)
+                        } else {
+                            x86_fma::chains_256(ITERS)
+                        }
+                    }
+                })
+                .sum();
+            black_box(sum);
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        let lanes = if wide { 16 } else { 8 };
+        Some((threads * ITERS * x86_fma::CHAINS * lanes) as f64 / best / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = repeats;
+        None
+    }
+}
+
+/// FMA chains for [`fma_rate`], hand-written with intrinsics: the compiler would fold or
+/// reassociate a plain loop, and the point is the instruction's own rate.
+#[cfg(target_arch = "x86_64")]
+mod x86_fma {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+
+    /// Independent accumulators: more than latency (4) x FMA ports (2) of current cores.
+    pub const CHAINS: usize = 12;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn chains_512(iters: usize) -> f32 {
+        // Opaque inputs, or the compiler evaluates the whole loop at build time.
+        let (a, b) = (
+            _mm512_set1_ps(black_box(0.999_9)),
+            _mm512_set1_ps(black_box(1e-4)),
+        );
+        let mut acc = [_mm512_set1_ps(black_box(1.0)); CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        acc.iter().map(|&v| _mm512_reduce_add_ps(v)).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn chains_256(iters: usize) -> f32 {
+        let (a, b) = (
+            _mm256_set1_ps(black_box(0.999_9)),
+            _mm256_set1_ps(black_box(1e-4)),
+        );
+        let mut acc = [_mm256_set1_ps(black_box(1.0)); CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        let mut sum = 0.0;
+        for v in acc {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            sum += lanes.iter().sum::<f32>();
+        }
+        sum
+    }
 }
