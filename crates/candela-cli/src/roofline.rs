@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::Context;
-use candela_kernels::quant::{Kernel, PackedWeight, QuantBits};
+use candela_kernels::quant::{timing, Kernel, PackedWeight, QuantBits};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -53,6 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let pool = pool.build().context("building the thread pool")?;
     let repeats = args.repeats.max(1);
+    let selected = Kernel::detect();
     let report = pool.install(|| -> anyhow::Result<Report> {
         Ok(Report {
             cpu: cpu_model(),
@@ -62,9 +63,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .into_iter()
                 .map(|k| Ok((k.name().to_string(), int8_rate(k, 64, repeats)?)))
                 .collect::<anyhow::Result<_>>()?,
-            int8_gmacs_per_s_512_rows: int8_rate(Kernel::detect(), 512, repeats)?,
+            int8_gmacs_per_s_512_rows: int8_rate(selected, 512, repeats)?,
             f32_gfmas_per_s: fma_rate(repeats),
-            kernel_selected: Kernel::detect().name().to_string(),
+            kernel_selected: selected.name().to_string(),
         })
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
@@ -123,32 +124,15 @@ fn sum_lanes(c: &[u64]) -> u64 {
 /// with `m` activation rows: the matmul's compute ceiling without the memory wall.
 fn int8_rate(kernel: Kernel, m: usize, repeats: usize) -> anyhow::Result<f64> {
     let (n, k) = (512usize, 1024usize);
-    // Deterministic values in [-1, 1): the rate does not depend on them.
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| ((i * 7919 % 2000) as f32 / 1000.0) - 1.0)
-        .collect();
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 104_729 % 2000) as f32 / 1000.0) - 1.0)
-        .collect();
+    let w = timing::test_values(n * k, 7919);
+    let x = timing::test_values(m * k, 104_729);
     let packed = PackedWeight::quantize_f32(&w, n, k, QuantBits::Int8, 32)?;
     let mut y = vec![0f32; m * n];
     packed.matmul_f32_with(kernel, &x, m, &mut y)?;
-    let calls = (50 * 64 / m).max(1);
-    let mut best = f64::INFINITY;
-    for _ in 0..repeats {
-        // With the pool's workers kept awake, as the engine runs its forward passes: with
-        // them asleep between calls, a call's second chunk was often done by the calling
-        // thread before the woken worker arrived, and two threads measured 1.4x one.
-        let elapsed = candela_kernels::team::with_workers_awake(|| {
-            let start = Instant::now();
-            for _ in 0..calls {
-                packed.matmul_f32_with(kernel, &x, m, &mut y)?;
-            }
-            Ok::<_, anyhow::Error>(start.elapsed())
-        })?;
-        black_box(&y);
-        best = best.min(elapsed.as_secs_f64() / calls as f64);
-    }
+    let best = timing::best_seconds_per_call(repeats, 50 * 64 / m, || {
+        packed.matmul_f32_with(kernel, &x, m, &mut y)
+    })?;
+    black_box(&y);
     Ok((m * n * k) as f64 / best / 1e9)
 }
 

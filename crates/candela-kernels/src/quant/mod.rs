@@ -37,6 +37,7 @@ mod amx;
 mod driver;
 mod pack;
 mod portable;
+pub mod timing;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
